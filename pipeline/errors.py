@@ -1,0 +1,29 @@
+"""Typed row errors: the reason codes the pipeline records for quarantined rows."""
+
+from __future__ import annotations
+
+
+class RowError(ValueError):
+    """A row that cannot be scored. `reason` is a stable code; the message says what was found."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# Stable reason codes (they land in the rejects table, so automation may match on them).
+MALFORMED_JSON = "malformed_json"
+NOT_AN_OBJECT = "not_an_object"
+BAD_ENCODING = "bad_encoding"
+MISSING_MESSAGES = "missing_messages"
+MESSAGES_NOT_A_LIST = "messages_not_a_list"
+BAD_MESSAGE = "bad_message"
+UNKNOWN_ROLE = "unknown_role"
+NON_STRING_CONTENT = "non_string_content"
+NO_ASSISTANT_TURN = "no_assistant_turn"
+EMPTY_ASSISTANT_CONTENT = "empty_assistant_content"
+TEMPLATE_ERROR = "template_error"
+NO_RESPONSE_TOKENS = "no_response_tokens"
+TOO_LONG = "too_long"
+DUPLICATE_ID = "duplicate_id"

@@ -1,0 +1,63 @@
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Keep every Ray connection on loopback (../shared/notes/ray-on-this-machine.md); set before Ray starts.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipeline.tiny_student import build_tiny_student  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def make_corpus(n_rows: int = 40, seed: int = 0) -> list[dict]:
+    """Chat rows of mixed lengths, some multi-turn, some with a system message."""
+    rng = random.Random(seed)
+    words = "the of and to a in is that for it as with was on be at by this had not are but from or have".split()
+    numbers = [str(n) for n in range(100)]
+
+    def sentence(n_words):
+        return " ".join(rng.choice(words + numbers) for _ in range(n_words)).capitalize() + "."
+
+    rows = []
+    for i in range(n_rows):
+        messages = [{"role": "system", "content": sentence(6)}] if i % 5 == 0 else []
+        for _ in range(1 + (i % 3 == 0)):  # every third row has two exchanges
+            messages.append({"role": "user", "content": sentence(rng.randint(3, 15))})
+            reply = "\n".join(sentence(rng.randint(4, 12)) for _ in range(rng.randint(1, 1 + i % 12)))
+            messages.append({"role": "assistant", "content": reply})
+        rows.append({"id": f"row-{i:03d}", "problem_id": f"p{i % 7}", "source": f"teacher_{i % 3}", "messages": messages})
+    return rows
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[dict]:
+    return make_corpus()
+
+
+@pytest.fixture(scope="session")
+def corpus_path(tmp_path_factory, corpus) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", corpus)
+
+
+@pytest.fixture(scope="session")
+def student_dirs(tmp_path_factory, corpus_path) -> dict[str, Path]:
+    """Tiny random Llama students with tokenizers trained on the test corpus, one per chat template."""
+    root = tmp_path_factory.mktemp("students")
+    return {
+        template: build_tiny_student(root / template, corpus_path, template=template, seed=seed)
+        for seed, template in enumerate(["chatml", "llama3", "plain"])
+    }

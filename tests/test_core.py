@@ -1,0 +1,188 @@
+import math
+import random
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import errors
+from pipeline.aggregate import dataset_rsr
+from pipeline.errors import RowError
+from pipeline.rsr import project_and_score, rank_and_surprisal, trajectory_stats
+from pipeline.spans import encode_conversation
+from pipeline.student import ScoringOptions, Student, plan_batches
+from tests.reference import CHATML_MARKERS, LLAMA3_MARKERS, marker_ids, marker_positions, reference_scores
+
+STAT_COLUMNS = ["avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"]
+
+
+def load(student_dir):
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(student_dir)
+
+
+@pytest.mark.parametrize("template, markers", [("chatml", CHATML_MARKERS), ("llama3", LLAMA3_MARKERS)])
+def test_spans_match_reference_marker_scan(student_dirs, corpus, template, markers):
+    tokenizer = AutoTokenizer.from_pretrained(student_dirs[template])
+    head, end = marker_ids(tokenizer, markers)
+    for row in corpus:
+        encoded = encode_conversation(tokenizer, row["messages"])
+        expected_ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        assert encoded.input_ids == list(expected_ids)
+        assert encoded.response_positions == marker_positions(encoded.input_ids, head, end)
+        assert not encoded.truncated
+
+
+def test_spans_from_a_template_without_markers(student_dirs, corpus):
+    tokenizer = AutoTokenizer.from_pretrained(student_dirs["plain"])
+    for row in corpus:
+        encoded = encode_conversation(tokenizer, row["messages"])
+        decoded = tokenizer.decode([encoded.input_ids[q] for q in encoded.response_positions])
+        contents = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        # BPE may merge the space after "Assistant:" into the first content token; nothing else is added.
+        assert decoded.replace(" ", "") == "".join(contents).replace(" ", "")
+        assert len(decoded) <= sum(map(len, contents)) + len(contents)
+
+
+def test_truncation_keeps_positions_inside_the_window(student_dirs, corpus):
+    tokenizer = AutoTokenizer.from_pretrained(student_dirs["chatml"])
+    full = encode_conversation(tokenizer, corpus[11]["messages"])
+    cut = len(full.input_ids) - 5
+    encoded = encode_conversation(tokenizer, corpus[11]["messages"], max_model_len=cut)
+    assert encoded.truncated and encoded.input_ids == full.input_ids[:cut]
+    assert encoded.response_positions == [q for q in full.response_positions if q < cut]
+    with pytest.raises(RowError) as info:
+        encode_conversation(tokenizer, corpus[11]["messages"], max_model_len=cut, truncate=False)
+    assert info.value.reason == errors.TOO_LONG
+    with pytest.raises(RowError) as info:
+        encode_conversation(tokenizer, corpus[11]["messages"], max_model_len=full.response_positions[0])
+    assert info.value.reason == errors.NO_RESPONSE_TOKENS
+
+
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        (None, errors.MISSING_MESSAGES),
+        ("hello", errors.MESSAGES_NOT_A_LIST),
+        ([["user", "hi"]], errors.BAD_MESSAGE),
+        ([{"content": "hi"}], errors.BAD_MESSAGE),
+        ([{"role": "wizard", "content": "hi"}], errors.UNKNOWN_ROLE),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}], errors.NON_STRING_CONTENT),
+        ([{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}], errors.NON_STRING_CONTENT),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text"}]}], errors.NON_STRING_CONTENT),
+        ([{"role": "user", "content": "hi"}], errors.NO_ASSISTANT_TURN),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  \n"}], errors.EMPTY_ASSISTANT_CONTENT),
+    ],
+)
+def test_bad_messages_raise_typed_errors(student_dirs, messages, reason):
+    tokenizer = AutoTokenizer.from_pretrained(student_dirs["chatml"])
+    with pytest.raises(RowError) as info:
+        encode_conversation(tokenizer, messages)
+    assert info.value.reason == reason
+
+
+def test_template_failure_is_a_typed_error(student_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(student_dirs["chatml"])
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(RowError) as info:
+        encode_conversation(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    assert info.value.reason == errors.TEMPLATE_ERROR and "roles must alternate" in str(info.value)
+
+
+def test_known_logits_give_known_ranks_and_surprisals():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    targets = torch.tensor([2, 3, 0])
+    rank, surprisal = rank_and_surprisal(logits, targets, rank_clip=3)
+    # row 0: only the other 3.0 ties, nothing is greater -> 1; row 1: all tie -> 1; row 2: 4 greater -> clipped 3
+    assert rank.tolist() == [1, 1, 3]
+    expected = [torch.logsumexp(logits[i], 0).item() - logits[i, t].item() for i, t in enumerate(targets.tolist())]
+    assert surprisal.tolist() == pytest.approx(expected, abs=1e-6)
+    assert surprisal[1].item() == pytest.approx(math.log(5), abs=1e-6)
+    stats = trajectory_stats(rank, surprisal)
+    assert stats["resp_token_length"] == 3 and stats["avg_rank_clip"] == pytest.approx(5 / 3)
+    assert stats["rank_surprisal_ratio"] == pytest.approx(5 / sum(expected), rel=1e-6)
+
+
+def test_zero_surprisal_ratio_uses_the_floor():
+    stats = trajectory_stats(torch.tensor([1, 1]), torch.tensor([0.0, 0.0]))
+    assert stats["rank_surprisal_ratio"] == pytest.approx(2 / 1e-12)
+
+
+def test_chunked_projection_equals_full_logits():
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(37, 16), torch.randn(300, 16), torch.randn(300)
+    targets = torch.randint(0, 300, (37,))
+    full_rank, full_surprisal = rank_and_surprisal(hidden @ weight.T + bias, targets, rank_clip=100)
+    rank, surprisal = project_and_score(hidden, weight, bias, targets, rank_clip=100, chunk_tokens=8)
+    assert torch.equal(rank, full_rank)
+    torch.testing.assert_close(surprisal, full_surprisal)
+
+
+def test_plan_batches_respects_the_budget_and_covers_every_row():
+    lengths = [5, 40, 12, 33, 7, 100, 2]
+    batches = plan_batches(lengths, token_budget=64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 64
+
+
+@pytest.mark.parametrize("template, markers", [("chatml", CHATML_MARKERS), ("llama3", LLAMA3_MARKERS)])
+def test_parity_with_reference_in_float32(student_dirs, corpus, template, markers):
+    model, tokenizer = load(student_dirs[template])
+    head, end = marker_ids(tokenizer, markers)
+    max_model_len = 120  # long rows get truncated
+    encoded, reference_items = [], []
+    for row in corpus:
+        enc = encode_conversation(tokenizer, row["messages"], max_model_len=max_model_len)
+        encoded.append(enc)
+        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        positions = [q for q in marker_positions(ids, head, end) if q < max_model_len]
+        reference_items.append((list(ids)[:max_model_len], positions))
+    assert sum(e.truncated for e in encoded) >= 5 and sum(e.truncated for e in encoded) < len(encoded)
+
+    expected = reference_scores(model, tokenizer, reference_items, batch_size=4)
+    got = Student(model, tokenizer, ScoringOptions(token_budget=512), device="cpu").score(encoded)
+    for g, e in zip(got, expected):
+        assert g["resp_token_length"] == e["resp_token_length"]
+        for column in STAT_COLUMNS:
+            assert abs(g[column] - e[column]) <= 1e-5, (column, g, e)
+    assert len({g["avg_rank_clip"] for g in got}) > 5  # the student's ranks vary: the test can tell rows apart
+
+
+def test_scores_do_not_depend_on_order_or_budget(student_dirs, corpus):
+    model, tokenizer = load(student_dirs["chatml"])
+    encoded = [encode_conversation(tokenizer, row["messages"]) for row in corpus]
+    baseline = Student(model, tokenizer, ScoringOptions(token_budget=4096), device="cpu").score(encoded)
+    order = list(range(len(encoded)))
+    random.Random(1).shuffle(order)
+    for budget in (1, 300, 100_000):
+        student = Student(model, tokenizer, ScoringOptions(token_budget=budget, logits_chunk_tokens=7), device="cpu")
+        shuffled = student.score([encoded[i] for i in order])
+        for j, i in enumerate(order):
+            for column in STAT_COLUMNS:
+                assert abs(shuffled[j][column] - baseline[i][column]) <= 1e-5
+
+
+def test_per_token_arrays_match_the_averages(student_dirs, corpus):
+    model, tokenizer = load(student_dirs["chatml"])
+    encoded = encode_conversation(tokenizer, corpus[3]["messages"])
+    [stats] = Student(model, tokenizer, ScoringOptions(per_token=True), device="cpu").score([encoded])
+    assert len(stats["token_ranks"]) == stats["resp_token_length"] == len(encoded.response_positions)
+    assert sum(stats["token_ranks"]) / len(stats["token_ranks"]) == pytest.approx(stats["avg_rank_clip"])
+    assert all(1 <= r <= 100 for r in stats["token_ranks"])
+
+
+def test_dataset_rsr_groups():
+    scores = pa.table({
+        "source": ["a", "a", "b"],
+        "resp_token_length": [10, 20, 5],
+        "avg_rank_clip": [2.0, 4.0, 3.0],
+        "avg_surprisal": [1.0, 1.0, 0.5],
+    })
+    table = dataset_rsr(scores, by=["source"]).sort_by("source").to_pylist()
+    assert table[0] == {"source": "a", "n_trajectories": 2, "resp_tokens": 30, "mean_avg_rank_clip": 3.0,
+                        "mean_avg_surprisal": 1.0, "rsr": 3.0}
+    assert table[1]["rsr"] == pytest.approx(6.0)
+    overall = dataset_rsr(scores).to_pylist()[0]
+    assert overall["rsr"] == pytest.approx(9.0 / 2.5) and overall["n_trajectories"] == 3
