@@ -1,0 +1,50 @@
+"""Score trajectory corpora with RSR: `python -m jobs.score --config FILE [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, load_config
+
+DEFAULT_CONFIG = "jobs/configs/demo.yaml"
+
+
+def print_result(result) -> None:
+    print(f"\nrun {result.run_id} ({result.mode}) -> {result.output}")
+    print(result.counts.to_pandas().to_string(index=False))
+    if result.summary.num_rows:
+        print("\ndataset-level RSR (lower = more suitable trajectories for the student):")
+        print(result.summary.to_pandas().to_string(index=False))
+    tokens_per_s = result.tokens_scored / result.wall_s if result.wall_s else 0.0
+    print(
+        f"\n{result.tokens_scored} response tokens scored in {result.wall_s:.1f} s "
+        f"({tokens_per_s:.0f} tokens/s end to end, model loading included)"
+    )
+    if result.committed_files:
+        print(f"committed {len(result.committed_files)} files under {result.output}")
+    else:
+        print("nothing new to score: no files written")
+    for path in result.skipped_files:
+        print(f"skipped (not .jsonl/.json/.parquet): {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. scoring.rank_clip=50")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from pipeline.job import run_job  # imports Ray: only once the config is known to be good
+
+        result = run_job(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_result(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The job's configuration: one typed omegaconf schema, a YAML file and `key=value` overrides.
+
+The key layout is a contract for users and automation: extend it, never rename or remove a key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+FORMATS = ("auto", "jsonl", "json", "parquet")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OUTPUT_MODES = ("auto", "incremental", "overwrite")
+TOO_LONG_POLICIES = ("truncate", "reject")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key and why."""
+
+
+@dataclass
+class InputConfig:
+    paths: list[str] = MISSING  # files, directories, globs; local or s3://
+    format: str = "auto"  # auto (by extension) | jsonl | json | parquet
+    id_field: str = "id"
+    messages_field: str = "messages"
+    passthrough: list[str] = field(default_factory=list)  # row fields copied to the output
+
+
+@dataclass
+class StudentConfig:
+    name: str = MISSING  # output partition value: letters, digits, '.', '_', '-'
+    path: str = MISSING  # hub id or local directory
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+
+
+@dataclass
+class ScoringConfig:
+    rank_clip: int = 100
+    max_model_len: int = 32768
+    token_budget: int = 16384  # padded tokens per forward pass
+    logits_chunk_tokens: int = 64  # response positions projected to the vocabulary at a time
+    on_too_long: str = "truncate"  # truncate (and flag) | reject rows longer than max_model_len
+    rows_per_batch: int = 256  # rows handed to a scoring actor at a time (sorted by length inside)
+
+
+@dataclass
+class ComputeConfig:
+    actors_per_student: int = 1
+    gpus_per_actor: Optional[float] = None  # default: 1 when CUDA is visible, else 0
+    cpus_per_actor: float = 1.0
+    torch_threads: Optional[int] = None  # CPU scoring threads per actor; default: cpus_per_actor, at least 1
+    ray_address: Optional[str] = None  # null: RAY_ADDRESS if set (ray job submit), else a local runtime
+
+
+@dataclass
+class OutputConfig:
+    path: str = "out/rsr"  # local or s3://
+    partition_by: list[str] = field(default_factory=list)  # passthrough columns, after student=
+    mode: str = "auto"  # auto: incremental when the output exists, else a first full run | overwrite
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint; credentials come from the environment
+    region: Optional[str] = None
+
+
+@dataclass
+class JobConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    students: list[StudentConfig] = field(default_factory=list)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def load_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Schema defaults, then the YAML file, then `key=value` overrides (`students.0.dtype=float32`)."""
+    cfg = OmegaConf.structured(JobConfig)
+    try:
+        if config_file is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(config_file))
+        for override in overrides:
+            key, sep, value = override.partition("=")
+            if not sep:
+                raise ConfigError(f"override {override!r} is not key=value")
+            parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
+            OmegaConf.update(cfg, key.strip(), parsed, merge=False)
+        job: JobConfig = OmegaConf.to_object(cfg)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {config_file}") from exc
+    except OmegaConfBaseException as exc:
+        # omegaconf names the offending key; its first line is the message a user needs
+        raise ConfigError(str(exc).splitlines()[0] + f" (key: {getattr(exc, 'full_key', None)})") from exc
+    validate(job)
+    return job
+
+
+def validate(job: JobConfig) -> None:
+    problems = []
+
+    def require(condition, message):
+        if not condition:
+            problems.append(message)
+
+    require(job.input.paths, "input.paths is empty: name at least one file, directory or glob")
+    require(job.input.format in FORMATS, f"input.format must be one of {FORMATS}, got {job.input.format!r}")
+    require(job.students, "students is empty: name at least one student (name, path)")
+    names = [s.name for s in job.students]
+    require(len(set(names)) == len(names), f"student names must be unique, got {names}")
+    for i, student in enumerate(job.students):
+        require(SAFE_NAME.match(student.name), f"students.{i}.name {student.name!r} must match {SAFE_NAME.pattern}")
+        require(student.dtype in DTYPES, f"students.{i}.dtype must be one of {DTYPES}, got {student.dtype!r}")
+    s = job.scoring
+    require(s.rank_clip >= 1, f"scoring.rank_clip must be >= 1, got {s.rank_clip}")
+    require(s.max_model_len >= 2, f"scoring.max_model_len must be >= 2, got {s.max_model_len}")
+    require(s.token_budget >= 1, f"scoring.token_budget must be >= 1, got {s.token_budget}")
+    require(s.logits_chunk_tokens >= 1, f"scoring.logits_chunk_tokens must be >= 1, got {s.logits_chunk_tokens}")
+    require(s.rows_per_batch >= 1, f"scoring.rows_per_batch must be >= 1, got {s.rows_per_batch}")
+    require(s.on_too_long in TOO_LONG_POLICIES, f"scoring.on_too_long must be one of {TOO_LONG_POLICIES}")
+    c = job.compute
+    require(c.actors_per_student >= 1, f"compute.actors_per_student must be >= 1, got {c.actors_per_student}")
+    require(c.gpus_per_actor is None or c.gpus_per_actor >= 0, "compute.gpus_per_actor must be >= 0")
+    require(c.cpus_per_actor > 0, f"compute.cpus_per_actor must be > 0, got {c.cpus_per_actor}")
+    require(job.output.mode in OUTPUT_MODES, f"output.mode must be one of {OUTPUT_MODES}, got {job.output.mode!r}")
+    missing_partitions = [p for p in job.output.partition_by if p not in job.input.passthrough]
+    require(not missing_partitions, f"output.partition_by {missing_partitions} must also be in input.passthrough")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

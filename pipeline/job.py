@@ -1,0 +1,183 @@
+"""One scoring run end to end: plan, score on Ray, stage, commit, summarize."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from omegaconf import OmegaConf
+
+from pipeline import commit
+from pipeline.aggregate import dataset_rsr
+from pipeline.config import JobConfig
+from ray.data.datasource import FilenameProvider
+
+from pipeline.ray_job import STAT_COLUMNS, build_dataset
+from pipeline.storage import expand_inputs, locate
+from pipeline.student import model_revision
+
+SCORE_COLUMNS = [
+    "sample_id", "student", "student_revision", "rank_clip", *STAT_COLUMNS, "truncated",
+    "content_hash", "run_id", "scored_at", "source_file", "row_number",
+]  # fmt: skip
+REJECT_COLUMNS = ["student", "source_file", "row_number", "sample_id", "reject_reason", "reject_detail", "content_hash", "run_id"]
+UNSAFE_PARTITION_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+MAX_PARTITION_VALUE = 120
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    mode: str
+    output: str
+    counts: pa.Table  # per student: read, scored, rejected, skipped
+    summary: pa.Table  # dataset-level RSR per student (and partition value) over this run's scores
+    tokens_scored: int
+    wall_s: float
+    committed_files: list[str]
+    skipped_files: list[str]
+
+
+def partition_value(value) -> str:
+    """A folder-safe form of a partition value: no '/', '..', '=', NUL or overlong names, stable across runs."""
+    if value is None:
+        return NULL_PARTITION
+    text = str(value)
+    safe = UNSAFE_PARTITION_CHARS.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), text)
+    if safe.startswith("."):
+        safe = "%2E" + safe[1:]
+    if len(safe) > MAX_PARTITION_VALUE:
+        safe = safe[: MAX_PARTITION_VALUE - 17] + "~" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return safe
+
+
+def ensure_ray(cfg: JobConfig) -> None:
+    if ray.is_initialized():
+        return
+    address = cfg.compute.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:  # a local runtime in this process, reachable on loopback only
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(include_dashboard=False)
+
+
+def _scores_batch(batch: pa.Table, partition_by: list[str]) -> pa.Table:
+    scored = batch.filter(pc.equal(batch["status"], "scored"))
+    table = scored.select([*SCORE_COLUMNS[:1], *partition_by, *SCORE_COLUMNS[1:]])
+    for name in partition_by:
+        values = pa.array([partition_value(v) for v in table[name].to_pylist()], pa.string())
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table
+
+
+def _rejects_batch(batch: pa.Table, known: set[str]) -> pa.Table:
+    """Rejects not already recorded by a committed run (a nightly run re-reads the same bad rows)."""
+    rejected = batch.filter(pc.equal(batch["status"], "rejected"))
+    is_new = [key not in known for key in commit.reject_keys(rejected)]
+    return rejected.filter(pa.array(is_new, pa.bool_())).select(REJECT_COLUMNS)
+
+
+def _counts(results: pa.Table) -> pa.Table:
+    rows = []
+    for student in sorted(set(results["student"].to_pylist())):
+        mine = results.filter(pc.equal(results["student"], student))
+        status = mine["status"].to_pylist()
+        rows.append({
+            "student": student, "read": len(status), "scored": status.count("scored"),
+            "rejected": status.count("rejected"), "skipped": status.count("skipped"),
+        })  # fmt: skip
+    return pa.Table.from_pylist(rows)
+
+
+def resolve_mode(configured: str, has_runs: bool) -> str:
+    if configured == "overwrite":
+        return "overwrite"
+    return "incremental" if has_runs else "full"
+
+
+def run_job(cfg: JobConfig) -> RunResult:
+    started = time.perf_counter()
+    input_location, files, skipped_files = expand_inputs(cfg.input.paths, cfg.storage, cfg.input.format)
+    root = locate(cfg.output.path, cfg.storage)
+    commit.remove_uncommitted(root)  # debris of an interrupted run is never committed
+    mode = resolve_mode(cfg.output.mode, bool(commit.manifests(root)))
+    now = datetime.now(timezone.utc)
+    run_id = commit.new_run_id(now)
+    ensure_ray(cfg)
+    gpus = cfg.compute.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+
+    students = []
+    for s in cfg.students:
+        revision = model_revision(s.path)
+        done = commit.committed_keys(root, s.name, revision) if mode == "incremental" else set()
+        students.append({"name": s.name, "revision": revision, "done_ref": ray.put(done)})
+    run = {"run_id": run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
+    results = build_dataset(cfg, files, input_location, students, run, gpus).materialize()
+
+    partition_by = list(cfg.output.partition_by)
+    columns = ["student", "status", "source_file", "row_number", "reject_reason", *STAT_COLUMNS, *partition_by]
+    local = pa.concat_tables(ray.get(results.select_columns(columns).to_arrow_refs()))
+    counts = _counts(local)
+    scored = local.filter(pc.equal(local["status"], "scored"))
+    known_rejects = commit.committedcommit.reject_keys(root) if mode == "incremental" else set()
+    n_new_rejects = sum(
+        key not in known_rejects for key in commit.reject_keys(local.filter(pc.equal(local["status"], "rejected")))
+    )
+
+    staging = root.join(commit.STAGING_DIR, run_id)
+    write_args = {"filesystem": root.arrow_fs(), "filename_provider": FilenameProvider(dataset_uuid=run_id, file_format="parquet")}
+    # file names start with the run id, so each committed file can be traced to its run
+    if scored.num_rows:
+        results.map_batches(_scores_batch, fn_kwargs={"partition_by": partition_by}, batch_format="pyarrow").write_parquet(
+            staging.path, partition_cols=["student", *partition_by], **write_args
+        )
+    if n_new_rejects:
+        results.map_batches(_rejects_batch, fn_kwargs={"known": known_rejects}, batch_format="pyarrow").write_parquet(
+            staging.join("_rejects", f"run_id={run_id}").path, **write_args
+        )
+    summary = dataset_rsr(scored, by=["student"])
+    committed = []
+    if scored.num_rows or n_new_rejects or mode == "overwrite":
+        summary_dir = staging.join("_summary", f"run_id={run_id}")
+        root.fs.makedirs(summary_dir.path, exist_ok=True)
+        pq.write_table(summary, summary_dir.join("by_student.parquet").path, filesystem=root.arrow_fs())
+        if partition_by:
+            pq.write_table(
+                dataset_rsr(scored, by=["student", *partition_by]),
+                summary_dir.join("by_partition.parquet").path,
+                filesystem=root.arrow_fs(),
+            )
+        manifest = {
+            "mode": mode,
+            "started_at": now.isoformat(),
+            "students": [{"name": s["name"], "revision": s["revision"]} for s in students],
+            "counts": counts.to_pylist(),
+            "input_files": len(files),
+            "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        }
+        committed = commit.commit(root, run_id, manifest)
+        if mode == "overwrite":
+            commit.drop_runs_before(root, run_id)
+    return RunResult(
+        run_id=run_id,
+        mode=mode,
+        output=root.url(),
+        counts=counts,
+        summary=summary,
+        tokens_scored=int(pc.sum(scored["resp_token_length"]).as_py() or 0),
+        wall_s=time.perf_counter() - started,
+        committed_files=committed,
+        skipped_files=[input_location.url(p) for p in skipped_files],
+    )
