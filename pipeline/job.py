@@ -71,9 +71,9 @@ def ensure_ray(cfg: JobConfig) -> None:
         ray.init(include_dashboard=False)
 
 
-def _scores_batch(batch: pa.Table, partition_by: list[str]) -> pa.Table:
+def _scores_batch(batch: pa.Table, passthrough: list[str], partition_by: list[str]) -> pa.Table:
     scored = batch.filter(pc.equal(batch["status"], "scored"))
-    table = scored.select([*SCORE_COLUMNS[:1], *partition_by, *SCORE_COLUMNS[1:]])
+    table = scored.select([*SCORE_COLUMNS[:1], *passthrough, *SCORE_COLUMNS[1:]])
     for name in partition_by:
         values = pa.array([partition_value(v) for v in table[name].to_pylist()], pa.string())
         table = table.set_column(table.schema.get_field_index(name), name, values)
@@ -140,7 +140,7 @@ def run_job(cfg: JobConfig) -> RunResult:
     write_args = {"filesystem": root.arrow_fs(), "filename_provider": FilenameProvider(dataset_uuid=run_id, file_format="parquet")}
     # file names start with the run id, so each committed file can be traced to its run
     if scored.num_rows:
-        results.map_batches(_scores_batch, fn_kwargs={"partition_by": partition_by}, batch_format="pyarrow").write_parquet(
+        results.map_batches(_scores_batch, fn_kwargs={"passthrough": cfg.input.passthrough, "partition_by": partition_by}, batch_format="pyarrow").write_parquet(
             staging.path, partition_cols=["student", *partition_by], **write_args
         )
     if n_new_rejects:

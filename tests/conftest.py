@@ -1,6 +1,9 @@
 import json
 import os
 import random
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,9 @@ import pytest
 # Keep every Ray connection on loopback (../shared/notes/ray-on-this-machine.md); set before Ray starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray workers inherit the environment at ray.init: the S3 test server's dummy credentials go in first.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
 from pipeline.tiny_student import build_tiny_student  # noqa: E402
 
@@ -61,3 +67,45 @@ def student_dirs(tmp_path_factory, corpus_path) -> dict[str, Path]:
         template: build_tiny_student(root / template, corpus_path, template=template, seed=seed)
         for seed, template in enumerate(["chatml", "llama3", "plain"])
     }
+
+
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One local Ray runtime for the session. Four logical CPUs on two cores so that two students'
+    actors and the read and tokenize tasks all get a slot; a stalled pipeline fails within 120 s."""
+    import ray
+    from ray.data import DataContext
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    DataContext.get_current().execution_no_progress_timeout_s = 120
+    yield ray
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto) on 127.0.0.1, in its own process."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                server.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.2)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=10)
