@@ -16,6 +16,9 @@ def print_result(result) -> None:
     if result.summary.num_rows:
         print("\ndataset-level RSR (lower = more suitable trajectories for the student):")
         print(result.summary.to_pandas().to_string(index=False))
+    if result.partition_summary is not None and result.partition_summary.num_rows:
+        print()
+        print(result.partition_summary.to_pandas().sort_values(["student", "rsr"]).to_string(index=False))
     tokens_per_s = result.tokens_scored / result.wall_s if result.wall_s else 0.0
     print(
         f"\n{result.tokens_scored} response tokens scored in {result.wall_s:.1f} s "

@@ -40,7 +40,8 @@ class RunResult:
     mode: str
     output: str
     counts: pa.Table  # per student: read, scored, rejected, skipped
-    summary: pa.Table  # dataset-level RSR per student (and partition value) over this run's scores
+    summary: pa.Table  # dataset-level RSR per student over this run's scores
+    partition_summary: pa.Table | None  # the same per student and partition value
     tokens_scored: int
     wall_s: float
     committed_files: list[str]
@@ -148,17 +149,14 @@ def run_job(cfg: JobConfig) -> RunResult:
             staging.join("_rejects", f"run_id={run_id}").path, **write_args
         )
     summary = dataset_rsr(scored, by=["student"])
+    partition_summary = dataset_rsr(scored, by=["student", *partition_by]) if partition_by else None
     committed = []
     if scored.num_rows or n_new_rejects or mode == "overwrite":
         summary_dir = staging.join("_summary", f"run_id={run_id}")
         root.fs.makedirs(summary_dir.path, exist_ok=True)
         pq.write_table(summary, summary_dir.join("by_student.parquet").path, filesystem=root.arrow_fs())
-        if partition_by:
-            pq.write_table(
-                dataset_rsr(scored, by=["student", *partition_by]),
-                summary_dir.join("by_partition.parquet").path,
-                filesystem=root.arrow_fs(),
-            )
+        if partition_summary is not None:
+            pq.write_table(partition_summary, summary_dir.join("by_partition.parquet").path, filesystem=root.arrow_fs())
         manifest = {
             "mode": mode,
             "started_at": now.isoformat(),
@@ -176,6 +174,7 @@ def run_job(cfg: JobConfig) -> RunResult:
         output=root.url(),
         counts=counts,
         summary=summary,
+        partition_summary=partition_summary,
         tokens_scored=int(pc.sum(scored["resp_token_length"]).as_py() or 0),
         wall_s=time.perf_counter() - started,
         committed_files=committed,

@@ -1,0 +1,58 @@
+import pytest
+
+from jobs.score import main
+from pipeline.config import ConfigError, load_config
+from pipeline.storage import expand_inputs
+
+DEMO = "jobs/configs/demo.yaml"
+
+
+def test_demo_config_loads_with_overrides():
+    cfg = load_config(DEMO, ["scoring.rank_clip=50", "students.0.dtype=bfloat16", "input.paths=[a.jsonl,b/]"])
+    assert cfg.scoring.rank_clip == 50 and cfg.students[0].dtype == "bfloat16"
+    assert cfg.input.paths == ["a.jsonl", "b/"] and cfg.output.partition_by == ["source"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("scoring.rank_klip=5", "rank_klip"),
+        ("students.0.dtype=int8", "students.0.dtype must be one of"),
+        ("scoring.rank_clip=0", "scoring.rank_clip must be >= 1"),
+        ("scoring.rank_clip=many", "rank_clip"),
+        ("input.paths=[]", "input.paths is empty"),
+        ("output.partition_by=[teacher]", "must also be in input.passthrough"),
+        ("students.0.name=../escape", "students.0.name"),
+        ("output.mode=append", "output.mode must be one of"),
+        ("rank_clip", "is not key=value"),
+    ],
+)
+def test_bad_config_is_a_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        load_config(DEMO, [override])
+
+
+def test_missing_config_file_and_input_paths(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    cfg = load_config(DEMO, [f"input.paths=[{tmp_path}/missing.jsonl]"])
+    with pytest.raises(ConfigError, match="input path not found"):
+        expand_inputs(cfg.input.paths, cfg.storage, cfg.input.format)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="cannot tell the format"):
+        expand_inputs([str(tmp_path / "notes.txt")], cfg.storage, "auto")
+
+
+def test_directories_and_globs_expand_and_report_skipped_files(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ["d/a.jsonl", "d/sub/b.parquet", "d/README.md", "d/_SUCCESS", "c.json"]:
+        (tmp_path / name).write_text("")
+    cfg = load_config(DEMO)
+    _, files, skipped = expand_inputs([str(tmp_path / "d"), str(tmp_path / "*.json")], cfg.storage, "auto")
+    assert [f.removeprefix(str(tmp_path)) for f in files] == ["/c.json", "/d/a.jsonl", "/d/sub/b.parquet"]
+    assert [f.removeprefix(str(tmp_path)) for f in skipped] == ["/d/README.md"]
+
+
+def test_cli_exits_2_with_the_message(capsys):
+    assert main(["--config", DEMO, "scoring.rank_clip=-1"]) == 2
+    assert "scoring.rank_clip must be >= 1" in capsys.readouterr().err
