@@ -8,6 +8,7 @@ was interrupted while moving, and the next run deletes them before it starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import uuid
@@ -17,7 +18,7 @@ import pyarrow.dataset as pads
 
 from pipeline.storage import Location
 
-RUNS_DIR, STAGING_DIR = "_runs", "_staging"
+RUNS_DIR, STAGING_DIR, LOCK_FILE = "_runs", "_staging", "_lock.json"
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -45,13 +46,12 @@ def _all_files(root: Location) -> list[str]:
     return [posixpath.relpath(p, root.path) for p in root.fs.find(root.path)]
 
 
-def remove_uncommitted(root: Location, keep_staging: str | None = None) -> list[str]:
+def remove_uncommitted(root: Location) -> list[str]:
     """Delete files no manifest lists (debris of interrupted runs); return what was deleted."""
     committed = set(committed_files(root))
     debris = [
         f for f in _all_files(root)
-        if f not in committed and not f.startswith(f"{RUNS_DIR}/")
-        and not (keep_staging and f.startswith(f"{STAGING_DIR}/{keep_staging}/"))
+        if f not in committed and not f.startswith(f"{RUNS_DIR}/") and f != LOCK_FILE
     ]  # fmt: skip
     for f in debris:
         root.fs.rm(root.join(f).path)
@@ -66,12 +66,43 @@ def commit(root: Location, run_id: str, manifest: dict) -> list[str]:
         target = root.join(relative)
         root.fs.makedirs(posixpath.dirname(target.path), exist_ok=True)
         root.fs.mv(staging.join(relative).path, target.path)
-    manifest = {**manifest, "run_id": run_id, "files": sorted(staged)}
-    root.fs.makedirs(root.join(RUNS_DIR).path, exist_ok=True)
-    root.fs.pipe_file(root.join(RUNS_DIR, f"{run_id}.json").path, json.dumps(manifest, indent=1).encode())
+    write_manifest(root, {**manifest, "run_id": run_id, "files": sorted(staged)})
     if root.fs.exists(staging.path):
         root.fs.rm(staging.path, recursive=True)
-    return manifest["files"]
+    return sorted(staged)
+
+
+def write_manifest(root: Location, manifest: dict) -> None:
+    """The commit point of a run: until this object exists, none of the run's files count."""
+    root.fs.makedirs(root.join(RUNS_DIR).path, exist_ok=True)
+    root.fs.pipe_file(root.join(RUNS_DIR, f"{manifest['run_id']}.json").path, json.dumps(manifest, indent=1).encode())
+
+
+class OutputLocked(RuntimeError):
+    """Another run holds the output's lock."""
+
+
+@contextlib.contextmanager
+def run_lock(root: Location, run_id: str, ttl_hours: float):
+    """Keep overlapping runs off one output: a lock object naming the holder, taken over when stale.
+
+    Not a consensus protocol (S3 has no atomic create here); schedulers should also forbid overlap.
+    """
+    lock = root.join(LOCK_FILE)
+    if root.fs.exists(lock.path):
+        holder = json.loads(root.fs.cat_file(lock.path))
+        age_h = (datetime.now(timezone.utc) - datetime.fromisoformat(holder["since"])).total_seconds() / 3600
+        if age_h < ttl_hours:
+            raise OutputLocked(
+                f"run {holder['run_id']} has held {root.url()} for {age_h:.1f} h (lock {lock.url()}); "
+                f"it is taken over after output.lock_ttl_hours={ttl_hours}"
+            )
+    root.fs.makedirs(root.path, exist_ok=True)
+    root.fs.pipe_file(lock.path, json.dumps({"run_id": run_id, "since": datetime.now(timezone.utc).isoformat()}).encode())
+    try:
+        yield
+    finally:
+        root.fs.rm(lock.path)
 
 
 def drop_runs_before(root: Location, run_id: str) -> None:

@@ -64,6 +64,7 @@ class OutputConfig:
     path: str = "out/rsr"  # local or s3://
     partition_by: list[str] = field(default_factory=list)  # passthrough columns, after student=
     mode: str = "auto"  # auto: incremental when the output exists, else a first full run | overwrite
+    lock_ttl_hours: float = 12.0  # a lock older than this (a crashed run) is taken over
 
 
 @dataclass

@@ -110,64 +110,67 @@ def run_job(cfg: JobConfig) -> RunResult:
     started = time.perf_counter()
     input_location, files, skipped_files = expand_inputs(cfg.input.paths, cfg.storage, cfg.input.format)
     root = locate(cfg.output.path, cfg.storage)
-    commit.remove_uncommitted(root)  # debris of an interrupted run is never committed
-    mode = resolve_mode(cfg.output.mode, bool(commit.manifests(root)))
     now = datetime.now(timezone.utc)
     run_id = commit.new_run_id(now)
-    ensure_ray(cfg)
-    gpus = cfg.compute.gpus_per_actor
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    with commit.run_lock(root, run_id, cfg.output.lock_ttl_hours):
+        commit.remove_uncommitted(root)  # debris of an interrupted run is never committed
+        mode = resolve_mode(cfg.output.mode, bool(commit.manifests(root)))
+        ensure_ray(cfg)
+        gpus = cfg.compute.gpus_per_actor
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        students = []
+        for s in cfg.students:
+            revision = model_revision(s.path)
+            done = commit.committed_keys(root, s.name, revision) if mode == "incremental" else set()
+            students.append({"name": s.name, "revision": revision, "done_ref": ray.put(done)})
+        run = {"run_id": run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
+        results = build_dataset(cfg, files, input_location, students, run, gpus).materialize()
 
-    students = []
-    for s in cfg.students:
-        revision = model_revision(s.path)
-        done = commit.committed_keys(root, s.name, revision) if mode == "incremental" else set()
-        students.append({"name": s.name, "revision": revision, "done_ref": ray.put(done)})
-    run = {"run_id": run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
-    results = build_dataset(cfg, files, input_location, students, run, gpus).materialize()
+        partition_by = list(cfg.output.partition_by)
+        columns = ["student", "status", "source_file", "row_number", "reject_reason", *STAT_COLUMNS, *partition_by]
+        local = pa.concat_tables(ray.get(results.select_columns(columns).to_arrow_refs()))
+        counts = _counts(local)
+        scored = local.filter(pc.equal(local["status"], "scored"))
+        known_rejects = commit.committed_reject_keys(root) if mode == "incremental" else set()
+        rejected = local.filter(pc.equal(local["status"], "rejected"))
+        n_new_rejects = sum(key not in known_rejects for key in commit.reject_keys(rejected))
+        summary = dataset_rsr(scored, by=["student"])
+        partition_summary = dataset_rsr(scored, by=["student", *partition_by]) if partition_by else None
 
-    partition_by = list(cfg.output.partition_by)
-    columns = ["student", "status", "source_file", "row_number", "reject_reason", *STAT_COLUMNS, *partition_by]
-    local = pa.concat_tables(ray.get(results.select_columns(columns).to_arrow_refs()))
-    counts = _counts(local)
-    scored = local.filter(pc.equal(local["status"], "scored"))
-    known_rejects = commit.committedcommit.reject_keys(root) if mode == "incremental" else set()
-    n_new_rejects = sum(
-        key not in known_rejects for key in commit.reject_keys(local.filter(pc.equal(local["status"], "rejected")))
-    )
-
-    staging = root.join(commit.STAGING_DIR, run_id)
-    write_args = {"filesystem": root.arrow_fs(), "filename_provider": FilenameProvider(dataset_uuid=run_id, file_format="parquet")}
-    # file names start with the run id, so each committed file can be traced to its run
-    if scored.num_rows:
-        results.map_batches(_scores_batch, fn_kwargs={"passthrough": cfg.input.passthrough, "partition_by": partition_by}, batch_format="pyarrow").write_parquet(
-            staging.path, partition_cols=["student", *partition_by], **write_args
-        )
-    if n_new_rejects:
-        results.map_batches(_rejects_batch, fn_kwargs={"known": known_rejects}, batch_format="pyarrow").write_parquet(
-            staging.join("_rejects", f"run_id={run_id}").path, **write_args
-        )
-    summary = dataset_rsr(scored, by=["student"])
-    partition_summary = dataset_rsr(scored, by=["student", *partition_by]) if partition_by else None
-    committed = []
-    if scored.num_rows or n_new_rejects or mode == "overwrite":
-        summary_dir = staging.join("_summary", f"run_id={run_id}")
-        root.fs.makedirs(summary_dir.path, exist_ok=True)
-        pq.write_table(summary, summary_dir.join("by_student.parquet").path, filesystem=root.arrow_fs())
-        if partition_summary is not None:
-            pq.write_table(partition_summary, summary_dir.join("by_partition.parquet").path, filesystem=root.arrow_fs())
-        manifest = {
-            "mode": mode,
-            "started_at": now.isoformat(),
-            "students": [{"name": s["name"], "revision": s["revision"]} for s in students],
-            "counts": counts.to_pylist(),
-            "input_files": len(files),
-            "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-        }
-        committed = commit.commit(root, run_id, manifest)
-        if mode == "overwrite":
-            commit.drop_runs_before(root, run_id)
+        committed = []
+        if scored.num_rows or n_new_rejects or mode == "overwrite":
+            staging = root.join(commit.STAGING_DIR, run_id)
+            # file names start with the run id, so each committed file can be traced to its run
+            write_args = {
+                "filesystem": root.arrow_fs(),
+                "filename_provider": FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+            }
+            if scored.num_rows:
+                scores_kwargs = {"passthrough": cfg.input.passthrough, "partition_by": partition_by}
+                results.map_batches(_scores_batch, fn_kwargs=scores_kwargs, batch_format="pyarrow").write_parquet(
+                    staging.path, partition_cols=["student", *partition_by], **write_args
+                )
+            if n_new_rejects:
+                results.map_batches(_rejects_batch, fn_kwargs={"known": known_rejects}, batch_format="pyarrow").write_parquet(
+                    staging.join("_rejects", f"run_id={run_id}").path, **write_args
+                )
+            summary_dir = staging.join("_summary", f"run_id={run_id}")
+            root.fs.makedirs(summary_dir.path, exist_ok=True)
+            pq.write_table(summary, summary_dir.join("by_student.parquet").path, filesystem=root.arrow_fs())
+            if partition_summary is not None:
+                pq.write_table(partition_summary, summary_dir.join("by_partition.parquet").path, filesystem=root.arrow_fs())
+            manifest = {
+                "mode": mode,
+                "started_at": now.isoformat(),
+                "students": [{"name": s["name"], "revision": s["revision"]} for s in students],
+                "counts": counts.to_pylist(),
+                "input_files": len(files),
+                "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+            }
+            committed = commit.commit(root, run_id, manifest)
+            if mode == "overwrite":
+                commit.drop_runs_before(root, run_id)
     return RunResult(
         run_id=run_id,
         mode=mode,

@@ -1,0 +1,106 @@
+"""Nightly re-scoring: only new or changed trajectories and new student revisions are scored, every
+run is committed atomically, and an interrupted run leaves nothing committed."""
+
+import copy
+import json
+
+import duckdb
+import pytest
+
+from pipeline import commit
+from pipeline.job import run_job
+from pipeline.records import content_hash
+from pipeline.storage import locate
+from pipeline.tiny_student import build_tiny_student
+from tests.conftest import write_jsonl
+from tests.test_job import job_config
+
+LATEST_VIEW = """
+SELECT * FROM read_parquet({files}, hive_partitioning = true)
+QUALIFY row_number() OVER (PARTITION BY sample_id, student ORDER BY scored_at DESC, run_id DESC) = 1
+"""
+
+
+def latest(output_dir) -> list[dict]:
+    """The documented "latest score per (id, student)" query, over committed files only."""
+    root = locate(str(output_dir), None)
+    files = [root.join(f).path for f in commit.committed_files(root) if f.startswith("student=")]
+    return duckdb.sql(LATEST_VIEW.format(files=json.dumps(files))).to_arrow_table().to_pylist()
+
+
+def counts(result) -> dict:
+    return {row["student"]: (row["scored"], row["rejected"], row["skipped"]) for row in result.counts.to_pylist()}
+
+
+def test_nightly_runs(ray_runtime, tmp_path, corpus, corpus_path, student_dirs, monkeypatch):
+    data = tmp_path / "data" / "corpus.jsonl"
+    out = tmp_path / "out"
+    evolving = build_tiny_student(tmp_path / "evolving", corpus_path, seed=5)
+    students = {"stable": student_dirs["chatml"], "evolving": evolving}
+    cfg = job_config(tmp_path, [str(data)], str(out), students)
+
+    write_jsonl(data, corpus[:20])
+    first = run_job(cfg)
+    assert first.mode == "full" and counts(first) == {"stable": (20, 0, 0), "evolving": (20, 0, 0)}
+
+    files_before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    again = run_job(cfg)
+    assert again.mode == "incremental" and again.committed_files == []
+    assert counts(again) == {"stable": (0, 0, 20), "evolving": (0, 0, 20)}
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == files_before
+
+    # Nightly growth: five new rows, one changed row, and a retrained `evolving` student.
+    changed = copy.deepcopy(corpus[3])
+    changed["messages"][-1]["content"] += " Checked twice."
+    write_jsonl(data, [*corpus[:3], changed, *corpus[4:25]])
+    build_tiny_student(evolving, corpus_path, seed=6)
+    grown = run_job(cfg)
+    assert counts(grown) == {"stable": (6, 0, 19), "evolving": (25, 0, 0)}
+
+    view = latest(out)
+    assert len(view) == 50 and len({(r["sample_id"], r["student"]) for r in view}) == 50
+    row3 = [r for r in view if r["sample_id"] == changed["id"]]
+    assert {r["content_hash"] for r in row3} == {content_hash(changed["messages"])}
+    assert len({r["student_revision"] for r in view if r["student"] == "evolving"}) == 1
+
+    # A run that dies after moving its files but before its manifest commits nothing ...
+    write_jsonl(data, [*corpus[:3], changed, *corpus[4:30]])
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed between staging and commit")
+
+    monkeypatch.setattr(commit, "write_manifest", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_job(cfg)
+    monkeypatch.undo()
+    assert len(latest(out)) == 50
+    # ... and the next run removes its debris and completes the work.
+    resumed = run_job(cfg)
+    assert counts(resumed) == {"stable": (5, 0, 25), "evolving": (5, 0, 25)}
+    view = latest(out)
+    assert len(view) == 60 and len({(r["sample_id"], r["student"]) for r in view}) == 60
+    committed = set(commit.committed_files(locate(str(out), None)))
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*.parquet")}
+    assert on_disk == committed
+
+
+def test_overwrite_replaces_earlier_runs(ray_runtime, tmp_path, corpus, student_dirs):
+    data = write_jsonl(tmp_path / "corpus.jsonl", corpus[:8])
+    out = tmp_path / "out"
+    cfg = job_config(tmp_path, [str(data)], str(out), {"tiny": student_dirs["chatml"]})
+    run_job(cfg)
+    cfg.output.mode = "overwrite"
+    second = run_job(cfg)
+    assert counts(second) == {"tiny": (8, 0, 0)}
+    root = locate(str(out), None)
+    assert [m["run_id"] for m in commit.manifests(root)] == [second.run_id]
+    assert len(latest(out)) == 8
+
+
+def test_a_held_lock_refuses_a_second_run(tmp_path, corpus, student_dirs):
+    data = write_jsonl(tmp_path / "corpus.jsonl", corpus[:2])
+    out = tmp_path / "out"
+    cfg = job_config(tmp_path, [str(data)], str(out), {"tiny": student_dirs["chatml"]})
+    with commit.run_lock(locate(str(out), None), "other-run", ttl_hours=1):
+        with pytest.raises(commit.OutputLocked, match="other-run"):
+            run_job(cfg)
