@@ -1,0 +1,60 @@
+"""Select trajectories by a student's RSR and write the original rows for fine-tuning.
+
+  python -m jobs.select --scores out/rsr --student NAME --group-by problem_id --top-k 1 --out sel.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import StorageConfig
+from pipeline.query import latest_scores, original_rows, select
+from pipeline.storage import locate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scores", required=True, help="the scoring job's output.path")
+    parser.add_argument("--student", required=True)
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--top-k", type=int, help="rows per group (or overall without --group-by)")
+    how.add_argument("--top-fraction", type=float, help="fraction of each group (at least one row)")
+    how.add_argument("--threshold", type=float, help="RSR at most this (at least, with --direction descending)")
+    parser.add_argument("--group-by", nargs="*", default=None, help="columns such as problem_id")
+    parser.add_argument("--direction", choices=["ascending", "descending"], default="ascending",
+                        help="ascending: lowest RSR first, the paper's choice (default)")
+    parser.add_argument("--messages-field", default="messages")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
+    parser.add_argument("--out", required=True, help="a .jsonl or .parquet file (local or s3://)")
+    args = parser.parse_args(argv)
+
+    storage = StorageConfig(endpoint_url=args.endpoint_url)
+    scores = latest_scores(args.scores, storage)
+    try:
+        chosen = select(scores, args.student, args.group_by, args.top_k, args.top_fraction, args.threshold,
+                        ascending=args.direction == "ascending")  # fmt: skip
+        rows = original_rows(chosen, args.messages_field, storage=storage)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for row, (_, score) in zip(rows, chosen.iterrows()):
+        row["rsr"] = {k: score[k] for k in ("student", "rank_surprisal_ratio", "avg_rank_clip", "avg_surprisal")}
+        row["rsr"]["resp_token_length"] = int(score["resp_token_length"])
+    target = locate(args.out, storage)
+    target.fs.makedirs(target.path.rsplit("/", 1)[0], exist_ok=True)
+    if args.out.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), target.path, filesystem=target.arrow_fs())
+    else:
+        with target.fs.open(target.path, "w") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    print(f"selected {len(rows)} of {int((scores['student'] == args.student).sum())} trajectories -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Reading committed scores back: the latest score per (sample_id, student), trajectory selection,
+the teacher table, and the original rows behind selected scores. No Ray here."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from pipeline import commit
+from pipeline.aggregate import dataset_rsr
+from pipeline.config import StorageConfig
+from pipeline.records import content_hash, read_records
+from pipeline.storage import format_of, locate
+
+
+def latest_scores(output: str, storage: StorageConfig | None = None) -> pd.DataFrame:
+    """Committed scores, newest per (sample_id, student); partition columns come from the folders."""
+    root = locate(output, storage or StorageConfig())
+    files = [root.join(f).path for f in commit.committed_files(root) if f.startswith("student=")]
+    if not files:
+        raise FileNotFoundError(f"no committed scores under {root.url()}")
+    dataset = pads.dataset(files, filesystem=root.arrow_fs(), format="parquet", partitioning="hive", partition_base_dir=root.path)
+    scores = dataset.to_table().to_pandas()
+    scores = scores.sort_values(["scored_at", "run_id"]).drop_duplicates(["sample_id", "student"], keep="last")
+    return scores.reset_index(drop=True)
+
+
+def select(
+    scores: pd.DataFrame,
+    student: str,
+    group_by: list[str] | None = None,
+    top_k: int | None = None,
+    top_fraction: float | None = None,
+    threshold: float | None = None,
+    ascending: bool = True,
+) -> pd.DataFrame:
+    """Trajectories chosen by one student's rank_surprisal_ratio (lower is better by default).
+
+    Exactly one of `top_k` (per group when `group_by` is given), `top_fraction` (of each group, at
+    least one row) or `threshold` (RSR at most this, or at least when descending) is set.
+    """
+    if sum(x is not None for x in (top_k, top_fraction, threshold)) != 1:
+        raise ValueError("set exactly one of top_k, top_fraction, threshold")
+    mine = scores[scores["student"] == student]
+    if mine.empty:
+        raise ValueError(f"no scores for student {student!r}; have {sorted(scores['student'].unique())}")
+    ranked = mine.sort_values("rank_surprisal_ratio", ascending=ascending, kind="stable")
+    if threshold is not None:
+        keep = ranked["rank_surprisal_ratio"] <= threshold if ascending else ranked["rank_surprisal_ratio"] >= threshold
+        return ranked[keep]
+    groups = ranked.groupby(group_by, sort=False, dropna=False) if group_by else [(None, ranked)]
+    parts = []
+    for _, group in groups:
+        n = top_k if top_k is not None else max(1, round(len(group) * top_fraction))
+        parts.append(group.head(n))
+    return pd.concat(parts)
+
+
+def teacher_table(scores: pd.DataFrame, teacher_column: str = "source") -> pd.DataFrame:
+    """Dataset-level RSR per teacher and student, ranked per student (rank 1 = most suitable)."""
+    columns = ["student", teacher_column, "resp_token_length", "avg_rank_clip", "avg_surprisal"]
+    table = dataset_rsr(pa.Table.from_pandas(scores[columns], preserve_index=False), by=["student", teacher_column])
+    result = table.to_pandas().sort_values(["student", "rsr"])
+    result.insert(2, "rank", result.groupby("student").cumcount() + 1)
+    return result.reset_index(drop=True)
+
+
+def original_rows(
+    selected: pd.DataFrame, messages_field: str = "messages", input_format: str = "auto", storage: StorageConfig | None = None
+) -> list[dict]:
+    """The corpus rows behind `selected` scores, read back from their source files by row number.
+
+    A row whose messages no longer hash to the scored content_hash (the file changed since) is an error.
+    """
+    wanted = defaultdict(set)
+    for source_file, row_number in zip(selected["source_file"], selected["row_number"]):
+        wanted[source_file].add(int(row_number))
+    found = {}
+    for source_file, numbers in wanted.items():
+        location = locate(source_file, storage or StorageConfig())
+        with location.fs.open(location.path, "rb") as f:
+            for record in read_records(f, format_of(location.path, input_format)):
+                if record.row_number in numbers:
+                    found[(source_file, record.row_number)] = json.loads(record.text)
+    rows = []
+    for source_file, row_number, scored_hash in zip(selected["source_file"], selected["row_number"], selected["content_hash"]):
+        row = found.get((source_file, int(row_number)))
+        if row is None or content_hash(row.get(messages_field)) != scored_hash:
+            raise ValueError(f"{source_file}:{row_number} changed since it was scored; re-run the scoring job")
+        rows.append(row)
+    return rows
