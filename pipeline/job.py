@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from pipeline import commit
 from pipeline.aggregate import dataset_rsr
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from ray.data.datasource import FilenameProvider
 
 from pipeline.ray_job import STAT_COLUMNS, build_dataset
@@ -121,7 +121,10 @@ def run_job(cfg: JobConfig) -> RunResult:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         students = []
         for s in cfg.students:
-            revision = model_revision(s.path)
+            try:
+                revision = model_revision(s.path)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"students.{s.name}: {exc}") from exc
             done = commit.committed_keys(root, s.name, revision) if mode == "incremental" else set()
             students.append({"name": s.name, "revision": revision, "done_ref": ray.put(done)})
         run = {"run_id": run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}

@@ -55,12 +55,20 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
 
 
 def model_revision(path: str) -> str:
-    """A stable id for the student's weights: a hash of a local directory's files, else the hub commit."""
+    """A stable id for the student's weights: a hash of a local directory's files, else the hub commit.
+
+    Raises FileNotFoundError when `path` is neither a local directory nor a reachable (or cached) hub id.
+    """
     local = Path(path)
     if not local.is_dir():
-        from huggingface_hub import HfApi
+        from huggingface_hub import snapshot_download
 
-        return HfApi().model_info(path).sha
+        try:  # only config.json is fetched: the snapshot folder is named by the commit
+            return Path(snapshot_download(path, allow_patterns=["config.json"])).name
+        except Exception as exc:
+            raise FileNotFoundError(
+                f"student {path!r} is not a local directory here and the hub lookup failed ({type(exc).__name__})"
+            ) from exc
     digest = hashlib.sha256()
     for file in sorted(p for p in local.rglob("*") if p.is_file()):
         digest.update(file.relative_to(local).as_posix().encode())
