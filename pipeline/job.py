@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import ray
 from omegaconf import OmegaConf
 
-from pipeline import commit
+from pipeline import commit, errors
 from pipeline.aggregate import dataset_rsr
 from pipeline.config import ConfigError, JobConfig
 from ray.data.datasource import FilenameProvider
@@ -100,6 +100,42 @@ def _counts(results: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
+def _pull(results, columns: list[str]) -> pa.Table:
+    return pa.concat_tables(ray.get(results.select_columns(columns).to_arrow_refs()))
+
+
+def _duplicate_ids(results, first_student: str) -> dict[str, str]:
+    """Rows whose sample_id an earlier row of this run already has: `file NUL row` -> where it was first.
+
+    Every student sees the same rows, so one student's rows are enough to find them.
+    """
+    rows = _pull(results, ["student", "sample_id", "source_file", "row_number", "content_hash"])
+    rows = rows.filter(pc.and_(pc.equal(rows["student"], first_student), pc.is_valid(rows["content_hash"])))
+    first_seen, duplicates = {}, {}
+    ordered = sorted(zip(rows["source_file"].to_pylist(), rows["row_number"].to_pylist(), rows["sample_id"].to_pylist()))
+    for source_file, row_number, sample_id in ordered:
+        where = f"{source_file}:{row_number}"
+        if sample_id in first_seen:
+            duplicates[f"{source_file}\x00{row_number}"] = f"sample_id {sample_id!r} first seen at {first_seen[sample_id]}"
+        else:
+            first_seen[sample_id] = where
+    return duplicates
+
+
+def _demote_duplicates(batch: pa.Table, duplicates: dict[str, str]) -> pa.Table:
+    keys = [f"{f}\x00{r}" for f, r in zip(batch["source_file"].to_pylist(), batch["row_number"].to_pylist())]
+    is_duplicate = pa.array([key in duplicates for key in keys], pa.bool_())
+    details = pa.array([duplicates.get(key) for key in keys], pa.string())
+    columns = {
+        "status": pc.if_else(is_duplicate, "rejected", batch["status"]),
+        "reject_reason": pc.if_else(is_duplicate, errors.DUPLICATE_ID, batch["reject_reason"]),
+        "reject_detail": pc.if_else(is_duplicate, details, batch["reject_detail"]),
+    }
+    for name, values in columns.items():
+        batch = batch.set_column(batch.schema.get_field_index(name), name, values)
+    return batch
+
+
 def resolve_mode(configured: str, has_runs: bool) -> str:
     if configured == "overwrite":
         return "overwrite"
@@ -129,10 +165,12 @@ def run_job(cfg: JobConfig) -> RunResult:
             students.append({"name": s.name, "revision": revision, "done_ref": ray.put(done)})
         run = {"run_id": run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
         results = build_dataset(cfg, files, input_location, students, run, gpus).materialize()
+        duplicates = _duplicate_ids(results, cfg.students[0].name)
+        if duplicates:  # the first row with an id is kept; later ones are quarantined
+            results = results.map_batches(_demote_duplicates, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow").materialize()
 
         partition_by = list(cfg.output.partition_by)
-        columns = ["student", "status", "source_file", "row_number", "reject_reason", *STAT_COLUMNS, *partition_by]
-        local = pa.concat_tables(ray.get(results.select_columns(columns).to_arrow_refs()))
+        local = _pull(results, ["student", "status", "source_file", "row_number", "reject_reason", *STAT_COLUMNS, *partition_by])
         counts = _counts(local)
         scored = local.filter(pc.equal(local["status"], "scored"))
         known_rejects = commit.committed_reject_keys(root) if mode == "incremental" else set()
