@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.commit import OutputLocked
 from pipeline.config import ConfigError, load_config
+from pipeline.storage import StorageError
 
 DEFAULT_CONFIG = "jobs/configs/demo.yaml"
 
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (StorageError, OutputLocked) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print_result(result)
     return 0
 

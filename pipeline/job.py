@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, JobConfig
 from ray.data.datasource import FilenameProvider
 
 from pipeline.ray_job import STAT_COLUMNS, build_dataset
-from pipeline.storage import expand_inputs, locate
+from pipeline.storage import check_output, expand_inputs, locate
 from pipeline.student import model_revision
 
 SCORE_COLUMNS = [
@@ -146,6 +146,7 @@ def run_job(cfg: JobConfig) -> RunResult:
     started = time.perf_counter()
     input_location, files, skipped_files = expand_inputs(cfg.input.paths, cfg.storage, cfg.input.format)
     root = locate(cfg.output.path, cfg.storage)
+    check_output(root)
     now = datetime.now(timezone.utc)
     run_id = commit.new_run_id(now)
     with commit.run_lock(root, run_id, cfg.output.lock_ttl_hours):

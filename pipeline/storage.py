@@ -35,6 +35,23 @@ class Location:
         return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
 
 
+class StorageError(RuntimeError):
+    """Storage that cannot be used as configured (missing bucket, access denied); nothing was committed."""
+
+
+def check_output(root: Location) -> None:
+    """Fail before any work when the output's bucket is missing or unreadable (it is never created)."""
+    if root.scheme != "s3":
+        return
+    bucket = root.path.split("/", 1)[0]
+    try:
+        root.fs.info(bucket)  # unlike exists(), says which: not found or forbidden
+    except FileNotFoundError as exc:
+        raise StorageError(f"output bucket s3://{bucket} does not exist (it is not created for you)") from exc
+    except (PermissionError, OSError) as exc:
+        raise StorageError(f"cannot access output {root.url()}: {type(exc).__name__}: {exc}") from exc
+
+
 def locate(url: str, storage: StorageConfig) -> Location:
     if url.startswith("s3://"):
         client_kwargs = {"region_name": storage.region} if storage.region else {}
