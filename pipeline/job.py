@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -29,9 +29,7 @@ SCORE_COLUMNS = [
     "content_hash", "run_id", "scored_at", "source_file", "row_number",
 ]  # fmt: skip
 REJECT_COLUMNS = ["student", "source_file", "row_number", "sample_id", "reject_reason", "reject_detail", "content_hash", "run_id"]
-UNSAFE_PARTITION_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
-MAX_PARTITION_VALUE = 120
-NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+MAX_PARTITION_NAME = 200  # encoded bytes, under the usual 255-byte file-name limit with "column="
 
 
 @dataclass
@@ -48,17 +46,19 @@ class RunResult:
     skipped_files: list[str]
 
 
-def partition_value(value) -> str:
-    """A folder-safe form of a partition value: no '/', '..', '=', NUL or overlong names, stable across runs."""
+def partition_value(value):
+    """A partition value pyarrow can write as a folder. pyarrow %-encodes '/', '=' and the like itself
+    (DuckDB and pyarrow decode them back); NUL would cut the name short and an overlong value would
+    exceed the file system's name limit, so those two are changed here, stably across runs."""
     if value is None:
-        return NULL_PARTITION
-    text = str(value)
-    safe = UNSAFE_PARTITION_CHARS.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), text)
-    if safe.startswith("."):
-        safe = "%2E" + safe[1:]
-    if len(safe) > MAX_PARTITION_VALUE:
-        safe = safe[: MAX_PARTITION_VALUE - 17] + "~" + hashlib.sha256(text.encode()).hexdigest()[:16]
-    return safe
+        return None  # pyarrow writes __HIVE_DEFAULT_PARTITION__
+    text = str(value).replace("\x00", "\ufffd")
+    if len(urllib.parse.quote(text, safe="")) > MAX_PARTITION_NAME:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        while len(urllib.parse.quote(text, safe="")) > MAX_PARTITION_NAME - 17:
+            text = text[: len(text) * 3 // 4]
+        text = f"{text}~{digest}"
+    return text
 
 
 def ensure_ray(cfg: JobConfig) -> None:
