@@ -34,14 +34,19 @@ def project_and_score(
     rank_clip: int,
     chunk_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the vocabulary projection to `hidden` [n, d] in chunks and score each row's target."""
-    ranks, surprisals = [], []
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        logits = torch.nn.functional.linear(hidden[start : start + chunk_tokens], head_weight, head_bias)
-        rank, surprisal = rank_and_surprisal(logits, targets[start : start + chunk_tokens], rank_clip)
-        ranks.append(rank)
-        surprisals.append(surprisal)
-    return torch.cat(ranks), torch.cat(surprisals)
+    """Apply the vocabulary projection to `hidden` [n, d] in chunks and score each row's target.
+
+    Results go into tensors allocated up front: small per-chunk results kept alive between the large
+    per-chunk logits fragment the CPU heap until its size grows like n x vocab.
+    """
+    n = hidden.shape[0]
+    ranks = torch.empty(n, dtype=torch.long, device=hidden.device)
+    surprisals = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, chunk_tokens):
+        end = min(start + chunk_tokens, n)
+        logits = torch.nn.functional.linear(hidden[start:end], head_weight, head_bias)
+        ranks[start:end], surprisals[start:end] = rank_and_surprisal(logits, targets[start:end], rank_clip)
+    return ranks, surprisals
 
 
 def trajectory_stats(ranks: torch.Tensor, surprisals: torch.Tensor) -> dict[str, float | int]:
