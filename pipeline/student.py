@@ -24,10 +24,21 @@ class ScoringOptions:
     token_budget: int = 16384  # padded tokens (rows x longest row) per forward pass
     logits_chunk_tokens: int = 64  # response positions projected to the vocabulary at a time
     per_token: bool = False  # also return the per-token ranks and surprisals (debugging)
+    share_prompts: bool = True  # run a prompt shared by several trajectories through the body once
+    min_shared_prompt: int = 16  # shorter shared prompts are not worth a separate pass
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention_for(device: str) -> str:
+    """SDPA on GPU; on CPU, explicit attention for short inputs and SDPA for long ones."""
+    if device.startswith("cuda"):
+        return "sdpa"
+    from pipeline import attention
+
+    return attention.NAME
 
 
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
@@ -52,6 +63,20 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
         else:
             batches.append([i])
     return batches
+
+
+def prompt_length(conversation: EncodedConversation) -> int:
+    """Tokens before the position that predicts the first response token: the part that can be shared."""
+    return conversation.response_positions[0] - 1
+
+
+def group_by_prompt(conversations: Sequence[EncodedConversation], min_prompt: int) -> list[list[int]]:
+    """Indices of conversations with identical prompts (at least `min_prompt` tokens), two or more a group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, conversation in enumerate(conversations):
+        if prompt_length(conversation) >= min_prompt:
+            groups.setdefault(tuple(conversation.input_ids[: prompt_length(conversation)]), []).append(i)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def model_revision(path: str) -> str:
@@ -93,40 +118,68 @@ class Student:
     @classmethod
     def load(cls, path: str, dtype: str | None = None, device: str | None = None, options=ScoringOptions()):
         device = device or default_device()
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa")
+        attention = attention_for(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), attn_implementation=attention)
         return cls(model, AutoTokenizer.from_pretrained(path), options, device)
 
     @torch.inference_mode()
     def score(self, conversations: Sequence[EncodedConversation]) -> list[dict]:
-        """Per-trajectory stats, in the order given; results do not depend on how rows are batched."""
+        """Per-trajectory stats, in the order given; results do not depend on how rows are batched.
+
+        Trajectories of one prompt (several teachers answering one problem) share the prompt's
+        tokens: with `share_prompts`, the prompt runs through the body once and its key/value cache
+        serves every trajectory of the group.
+        """
         results: list[dict] = [{}] * len(conversations)
-        lengths = [len(c.input_ids) for c in conversations]
-        for batch in plan_batches(lengths, self.options.token_budget):
-            for i, stats in zip(batch, self._score_batch([conversations[i] for i in batch])):
+        groups = group_by_prompt(conversations, self.options.min_shared_prompt) if self.options.share_prompts else []
+        shared = {i for group in groups for i in group}
+        singles = [i for i in range(len(conversations)) if i not in shared]
+        single_lengths = [conversations[i].response_positions[-1] for i in singles]
+        batches = [(0, [singles[j] for j in b]) for b in plan_batches(single_lengths, self.options.token_budget)]
+        for group in groups:
+            prompt = prompt_length(conversations[group[0]])
+            suffix_lengths = [conversations[i].response_positions[-1] - prompt for i in group]
+            batches += [(prompt, [group[j] for j in b]) for b in plan_batches(suffix_lengths, self.options.token_budget)]
+        for prompt, batch in batches:
+            for i, stats in zip(batch, self._score_batch([conversations[i] for i in batch], prompt)):
                 results[i] = stats
         return results
 
-    def _score_batch(self, batch: Sequence[EncodedConversation]) -> list[dict]:
-        longest = max(len(c.input_ids) for c in batch)
+    def _score_batch(self, batch: Sequence[EncodedConversation], prompt: int = 0) -> list[dict]:
+        """Score rows whose first `prompt` tokens are identical (0: no shared prompt).
+
+        Only tokens up to the one before the last response token are inputs: later ones predict nothing
+        that is scored.
+        """
+        inputs = [c.input_ids[prompt : c.response_positions[-1]] for c in batch]
+        longest = max(map(len, inputs))
         input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        rows, positions = [], []
-        for b, conversation in enumerate(batch):
-            n = len(conversation.input_ids)
-            input_ids[b, :n] = torch.tensor(conversation.input_ids)
-            attention_mask[b, :n] = 1
+        attention_mask = torch.zeros((len(batch), prompt + longest), dtype=torch.long)
+        attention_mask[:, :prompt] = 1
+        rows, positions, targets = [], [], []
+        for b, (conversation, ids) in enumerate(zip(batch, inputs)):
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            attention_mask[b, prompt : prompt + len(ids)] = 1
             rows.append(torch.full((len(conversation.response_positions),), b))
-            positions.append(torch.tensor(conversation.response_positions))
-        rows, positions = torch.cat(rows).to(self.device), torch.cat(positions).to(self.device)
+            positions.append(torch.tensor(conversation.response_positions) - prompt)
+            targets.append(torch.tensor([conversation.input_ids[q] for q in conversation.response_positions]))
+        rows, positions, targets = (torch.cat(t).to(self.device) for t in (rows, positions, targets))
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
 
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        body_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if prompt:
+            prompt_ids = torch.tensor([batch[0].input_ids[:prompt]], device=self.device)
+            cache = self.body(input_ids=prompt_ids, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(batch))
+            positions_ids = torch.arange(prompt, prompt + longest, device=self.device).expand(len(batch), -1)
+            body_inputs.update(past_key_values=cache, use_cache=True, position_ids=positions_ids)
+        hidden = self.body(**body_inputs).last_hidden_state
         # Only the positions that predict response tokens are projected to the vocabulary.
         ranks, surprisals = project_and_score(
             hidden[rows, positions - 1],
             self.head_weight,
             self.head_bias,
-            input_ids[rows, positions],
+            targets,
             self.options.rank_clip,
             self.options.logits_chunk_tokens,
         )

@@ -11,7 +11,7 @@ from pipeline.aggregate import dataset_rsr
 from pipeline.errors import RowError
 from pipeline.rsr import project_and_score, rank_and_surprisal, trajectory_stats
 from pipeline.spans import encode_conversation
-from pipeline.student import ScoringOptions, Student, plan_batches
+from pipeline.student import ScoringOptions, Student, group_by_prompt, plan_batches
 from tests.reference import CHATML_MARKERS, LLAMA3_MARKERS, marker_ids, marker_positions, reference_scores
 
 STAT_COLUMNS = ["avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"]
@@ -186,3 +186,33 @@ def test_dataset_rsr_groups():
     assert table[1]["rsr"] == pytest.approx(6.0)
     overall = dataset_rsr(scores).to_pylist()[0]
     assert overall["rsr"] == pytest.approx(9.0 / 2.5) and overall["n_trajectories"] == 3
+
+
+def test_shared_prompts_give_the_same_scores(student_dirs, corpus):
+    """Several teachers answering one prompt: the prompt's cache is reused, the numbers do not change."""
+    model, tokenizer = load(student_dirs["chatml"])
+    prompts = [row["messages"][:-1] for row in corpus[:5]]
+    answers = [row["messages"][-1] for row in corpus[5:20]]
+    rows = [prompts[i % 5] + [answers[i]] for i in range(15)]
+    encoded = [encode_conversation(tokenizer, messages) for messages in rows]
+    shared = Student(model, tokenizer, ScoringOptions(token_budget=256), device="cpu")
+    assert len(group_by_prompt(encoded, shared.options.min_shared_prompt)) == 5
+    unshared = Student(model, tokenizer, ScoringOptions(token_budget=256, share_prompts=False), device="cpu")
+    for a, b in zip(shared.score(encoded), unshared.score(encoded)):
+        assert a["resp_token_length"] == b["resp_token_length"]
+        for column in STAT_COLUMNS:
+            assert abs(a[column] - b[column]) <= 1e-5
+
+
+def test_cpu_attention_matches_sdpa(student_dirs, corpus):
+    from pipeline.student import attention_for
+
+    tokenizer = AutoTokenizer.from_pretrained(student_dirs["llama3"])
+    encoded = [encode_conversation(tokenizer, row["messages"]) for row in corpus]
+    scores = {}
+    for attention in ("sdpa", attention_for("cpu")):
+        model = AutoModelForCausalLM.from_pretrained(student_dirs["llama3"], dtype=torch.float32, attn_implementation=attention)
+        scores[attention] = Student(model, tokenizer, ScoringOptions(token_budget=700), device="cpu").score(encoded)
+    for a, b in zip(*scores.values()):
+        for column in STAT_COLUMNS:
+            assert abs(a[column] - b[column]) <= 1e-5
