@@ -4,6 +4,7 @@ max |difference| in rank_surprisal_ratio from a float32 run of both.
 
   python -m jobs.bench                       # CPU, random-weight SmolLM2-135M shape, first 120 GSM8K rows
   python -m jobs.bench --dtype float32 --limit 60
+  python -m jobs.bench --job --limit 600     # also the Ray job on the same rows, with 1 and 2 actors
 
 Both sides run in fresh processes and are timed end to end (interpreter start and model load included);
 each also reports its scoring-only rate. The student has random weights: speed is real, scores are not.
@@ -77,6 +78,27 @@ def run_side(argv: list[str], threads: int) -> dict:
     return {**merged, "wall_s": wall, "e2e_tokens_per_s": merged["tokens"] / wall}
 
 
+def run_job(student: Path, corpus: Path, out: Path, dtype: str, actors: int, threads: int, budget: int) -> float:
+    """Wall time of the scoring job (`python -m jobs.score`, local Ray started by the job) on `corpus`."""
+    import yaml
+
+    config = out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump({
+        "input": {"paths": [str(corpus)], "passthrough": ["source"]},
+        "students": [{"name": "bench", "path": str(student), "dtype": dtype}],
+        "scoring": {"token_budget": budget, "rows_per_batch": 128},
+        "compute": {"actors_per_student": actors, "cpus_per_actor": 1, "torch_threads": max(1, threads // actors)},
+        "output": {"path": str(out), "partition_by": ["source"], "mode": "overwrite"},
+    }))  # fmt: skip
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "jobs.score", "--config", str(config)], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"the job failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
 def read_rsr(path: Path, key: str) -> dict[str, float]:
     return {row["id"]: row[key] for row in map(json.loads, path.read_text().splitlines())}
 
@@ -93,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-batch-size", type=int, default=8)
     parser.add_argument("--token-budget", type=int, default=2048, help="2048 is fastest on 2 CPU cores")
     parser.add_argument("--parity-limit", type=int, default=60, help="rows of the float32 parity run (0: skip)")
+    parser.add_argument("--job", action="store_true", help="also time the Ray job on the same rows, 1 and 2 actors")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="rsr-bench-") as tmp:
@@ -120,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             pipeline("float32", args.parity_limit, tmp / "ours32.jsonl")
             ref, ours = read_rsr(tmp / "ref32.jsonl", "rsr"), read_rsr(tmp / "ours32.jsonl", "rsr")
             parity = max(abs(ref[k] - ours[k]) for k in ref)
+        job_walls = {}
+        if args.job:
+            for actors in (1, 2):
+                job_walls[actors] = run_job(student, corpus, tmp / f"job{actors}", args.dtype, actors, args.threads, args.token_budget)
 
     ref, ours = sides["reference"], sides["pipeline"]
     assert ref["tokens"] == ours["tokens"], "both sides must score the same response tokens"
@@ -138,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     print("(ratio > 1: the pipeline is better)")
     if parity is not None:
         print(f"float32 parity on {args.parity_limit} rows: max |rank_surprisal_ratio difference| = {parity:.2e}")
+    for actors, wall in job_walls.items():
+        overhead = (wall - ours["wall_s"]) / (ours["tokens"] / ours["tokens_per_s"])
+        print(f"Ray job, {actors} actor(s): {wall:.1f} s wall, {ours['tokens'] / wall:.0f} scored tokens/s end to end; "
+              f"beyond the core's own end-to-end run it spends {wall - ours['wall_s']:.1f} s "
+              f"({overhead:.0%} of scoring time: Ray start, reading, tokenizing, scheduling, writing)")  # fmt: skip
     return 0
 
 
