@@ -13,10 +13,12 @@ import argparse
 import asyncio
 import shlex
 import sys
+import time
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 # Never upload local outputs, caches or history with the working directory.
+AGENT_WAIT_S = 60
 EXCLUDES = [".git", "out", "**/__pycache__", ".pytest_cache", "*.egg-info"]
 
 
@@ -28,9 +30,15 @@ async def _stream_logs(client: JobSubmissionClient, job_id: str) -> None:
 def submit(address: str, config: str, overrides: list[str], working_dir: str = ".", wait: bool = True) -> int:
     client = JobSubmissionClient(address)
     entrypoint = shlex.join(["python", "-m", "jobs.score", "--config", config, *overrides])
-    job_id = client.submit_job(
-        entrypoint=entrypoint, runtime_env={"working_dir": working_dir, "excludes": EXCLUDES}
-    )
+    runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES}
+    for attempt in range(AGENT_WAIT_S // 2):
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as exc:  # a cluster that just started may not have its job agent up yet
+            if "No available agent" not in str(exc) or attempt == AGENT_WAIT_S // 2 - 1:
+                raise
+            time.sleep(2)
     print(f"submitted {job_id}: {entrypoint}", flush=True)
     if not wait:
         return 0

@@ -14,12 +14,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from omegaconf import OmegaConf
+from ray.data.datasource import FilenameProvider
 
 from pipeline import commit, errors
 from pipeline.aggregate import dataset_rsr
 from pipeline.config import ConfigError, JobConfig
-from ray.data.datasource import FilenameProvider
-
 from pipeline.ray_job import STAT_COLUMNS, build_dataset
 from pipeline.storage import check_output, expand_inputs, locate
 from pipeline.student import model_revision
@@ -69,7 +68,10 @@ def ensure_ray(cfg: JobConfig) -> None:
         ray.init(address=address)
     else:  # a local runtime in this process, reachable on loopback only
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(include_dashboard=False)
+        # Scoring actors hold their CPUs for the whole run: without logical CPUs beyond theirs, the
+        # read and tokenize tasks never get a slot and the job hangs (2 actors on a 2-core machine).
+        actor_cpus = cfg.compute.cpus_per_actor * cfg.compute.actors_per_student * len(cfg.students)
+        ray.init(num_cpus=int(os.cpu_count() + actor_cpus + 0.999), include_dashboard=False)
 
 
 def _scores_batch(batch: pa.Table, passthrough: list[str], partition_by: list[str]) -> pa.Table:
@@ -142,6 +144,41 @@ def resolve_mode(configured: str, has_runs: bool) -> str:
     return "incremental" if has_runs else "full"
 
 
+def _students(cfg: JobConfig, root, mode: str) -> list[dict]:
+    """Name, revision and (as an object reference) the keys each student revision already scored."""
+    students = []
+    for s in cfg.students:
+        try:
+            revision = model_revision(s.path)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"students.{s.name}: {exc}") from exc
+        done = commit.committed_keys(root, s.name, revision) if mode == "incremental" else set()
+        students.append({"name": s.name, "revision": revision, "done_ref": ray.put(done)})
+    return students
+
+
+def _stage(results, cfg: JobConfig, staging, run_id: str, summaries: dict, write_scores: bool, known_rejects, write_rejects: bool):
+    """Write the run's scores, new rejects and summaries under `staging`, in the final layout."""
+    arrow_fs = staging.arrow_fs()
+    # file names start with the run id, so each committed file can be traced to its run
+    write_args = {"filesystem": arrow_fs, "filename_provider": FilenameProvider(dataset_uuid=run_id, file_format="parquet")}
+    partition_by = list(cfg.output.partition_by)
+    if write_scores:
+        scores_kwargs = {"passthrough": cfg.input.passthrough, "partition_by": partition_by}
+        results.map_batches(_scores_batch, fn_kwargs=scores_kwargs, batch_format="pyarrow").write_parquet(
+            staging.path, partition_cols=["student", *partition_by], **write_args
+        )
+    if write_rejects:
+        results.map_batches(_rejects_batch, fn_kwargs={"known": known_rejects}, batch_format="pyarrow").write_parquet(
+            staging.join("_rejects", f"run_id={run_id}").path, **write_args
+        )
+    summary_dir = staging.join("_summary", f"run_id={run_id}")
+    staging.fs.makedirs(summary_dir.path, exist_ok=True)
+    for name, table in summaries.items():
+        if table is not None:
+            pq.write_table(table, summary_dir.join(f"{name}.parquet").path, filesystem=arrow_fs)
+
+
 def run_job(cfg: JobConfig) -> RunResult:
     started = time.perf_counter()
     input_location, files, skipped_files = expand_inputs(cfg.input.paths, cfg.storage, cfg.input.format)
@@ -156,14 +193,7 @@ def run_job(cfg: JobConfig) -> RunResult:
         gpus = cfg.compute.gpus_per_actor
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        students = []
-        for s in cfg.students:
-            try:
-                revision = model_revision(s.path)
-            except FileNotFoundError as exc:
-                raise ConfigError(f"students.{s.name}: {exc}") from exc
-            done = commit.committed_keys(root, s.name, revision) if mode == "incremental" else set()
-            students.append({"name": s.name, "revision": revision, "done_ref": ray.put(done)})
+        students = _students(cfg, root, mode)
         run = {"run_id": run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
         results = build_dataset(cfg, files, input_location, students, run, gpus).materialize()
         duplicates = _duplicate_ids(results, cfg.students[0].name)
@@ -182,26 +212,9 @@ def run_job(cfg: JobConfig) -> RunResult:
 
         committed = []
         if scored.num_rows or n_new_rejects or mode == "overwrite":
+            summaries = {"by_student": summary, "by_partition": partition_summary}
             staging = root.join(commit.STAGING_DIR, run_id)
-            # file names start with the run id, so each committed file can be traced to its run
-            write_args = {
-                "filesystem": root.arrow_fs(),
-                "filename_provider": FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
-            }
-            if scored.num_rows:
-                scores_kwargs = {"passthrough": cfg.input.passthrough, "partition_by": partition_by}
-                results.map_batches(_scores_batch, fn_kwargs=scores_kwargs, batch_format="pyarrow").write_parquet(
-                    staging.path, partition_cols=["student", *partition_by], **write_args
-                )
-            if n_new_rejects:
-                results.map_batches(_rejects_batch, fn_kwargs={"known": known_rejects}, batch_format="pyarrow").write_parquet(
-                    staging.join("_rejects", f"run_id={run_id}").path, **write_args
-                )
-            summary_dir = staging.join("_summary", f"run_id={run_id}")
-            root.fs.makedirs(summary_dir.path, exist_ok=True)
-            pq.write_table(summary, summary_dir.join("by_student.parquet").path, filesystem=root.arrow_fs())
-            if partition_summary is not None:
-                pq.write_table(partition_summary, summary_dir.join("by_partition.parquet").path, filesystem=root.arrow_fs())
+            _stage(results, cfg, staging, run_id, summaries, scored.num_rows > 0, known_rejects, n_new_rejects > 0)
             manifest = {
                 "mode": mode,
                 "started_at": now.isoformat(),

@@ -21,12 +21,14 @@ def two_node_cluster():
     temp = Path(tempfile.mkdtemp(prefix="rsr-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
     # Each node has its own temp dir: a shared one lets one node's runtime-env cleanup delete the
     # working directory under the other's running driver.
+    # Own agent ports too: the default one is taken when this session's local Ray runtime is up.
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 3, "include_dashboard": True, "dashboard_port": port, "temp_dir": str(temp / "h")},
-    )
+        head_node_args={"num_cpus": 3, "include_dashboard": True, "dashboard_port": port, "temp_dir": str(temp / "h"),
+                        "dashboard_agent_listen_port": free_port()},
+    )  # fmt: skip
     try:
-        cluster.add_node(num_cpus=3, temp_dir=str(temp / "w"))
+        cluster.add_node(num_cpus=3, temp_dir=str(temp / "w"), dashboard_agent_listen_port=free_port())
         yield f"http://127.0.0.1:{port}"
     finally:
         cluster.shutdown()
