@@ -69,16 +69,27 @@ def student_dirs(tmp_path_factory, corpus_path) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def ray_runtime():
-    """One local Ray runtime for the session. Four logical CPUs on two cores so that two students'
-    actors and the read and tokenize tasks all get a slot; a stalled pipeline fails within 120 s."""
+def start_ray():
+    """A local Ray runtime, started once and kept for the tests after (ray.init costs seconds). Four
+    logical CPUs on two cores so that two students' actors and the read and tokenize tasks all get a
+    slot; a stalled pipeline fails within 120 s."""
     import ray
     from ray.data import DataContext
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    DataContext.get_current().execution_no_progress_timeout_s = 120
-    yield ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        DataContext.get_current().execution_no_progress_timeout_s = 120
+    return ray
+
+
+@pytest.fixture
+def ray_runtime():
+    return start_ray()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import ray
+
     ray.shutdown()
 
 

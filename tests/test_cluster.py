@@ -7,6 +7,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import ray
 import yaml
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
@@ -17,6 +18,9 @@ from tests.conftest import REPO, free_port
 
 @pytest.fixture
 def two_node_cluster():
+    # With this process's local runtime up, the second node cannot fetch the job's working directory
+    # from its cluster (RuntimeEnvSetupError); the next test that needs the local runtime restarts it.
+    ray.shutdown()
     port = free_port()
     temp = Path(tempfile.mkdtemp(prefix="rsr-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
     # Each node has its own temp dir: a shared one lets one node's runtime-env cleanup delete the

@@ -6,9 +6,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import load_config
 from pipeline.job import run_job
@@ -54,11 +52,10 @@ def job_config(tmp_path, inputs, output, students, extra=()):
 
 
 def core_scores(student_dir, rows):
-    """The core library's numbers for `rows`, without Ray."""
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    student = Student(model, tokenizer, ScoringOptions(), device="cpu")
-    return dict(zip(rows, student.score([encode_conversation(tokenizer, rows[k]["messages"]) for k in rows])))
+    """The core library's numbers for `rows`, without Ray (loaded as the job loads it)."""
+    student = Student.load(str(student_dir), dtype="float32", device="cpu", options=ScoringOptions())
+    encoded = [encode_conversation(student.tokenizer, rows[k]["messages"]) for k in rows]
+    return dict(zip(rows, student.score(encoded)))
 
 
 def read_scores(output_dir):

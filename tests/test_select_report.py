@@ -8,12 +8,13 @@ import pytest
 from jobs import report, select as select_job
 from pipeline.job import run_job
 from pipeline.query import latest_scores, select, teacher_table
-from tests.conftest import write_jsonl
+from tests.conftest import start_ray, write_jsonl
 from tests.test_job import job_config
 
 
 @pytest.fixture(scope="module")
-def scored_output(ray_runtime, tmp_path_factory, corpus, student_dirs):
+def scored_output(tmp_path_factory, corpus, student_dirs):
+    start_ray()
     tmp = tmp_path_factory.mktemp("scored")
     data = write_jsonl(tmp / "corpus.jsonl", corpus)
     cfg = job_config(tmp, [str(data)], str(tmp / "out"), {"tiny": student_dirs["chatml"]})
