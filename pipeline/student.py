@@ -134,12 +134,12 @@ class Student:
         groups = group_by_prompt(conversations, self.options.min_shared_prompt) if self.options.share_prompts else []
         shared = {i for group in groups for i in group}
         singles = [i for i in range(len(conversations)) if i not in shared]
-        single_lengths = [conversations[i].response_positions[-1] for i in singles]
-        batches = [(0, [singles[j] for j in b]) for b in plan_batches(single_lengths, self.options.token_budget)]
-        for group in groups:
-            prompt = prompt_length(conversations[group[0]])
-            suffix_lengths = [conversations[i].response_positions[-1] - prompt for i in group]
-            batches += [(prompt, [group[j] for j in b]) for b in plan_batches(suffix_lengths, self.options.token_budget)]
+        # (shared prompt length, members): rows without a shared prompt form one unit with prompt 0
+        units = [(prompt_length(conversations[group[0]]), group) for group in groups] + [(0, singles)]
+        batches = []
+        for prompt, members in units:
+            lengths = [conversations[i].response_positions[-1] - prompt for i in members]
+            batches += [(prompt, [members[j] for j in b]) for b in plan_batches(lengths, self.options.token_budget)]
         for prompt, batch in batches:
             for i, stats in zip(batch, self._score_batch([conversations[i] for i in batch], prompt)):
                 results[i] = stats
