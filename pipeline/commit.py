@@ -114,8 +114,13 @@ def drop_runs_before(root: Location, run_id: str) -> None:
             root.fs.rm(root.join(RUNS_DIR, f"{m['run_id']}.json").path)
 
 
+def scored_key(sample_id: str, content_hash: str) -> str:
+    """What incremental runs compare: a trajectory's id and its content."""
+    return f"{sample_id}/{content_hash}"
+
+
 def committed_keys(root: Location, student: str, revision: str) -> set[str]:
-    """`sample_id/content_hash` of every trajectory already scored by this student revision."""
+    """`scored_key` of every trajectory already scored by this student revision."""
     files = [root.join(f).path for f in committed_files(root) if f.startswith(f"student={student}/")]
     if not files:
         return set()
@@ -123,7 +128,7 @@ def committed_keys(root: Location, student: str, revision: str) -> set[str]:
     table = dataset.to_table(
         columns=["sample_id", "content_hash"], filter=pads.field("student_revision") == revision
     )
-    return {f"{s}/{h}" for s, h in zip(table["sample_id"].to_pylist(), table["content_hash"].to_pylist())}
+    return {scored_key(s, h) for s, h in zip(table["sample_id"].to_pylist(), table["content_hash"].to_pylist())}
 
 
 def reject_keys(table) -> list[str]:

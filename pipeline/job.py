@@ -106,8 +106,12 @@ def _pull(results, columns: list[str]) -> pa.Table:
     return pa.concat_tables(ray.get(results.select_columns(columns).to_arrow_refs()))
 
 
+def _row_key(source_file: str, row_number: int) -> str:
+    return f"{source_file}\x00{row_number}"
+
+
 def _duplicate_ids(results, first_student: str) -> dict[str, str]:
-    """Rows whose sample_id an earlier row of this run already has: `file NUL row` -> where it was first.
+    """Rows whose sample_id an earlier row of this run already has: `_row_key` -> where it was first.
 
     Every student sees the same rows, so one student's rows are enough to find them.
     """
@@ -118,14 +122,14 @@ def _duplicate_ids(results, first_student: str) -> dict[str, str]:
     for source_file, row_number, sample_id in ordered:
         where = f"{source_file}:{row_number}"
         if sample_id in first_seen:
-            duplicates[f"{source_file}\x00{row_number}"] = f"sample_id {sample_id!r} first seen at {first_seen[sample_id]}"
+            duplicates[_row_key(source_file, row_number)] = f"sample_id {sample_id!r} first seen at {first_seen[sample_id]}"
         else:
             first_seen[sample_id] = where
     return duplicates
 
 
 def _demote_duplicates(batch: pa.Table, duplicates: dict[str, str]) -> pa.Table:
-    keys = [f"{f}\x00{r}" for f, r in zip(batch["source_file"].to_pylist(), batch["row_number"].to_pylist())]
+    keys = [_row_key(f, r) for f, r in zip(batch["source_file"].to_pylist(), batch["row_number"].to_pylist())]
     is_duplicate = pa.array([key in duplicates for key in keys], pa.bool_())
     details = pa.array([duplicates.get(key) for key in keys], pa.string())
     columns = {

@@ -22,7 +22,8 @@ from ray.data.datasource import FileBasedDatasource
 
 from pipeline.config import InputConfig, JobConfig, StudentConfig
 from pipeline.errors import RowError
-from pipeline.records import parse_row, read_records
+from pipeline.commit import scored_key
+from pipeline.records import fallback_sample_id, parse_row, read_records
 from pipeline.spans import EncodedConversation, encode_conversation
 from pipeline.storage import Location, format_of
 from pipeline.student import ScoringOptions, Student
@@ -74,7 +75,7 @@ def parse_batch(batch: pa.Table, input_cfg: InputConfig) -> pa.Table:
         if raw["reject_reason"] is None:
             row = parse_row(raw["text"], raw["source_file"], raw["row_number"], input_cfg)
         else:
-            row = {"sample_id": f"{raw['source_file']}:{raw['row_number']}", **dict.fromkeys(input_cfg.passthrough)}
+            row = {"sample_id": fallback_sample_id(raw["source_file"], raw["row_number"]), **dict.fromkeys(input_cfg.passthrough)}
             row.update(reject_reason=raw["reject_reason"], reject_detail=raw["reject_detail"])
         rows.append({"source_file": raw["source_file"], "row_number": raw["row_number"], **row})
     schema = pa.schema(
@@ -111,7 +112,7 @@ def tokenize_batch(
     """
     tokenizer = _tokenizer(student_path)
     done = _fetch(done_ref[0])
-    keys = [f"{s}/{h}" for s, h in zip(batch["sample_id"].to_pylist(), batch["content_hash"].to_pylist())]
+    keys = [scored_key(s, h) for s, h in zip(batch["sample_id"].to_pylist(), batch["content_hash"].to_pylist())]
     skipped = [key in done for key in keys]
     ids, positions, truncated, reasons, details = [], [], [], [], []
     rows = zip(batch["reject_reason"].to_pylist(), batch["messages_json"].to_pylist(), skipped)

@@ -108,13 +108,18 @@ def _passthrough_value(value: Any) -> Any:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
 
 
+def fallback_sample_id(source_file: str, row_number: int) -> str:
+    """The stable id of a row that has no usable id of its own."""
+    return f"{source_file}:{row_number}"
+
+
 def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig) -> dict:
     """A row's output fields: sample_id and passthrough always; content_hash and messages_json when
     the row is valid, else reject_reason and reject_detail.
 
     `sample_id` is the row's own string or integer id, else a stable `file:row` id.
     """
-    fields = {"sample_id": f"{source_file}:{row_number}", **dict.fromkeys(cfg.passthrough)}
+    fields = {"sample_id": fallback_sample_id(source_file, row_number), **dict.fromkeys(cfg.passthrough)}
     try:
         try:
             row = json.loads(text)
