@@ -5,12 +5,13 @@ one pass of the model body, the vocabulary projection only at positions that pre
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from pipeline.rsr import project_and_score, trajectory_stats
 from pipeline.spans import EncodedConversation
@@ -22,7 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ScoringOptions:
     rank_clip: int = 100
     token_budget: int = 16384  # padded tokens (rows x longest row) per forward pass
-    logits_chunk_tokens: int = 64  # response positions projected to the vocabulary at a time
+    logits_chunk_tokens: int = 256  # response positions projected to the vocabulary at a time
     per_token: bool = False  # also return the per-token ranks and surprisals (debugging)
     share_prompts: bool = True  # run a prompt shared by several trajectories through the body once
     min_shared_prompt: int = 16  # shorter shared prompts are not worth a separate pass
@@ -33,7 +34,7 @@ def default_device() -> str:
 
 
 def attention_for(device: str) -> str:
-    """SDPA on GPU; on CPU, explicit attention for short inputs and SDPA for long ones."""
+    """SDPA on GPU; on CPU, explicit attention a few rows at a time (see pipeline.attention)."""
     if device.startswith("cuda"):
         return "sdpa"
     from pipeline import attention
@@ -70,13 +71,23 @@ def prompt_length(conversation: EncodedConversation) -> int:
     return conversation.response_positions[0] - 1
 
 
-def group_by_prompt(conversations: Sequence[EncodedConversation], min_prompt: int) -> list[list[int]]:
-    """Indices of conversations with identical prompts (at least `min_prompt` tokens), two or more a group."""
-    groups: dict[tuple, list[int]] = {}
-    for i, conversation in enumerate(conversations):
-        if prompt_length(conversation) >= min_prompt:
-            groups.setdefault(tuple(conversation.input_ids[: prompt_length(conversation)]), []).append(i)
-    return [group for group in groups.values() if len(group) > 1]
+def shared_prompt_lengths(conversations: Sequence[EncodedConversation], min_prompt: int) -> list[int]:
+    """Per conversation, the length of its prompt if another conversation has the same prompt (at least
+    `min_prompt` tokens), else 0."""
+    counts = Counter(tuple(c.input_ids[: prompt_length(c)]) for c in conversations)
+    return [
+        prompt_length(c) if prompt_length(c) >= min_prompt and counts[tuple(c.input_ids[: prompt_length(c)])] > 1 else 0
+        for c in conversations
+    ]
+
+
+def full_attention_only(config) -> bool:
+    """Whether every layer attends to all earlier tokens: a gathered prompt cache with masked gaps is only
+    exact then (a sliding window would count the gaps)."""
+    layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None)
+    if layer_types:
+        return all(kind == "full_attention" for kind in layer_types)
+    return getattr(config, "sliding_window", None) is None
 
 
 def model_revision(path: str) -> str:
@@ -126,53 +137,87 @@ class Student:
     def score(self, conversations: Sequence[EncodedConversation]) -> list[dict]:
         """Per-trajectory stats, in the order given; results do not depend on how rows are batched.
 
-        Trajectories of one prompt (several teachers answering one problem) share the prompt's
-        tokens: with `share_prompts`, the prompt runs through the body once and its key/value cache
-        serves every trajectory of the group.
+        Trajectories of one prompt (several teachers answering one problem) share the prompt's tokens:
+        with `share_prompts`, each distinct prompt runs through the body once, and its keys and values
+        serve every trajectory of the prompt. Batches are planned over the remaining tokens of all rows
+        together, so rows of different prompts and rows without a shared prompt fill the same batches.
         """
+        share = self.options.share_prompts and full_attention_only(self.model.config)
+        prompts = shared_prompt_lengths(conversations, self.options.min_shared_prompt) if share else [0] * len(conversations)
+        prompt_states = self._prompt_states([c.input_ids[:p] for c, p in zip(conversations, prompts) if p])
+        lengths = [c.response_positions[-1] - p for c, p in zip(conversations, prompts)]
         results: list[dict] = [{}] * len(conversations)
-        groups = group_by_prompt(conversations, self.options.min_shared_prompt) if self.options.share_prompts else []
-        shared = {i for group in groups for i in group}
-        singles = [i for i in range(len(conversations)) if i not in shared]
-        # (shared prompt length, members): rows without a shared prompt form one unit with prompt 0
-        units = [(prompt_length(conversations[group[0]]), group) for group in groups] + [(0, singles)]
-        batches = []
-        for prompt, members in units:
-            lengths = [conversations[i].response_positions[-1] - prompt for i in members]
-            batches += [(prompt, [members[j] for j in b]) for b in plan_batches(lengths, self.options.token_budget)]
-        for prompt, batch in batches:
-            for i, stats in zip(batch, self._score_batch([conversations[i] for i in batch], prompt)):
+        for batch in plan_batches(lengths, self.options.token_budget):
+            rows = [(conversations[i], prompts[i]) for i in batch]
+            for i, stats in zip(batch, self._score_batch(rows, prompt_states)):
                 results[i] = stats
         return results
 
-    def _score_batch(self, batch: Sequence[EncodedConversation], prompt: int = 0) -> list[dict]:
-        """Score rows whose first `prompt` tokens are identical (0: no shared prompt).
+    def _prompt_states(self, prompts: Sequence[Sequence[int]]) -> dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per distinct prompt, each layer's keys and values [kv_heads, length, head_dim], from batched body passes."""
+        distinct = list(dict.fromkeys(map(tuple, prompts)))
+        states = {}
+        for batch in plan_batches([len(p) for p in distinct], self.options.token_budget):
+            input_ids, attention_mask = self._right_padded([distinct[i] for i in batch])
+            cache = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).past_key_values
+            for row, i in enumerate(batch):
+                n = len(distinct[i])
+                states[distinct[i]] = [(keys[row, :, :n], values[row, :, :n]) for keys, values, *_ in cache]
+        return states
 
-        Only tokens up to the one before the last response token are inputs: later ones predict nothing
-        that is scored.
+    def _right_padded(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = torch.full((len(sequences), max(map(len, sequences))), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    @staticmethod
+    def _gathered_cache(row_states: Sequence[list | None], width: int) -> DynamicCache:
+        """A cache whose row b holds its prompt's keys and values in its first positions, zeros after
+        (masked out) up to `width`; rows without a shared prompt are all zeros."""
+        first = next(states for states in row_states if states)
+        layers = []
+        for layer, (keys, values) in enumerate(first):
+            gathered = [keys.new_zeros((len(row_states), keys.shape[0], width, keys.shape[2])) for _ in range(2)]
+            for row, states in enumerate(row_states):
+                if states:
+                    for tensor, part in zip(gathered, states[layer]):
+                        tensor[row, :, : part.shape[1]] = part
+            layers.append(tuple(gathered))
+        return DynamicCache(layers)
+
+    def _score_batch(self, batch: Sequence[tuple[EncodedConversation, int]], prompt_states: dict) -> list[dict]:
+        """Score (conversation, shared prompt length) pairs; a shared prompt's keys and values come from
+        `prompt_states`.
+
+        Each row's inputs are its tokens after its shared prompt, up to the one before its last response
+        token (later ones predict nothing that is scored). Key positions are [prompt cache | inputs]: row b
+        attends to the first prompts[b] keys of its own prompt and, causally, to its own inputs.
         """
-        inputs = [c.input_ids[prompt : c.response_positions[-1]] for c in batch]
-        longest = max(map(len, inputs))
-        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), prompt + longest), dtype=torch.long)
-        attention_mask[:, :prompt] = 1
+        prompts = [prompt for _, prompt in batch]
+        width = max(prompts)
+        inputs = [c.input_ids[p : c.response_positions[-1]] for c, p in batch]
+        input_ids, input_mask = self._right_padded(inputs)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
+        for b, prompt in enumerate(prompts):
+            attention_mask[b, :prompt] = 1
+        attention_mask = torch.cat([attention_mask, input_mask], dim=1)
+        position_ids = torch.tensor(prompts, device=self.device)[:, None] + torch.arange(input_ids.shape[1], device=self.device)
         rows, positions, targets = [], [], []
-        for b, (conversation, ids) in enumerate(zip(batch, inputs)):
-            input_ids[b, : len(ids)] = torch.tensor(ids)
-            attention_mask[b, prompt : prompt + len(ids)] = 1
+        for b, (conversation, prompt) in enumerate(batch):
             rows.append(torch.full((len(conversation.response_positions),), b))
             positions.append(torch.tensor(conversation.response_positions) - prompt)
             targets.append(torch.tensor([conversation.input_ids[q] for q in conversation.response_positions]))
         rows, positions, targets = (torch.cat(t).to(self.device) for t in (rows, positions, targets))
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
 
-        body_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if prompt:
-            prompt_ids = torch.tensor([batch[0].input_ids[:prompt]], device=self.device)
-            cache = self.body(input_ids=prompt_ids, use_cache=True).past_key_values
-            cache.batch_repeat_interleave(len(batch))
-            positions_ids = torch.arange(prompt, prompt + longest, device=self.device).expand(len(batch), -1)
-            body_inputs.update(past_key_values=cache, use_cache=True, position_ids=positions_ids)
+        body_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if width:
+            row_states = [prompt_states[tuple(c.input_ids[:p])] if p else None for c, p in batch]
+            body_inputs.update(past_key_values=self._gathered_cache(row_states, width), use_cache=True)
+        else:
+            body_inputs.update(use_cache=False)
         hidden = self.body(**body_inputs).last_hidden_state
         # Only the positions that predict response tokens are projected to the vocabulary.
         ranks, surprisals = project_and_score(
@@ -185,7 +230,7 @@ class Student:
         )
         ranks, surprisals = ranks.cpu(), surprisals.cpu()
         results, start = [], 0
-        for conversation in batch:
+        for conversation, _ in batch:
             end = start + len(conversation.response_positions)
             stats = trajectory_stats(ranks[start:end], surprisals[start:end])
             if self.options.per_token:

@@ -11,7 +11,7 @@ from pipeline.aggregate import dataset_rsr
 from pipeline.errors import RowError
 from pipeline.rsr import project_and_score, rank_and_surprisal, trajectory_stats
 from pipeline.spans import encode_conversation
-from pipeline.student import ScoringOptions, Student, group_by_prompt, plan_batches
+from pipeline.student import ScoringOptions, Student, plan_batches, shared_prompt_lengths
 from tests.reference import CHATML_MARKERS, LLAMA3_MARKERS, marker_ids, marker_positions, reference_scores
 
 STAT_COLUMNS = ["avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"]
@@ -189,14 +189,18 @@ def test_dataset_rsr_groups():
 
 
 def test_shared_prompts_give_the_same_scores(student_dirs, corpus):
-    """Several teachers answering one prompt: the prompt's cache is reused, the numbers do not change."""
+    """Several teachers answering one prompt: each prompt's keys and values are computed once and serve
+    its rows, in batches mixed with other prompts' rows and rows without a shared prompt; the numbers
+    do not change."""
     model, tokenizer = load(student_dirs["chatml"])
     prompts = [row["messages"][:-1] for row in corpus[:5]]
     answers = [row["messages"][-1] for row in corpus[5:20]]
-    rows = [prompts[i % 5] + [answers[i]] for i in range(15)]
+    rows = [prompts[i % 5] + [answers[i]] for i in range(15)] + [row["messages"] for row in corpus[20:30]]
     encoded = [encode_conversation(tokenizer, messages) for messages in rows]
     shared = Student(model, tokenizer, ScoringOptions(token_budget=256), device="cpu")
-    assert len(group_by_prompt(encoded, shared.options.min_shared_prompt)) == 5
+    prompt_lengths = shared_prompt_lengths(encoded, shared.options.min_shared_prompt)
+    assert all(prompt_lengths[:15]) and not any(prompt_lengths[15:])
+    assert len(set(prompt_lengths[:5])) > 1, "prompts of different lengths share a batch's cache"
     unshared = Student(model, tokenizer, ScoringOptions(token_budget=256, share_prompts=False), device="cpu")
     for a, b in zip(shared.score(encoded), unshared.score(encoded)):
         assert a["resp_token_length"] == b["resp_token_length"]
@@ -204,15 +208,27 @@ def test_shared_prompts_give_the_same_scores(student_dirs, corpus):
             assert abs(a[column] - b[column]) <= 1e-5
 
 
-def test_cpu_attention_matches_sdpa(student_dirs, corpus):
-    from pipeline.student import attention_for
+@pytest.mark.parametrize("max_scores", [None, 4 * 60 * 60 * 2])
+def test_cpu_attention_matches_sdpa(student_dirs, corpus, monkeypatch, max_scores):
+    """The CPU attention gives SDPA's numbers, for rows stepped through a few at a time and for rows
+    too long for its budget, with and without a shared prompt's cache."""
+    from pipeline import attention
 
+    fused_calls = []
+    if max_scores:  # small enough that short rows go two at a time and rows over 85 tokens go to SDPA
+        monkeypatch.setattr(attention, "MAX_SCORES", max_scores)
+        sdpa = attention.sdpa_attention_forward
+        monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: fused_calls.append(1) or sdpa(*a, **k))
     tokenizer = AutoTokenizer.from_pretrained(student_dirs["llama3"])
+    shared_prompt_rows = [corpus[0]["messages"][:-1] + [row["messages"][-1]] for row in corpus[1:6]]
     encoded = [encode_conversation(tokenizer, row["messages"]) for row in corpus]
+    encoded += [encode_conversation(tokenizer, messages) for messages in shared_prompt_rows]
     scores = {}
-    for attention in ("sdpa", attention_for("cpu")):
-        model = AutoModelForCausalLM.from_pretrained(student_dirs["llama3"], dtype=torch.float32, attn_implementation=attention)
-        scores[attention] = Student(model, tokenizer, ScoringOptions(token_budget=700), device="cpu").score(encoded)
+    for implementation in ("sdpa", attention.NAME):
+        model = AutoModelForCausalLM.from_pretrained(student_dirs["llama3"], dtype=torch.float32, attn_implementation=implementation)
+        scores[implementation] = Student(model, tokenizer, ScoringOptions(token_budget=700), device="cpu").score(encoded)
+    if max_scores:
+        assert fused_calls, "no row was long enough to reach the fused kernel"
     for a, b in zip(*scores.values()):
         for column in STAT_COLUMNS:
             assert abs(a[column] - b[column]) <= 1e-5
