@@ -22,7 +22,7 @@ def _distribution_png(scores: pd.DataFrame, student: str, teacher_column: str, o
         hist.hist(v, bins=30, histtype="step", linewidth=1.5, label=str(teacher))
     hist.set(title=f"{student}: rank_surprisal_ratio per trajectory", xlabel="RSR (lower = more suitable)", ylabel="trajectories")
     hist.legend(fontsize=8)
-    box.boxplot(values, vert=False, tick_labels=[str(t) for t in order])
+    box.boxplot(values, orientation="horizontal", tick_labels=[str(t) for t in order])
     box.invert_yaxis()  # best teacher on top
     box.set(title="by teacher, ranked", xlabel="RSR")
     fig.tight_layout()
