@@ -4,6 +4,7 @@ one pass of the model body, the vocabulary projection only at positions that pre
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +41,23 @@ def attention_for(device: str) -> str:
     from pipeline import attention
 
     return attention.NAME
+
+
+def reuse_freed_cpu_memory() -> None:
+    """Let glibc serve tensors up to 32 MB from its heap and keep up to 256 MB of freed heap for reuse.
+
+    By default it hands each large tensor fresh pages from the kernel and returns them on free, so every
+    forward pass pays page faults on all its activations (measured here: the first pass over 120 GSM8K
+    rows 27% slower, later ones 6%; peak memory +4%). Affects the whole process: call it in processes
+    that score. No-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)
+    libc.mallopt(m_trim_threshold, 256 * 2**20)
 
 
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
@@ -118,6 +136,8 @@ class Student:
 
     def __init__(self, model, tokenizer, options: ScoringOptions = ScoringOptions(), device: str | None = None):
         self.device = device or default_device()
+        if self.device == "cpu":
+            reuse_freed_cpu_memory()
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.options = options
