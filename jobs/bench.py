@@ -90,7 +90,7 @@ def run_job(student: Path, corpus: Path, out: Path, dtype: str, actors: int, thr
     config.write_text(yaml.safe_dump({
         "input": {"paths": [str(corpus)], "passthrough": ["source"]},
         "students": [{"name": "bench", "path": str(student), "dtype": dtype}],
-        "scoring": {"token_budget": budget, "rows_per_batch": 128},
+        "scoring": {"token_budget": budget},
         "compute": {"actors_per_student": actors, "cpus_per_actor": 1, "torch_threads": max(1, threads // actors)},
         "output": {"path": str(out), "partition_by": ["source"], "mode": "overwrite"},
     }))  # fmt: skip

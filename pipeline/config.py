@@ -47,7 +47,8 @@ class ScoringConfig:
     token_budget: int = 16384  # padded tokens per forward pass
     logits_chunk_tokens: int = 256  # response positions projected to the vocabulary at a time
     on_too_long: str = "truncate"  # truncate (and flag) | reject rows longer than max_model_len
-    rows_per_batch: int = 256  # rows handed to a scoring actor at a time (sorted by length inside)
+    rows_per_batch: int = 512  # rows handed to a scoring actor at a time (sorted by length inside)
+    prompt_cache_tokens: int = 16384  # prompt tokens shared by several rows whose keys/values are held at once
 
 
 @dataclass
@@ -126,6 +127,7 @@ def validate(job: JobConfig) -> None:
     require(s.token_budget >= 1, f"scoring.token_budget must be >= 1, got {s.token_budget}")
     require(s.logits_chunk_tokens >= 1, f"scoring.logits_chunk_tokens must be >= 1, got {s.logits_chunk_tokens}")
     require(s.rows_per_batch >= 1, f"scoring.rows_per_batch must be >= 1, got {s.rows_per_batch}")
+    require(s.prompt_cache_tokens >= 0, f"scoring.prompt_cache_tokens must be >= 0, got {s.prompt_cache_tokens}")
     require(s.on_too_long in TOO_LONG_POLICIES, f"scoring.on_too_long must be one of {TOO_LONG_POLICIES}")
     c = job.compute
     require(c.actors_per_student >= 1, f"compute.actors_per_student must be >= 1, got {c.actors_per_student}")

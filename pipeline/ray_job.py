@@ -209,6 +209,7 @@ def build_dataset(cfg: JobConfig, files: list[str], location: Location, students
         rank_clip=cfg.scoring.rank_clip,
         token_budget=cfg.scoring.token_budget,
         logits_chunk_tokens=cfg.scoring.logits_chunk_tokens,
+        prompt_cache_tokens=cfg.scoring.prompt_cache_tokens,
     )
     torch_threads = cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor))
     for i, student in enumerate(cfg.students):

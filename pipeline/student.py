@@ -28,6 +28,7 @@ class ScoringOptions:
     per_token: bool = False  # also return the per-token ranks and surprisals (debugging)
     share_prompts: bool = True  # run a prompt shared by several trajectories through the body once
     min_shared_prompt: int = 16  # shorter shared prompts are not worth a separate pass
+    prompt_cache_tokens: int = 16384  # shared-prompt tokens whose keys and values are held at a time
 
 
 def default_device() -> str:
@@ -161,17 +162,35 @@ class Student:
         with `share_prompts`, each distinct prompt runs through the body once, and its keys and values
         serve every trajectory of the prompt. Batches are planned over the remaining tokens of all rows
         together, so rows of different prompts and rows without a shared prompt fill the same batches.
+        The keys and values of at most `prompt_cache_tokens` prompt tokens are held at a time: rows are
+        scored in windows of whole prompt groups.
         """
         share = self.options.share_prompts and full_attention_only(self.model.config)
         prompts = shared_prompt_lengths(conversations, self.options.min_shared_prompt) if share else [0] * len(conversations)
-        prompt_states = self._prompt_states([c.input_ids[:p] for c, p in zip(conversations, prompts) if p])
-        lengths = [c.response_positions[-1] - p for c, p in zip(conversations, prompts)]
         results: list[dict] = [{}] * len(conversations)
-        for batch in plan_batches(lengths, self.options.token_budget):
-            rows = [(conversations[i], prompts[i]) for i in batch]
-            for i, stats in zip(batch, self._score_batch(rows, prompt_states)):
-                results[i] = stats
+        for window in self._prompt_windows(conversations, prompts):
+            prompt_states = self._prompt_states([conversations[i].input_ids[: prompts[i]] for i in window if prompts[i]])
+            lengths = [conversations[i].response_positions[-1] - prompts[i] for i in window]
+            for batch in plan_batches(lengths, self.options.token_budget):
+                rows = [(conversations[window[j]], prompts[window[j]]) for j in batch]
+                for j, stats in zip(batch, self._score_batch(rows, prompt_states)):
+                    results[window[j]] = stats
         return results
+
+    def _prompt_windows(self, conversations: Sequence[EncodedConversation], prompts: Sequence[int]) -> list[list[int]]:
+        """Indices in windows whose distinct shared prompts hold at most `prompt_cache_tokens` tokens
+        (a larger one gets a window of its own); rows without a shared prompt hold nothing and join a window."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            groups.setdefault(tuple(conversation.input_ids[:prompt]), []).append(i)
+        windows, held = [[]], 0
+        for prompt, members in groups.items():
+            if prompt and held and held + len(prompt) > self.options.prompt_cache_tokens:
+                windows.append([])
+                held = 0
+            windows[-1] += members
+            held += len(prompt)
+        return windows
 
     def _prompt_states(self, prompts: Sequence[Sequence[int]]) -> dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per distinct prompt, each layer's keys and values [kv_heads, length, head_dim], from batched body passes."""

@@ -201,11 +201,16 @@ def test_shared_prompts_give_the_same_scores(student_dirs, corpus):
     prompt_lengths = shared_prompt_lengths(encoded, shared.options.min_shared_prompt)
     assert all(prompt_lengths[:15]) and not any(prompt_lengths[15:])
     assert len(set(prompt_lengths[:5])) > 1, "prompts of different lengths share a batch's cache"
+    one_prompt_at_a_time = Student(model, tokenizer, ScoringOptions(token_budget=256, prompt_cache_tokens=1), device="cpu")
+    windows = one_prompt_at_a_time._prompt_windows(encoded, prompt_lengths)
+    assert len(windows) == 5 and sorted(i for window in windows for i in window) == list(range(len(encoded)))
     unshared = Student(model, tokenizer, ScoringOptions(token_budget=256, share_prompts=False), device="cpu")
-    for a, b in zip(shared.score(encoded), unshared.score(encoded)):
-        assert a["resp_token_length"] == b["resp_token_length"]
-        for column in STAT_COLUMNS:
-            assert abs(a[column] - b[column]) <= 1e-5
+    expected = unshared.score(encoded)
+    for student in (shared, one_prompt_at_a_time):
+        for a, b in zip(student.score(encoded), expected):
+            assert a["resp_token_length"] == b["resp_token_length"]
+            for column in STAT_COLUMNS:
+                assert abs(a[column] - b[column]) <= 1e-5
 
 
 @pytest.mark.parametrize("max_scores", [None, 4 * 60 * 60 * 2])
