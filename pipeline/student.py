@@ -93,11 +93,9 @@ def prompt_length(conversation: EncodedConversation) -> int:
 def shared_prompt_lengths(conversations: Sequence[EncodedConversation], min_prompt: int) -> list[int]:
     """Per conversation, the length of its prompt if another conversation has the same prompt (at least
     `min_prompt` tokens), else 0."""
-    counts = Counter(tuple(c.input_ids[: prompt_length(c)]) for c in conversations)
-    return [
-        prompt_length(c) if prompt_length(c) >= min_prompt and counts[tuple(c.input_ids[: prompt_length(c)])] > 1 else 0
-        for c in conversations
-    ]
+    prompts = [tuple(c.input_ids[: prompt_length(c)]) for c in conversations]
+    counts = Counter(prompts)
+    return [len(prompt) if len(prompt) >= min_prompt and counts[prompt] > 1 else 0 for prompt in prompts]
 
 
 def full_attention_only(config) -> bool:
@@ -166,23 +164,24 @@ class Student:
         scored in windows of whole prompt groups.
         """
         share = self.options.share_prompts and full_attention_only(self.model.config)
-        prompts = shared_prompt_lengths(conversations, self.options.min_shared_prompt) if share else [0] * len(conversations)
+        lengths = shared_prompt_lengths(conversations, self.options.min_shared_prompt) if share else [0] * len(conversations)
+        prompts = [tuple(c.input_ids[:n]) for c, n in zip(conversations, lengths)]  # () without a shared prompt
         results: list[dict] = [{}] * len(conversations)
-        for window in self._prompt_windows(conversations, prompts):
-            prompt_states = self._prompt_states([conversations[i].input_ids[: prompts[i]] for i in window if prompts[i]])
-            lengths = [conversations[i].response_positions[-1] - prompts[i] for i in window]
-            for batch in plan_batches(lengths, self.options.token_budget):
+        for window in self._prompt_windows(prompts):
+            prompt_states = self._prompt_states(list(dict.fromkeys(prompts[i] for i in window if prompts[i])))
+            remaining = [conversations[i].response_positions[-1] - len(prompts[i]) for i in window]
+            for batch in plan_batches(remaining, self.options.token_budget):
                 rows = [(conversations[window[j]], prompts[window[j]]) for j in batch]
                 for j, stats in zip(batch, self._score_batch(rows, prompt_states)):
                     results[window[j]] = stats
         return results
 
-    def _prompt_windows(self, conversations: Sequence[EncodedConversation], prompts: Sequence[int]) -> list[list[int]]:
+    def _prompt_windows(self, prompts: Sequence[tuple]) -> list[list[int]]:
         """Indices in windows whose distinct shared prompts hold at most `prompt_cache_tokens` tokens
         (a larger one gets a window of its own); rows without a shared prompt hold nothing and join a window."""
         groups: dict[tuple, list[int]] = {}
-        for i, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-            groups.setdefault(tuple(conversation.input_ids[:prompt]), []).append(i)
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt, []).append(i)
         windows, held = [[]], 0
         for prompt, members in groups.items():
             if prompt and held and held + len(prompt) > self.options.prompt_cache_tokens:
@@ -192,9 +191,8 @@ class Student:
             held += len(prompt)
         return windows
 
-    def _prompt_states(self, prompts: Sequence[Sequence[int]]) -> dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _prompt_states(self, distinct: Sequence[tuple]) -> dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per distinct prompt, each layer's keys and values [kv_heads, length, head_dim], from batched body passes."""
-        distinct = list(dict.fromkeys(map(tuple, prompts)))
         states = {}
         for batch in plan_batches([len(p) for p in distinct], self.options.token_budget):
             input_ids, attention_mask = self._right_padded([distinct[i] for i in batch])
@@ -227,17 +225,17 @@ class Student:
             layers.append(tuple(gathered))
         return DynamicCache(layers)
 
-    def _score_batch(self, batch: Sequence[tuple[EncodedConversation, int]], prompt_states: dict) -> list[dict]:
-        """Score (conversation, shared prompt length) pairs; a shared prompt's keys and values come from
+    def _score_batch(self, batch: Sequence[tuple[EncodedConversation, tuple]], prompt_states: dict) -> list[dict]:
+        """Score (conversation, shared prompt tokens) pairs; a shared prompt's keys and values come from
         `prompt_states`.
 
         Each row's inputs are its tokens after its shared prompt, up to the one before its last response
         token (later ones predict nothing that is scored). Key positions are [prompt cache | inputs]: row b
         attends to the first prompts[b] keys of its own prompt and, causally, to its own inputs.
         """
-        prompts = [prompt for _, prompt in batch]
+        prompts = [len(prompt) for _, prompt in batch]
         width = max(prompts)
-        inputs = [c.input_ids[p : c.response_positions[-1]] for c, p in batch]
+        inputs = [c.input_ids[p : c.response_positions[-1]] for (c, _), p in zip(batch, prompts)]
         input_ids, input_mask = self._right_padded(inputs)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
         for b, prompt in enumerate(prompts):
@@ -245,7 +243,7 @@ class Student:
         attention_mask = torch.cat([attention_mask, input_mask], dim=1)
         position_ids = torch.tensor(prompts, device=self.device)[:, None] + torch.arange(input_ids.shape[1], device=self.device)
         rows, positions, targets = [], [], []
-        for b, (conversation, prompt) in enumerate(batch):
+        for b, ((conversation, _), prompt) in enumerate(zip(batch, prompts)):
             rows.append(torch.full((len(conversation.response_positions),), b))
             positions.append(torch.tensor(conversation.response_positions) - prompt)
             targets.append(torch.tensor([conversation.input_ids[q] for q in conversation.response_positions]))
@@ -253,7 +251,7 @@ class Student:
 
         body_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if width:
-            row_states = [prompt_states[tuple(c.input_ids[:p])] if p else None for c, p in batch]
+            row_states = [prompt_states.get(prompt) for _, prompt in batch]
             body_inputs.update(past_key_values=self._gathered_cache(row_states, width), use_cache=True)
         else:
             body_inputs.update(use_cache=False)

@@ -202,7 +202,7 @@ def test_shared_prompts_give_the_same_scores(student_dirs, corpus):
     assert all(prompt_lengths[:15]) and not any(prompt_lengths[15:])
     assert len(set(prompt_lengths[:5])) > 1, "prompts of different lengths share a batch's cache"
     one_prompt_at_a_time = Student(model, tokenizer, ScoringOptions(token_budget=256, prompt_cache_tokens=1), device="cpu")
-    windows = one_prompt_at_a_time._prompt_windows(encoded, prompt_lengths)
+    windows = one_prompt_at_a_time._prompt_windows([tuple(c.input_ids[:n]) for c, n in zip(encoded, prompt_lengths)])
     assert len(windows) == 5 and sorted(i for window in windows for i in window) == list(range(len(encoded)))
     unshared = Student(model, tokenizer, ScoringOptions(token_budget=256, share_prompts=False), device="cpu")
     expected = unshared.score(encoded)
