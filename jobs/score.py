@@ -15,6 +15,12 @@ DEFAULT_CONFIG = "jobs/configs/demo.yaml"
 def print_result(result) -> None:
     print(f"\nrun {result.run_id} ({result.mode}) -> {result.output}")
     print(result.counts.to_pandas().to_string(index=False))
+    for row in result.counts.to_pylist():
+        if row["content_dropped"]:
+            print(
+                f"warning: student {row['student']}: its chat template left out reasoning or content of "
+                f"{row['content_dropped']} scored rows (column content_dropped); scoring.reasoning=keep scores it as given"
+            )
     if result.summary.num_rows:
         print("\ndataset-level RSR (lower = more suitable trajectories for the student):")
         print(result.summary.to_pandas().to_string(index=False))

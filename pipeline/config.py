@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.spans import BUILTIN_TEMPLATES, REASONING_MODES
+
 FORMATS = ("auto", "jsonl", "json", "parquet")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OUTPUT_MODES = ("auto", "incremental", "overwrite")
@@ -29,7 +31,12 @@ class InputConfig:
     paths: list[str] = MISSING  # files, directories, globs; local or s3://
     format: str = "auto"  # auto (by extension) | jsonl | json | parquet
     id_field: str = "id"
-    messages_field: str = "messages"
+    messages_field: str = "messages"  # a list of {role, content} or ShareGPT {from, value} turns
+    # Rows without messages_field: a prompt and a response column (and optional reasoning and system).
+    prompt_field: Optional[str] = None
+    response_field: Optional[str] = None
+    reasoning_field: Optional[str] = None
+    system_field: Optional[str] = None
     passthrough: list[str] = field(default_factory=list)  # row fields copied to the output
 
 
@@ -38,6 +45,7 @@ class StudentConfig:
     name: str = MISSING  # output partition value: letters, digits, '.', '_', '-'
     path: str = MISSING  # hub id or local directory
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    chat_template: Optional[str] = None  # a .jinja file or a built-in name (chatml, llama3) instead of the tokenizer's
 
 
 @dataclass
@@ -47,6 +55,7 @@ class ScoringConfig:
     token_budget: int = 16384  # padded tokens per forward pass
     logits_chunk_tokens: int = 256  # response positions projected to the vocabulary at a time
     on_too_long: str = "truncate"  # truncate (and flag) | reject rows longer than max_model_len
+    reasoning: str = "template"  # template: score what the template renders | keep: every turn's reasoning as given
     rows_per_batch: int = 512  # rows handed to a scoring actor at a time (sorted by length inside)
     prompt_cache_tokens: int = 16384  # prompt tokens shared by several rows whose keys/values are held at once
 
@@ -121,6 +130,11 @@ def validate(job: JobConfig) -> None:
     for i, student in enumerate(job.students):
         require(SAFE_NAME.match(student.name), f"students.{i}.name {student.name!r} must match {SAFE_NAME.pattern}")
         require(student.dtype in DTYPES, f"students.{i}.dtype must be one of {DTYPES}, got {student.dtype!r}")
+        template = student.chat_template
+        require(
+            template is None or template in BUILTIN_TEMPLATES or Path(template).is_file(),
+            f"students.{i}.chat_template {template!r} is neither a file nor one of {sorted(BUILTIN_TEMPLATES)}",
+        )
     s = job.scoring
     require(s.rank_clip >= 1, f"scoring.rank_clip must be >= 1, got {s.rank_clip}")
     require(s.max_model_len >= 2, f"scoring.max_model_len must be >= 2, got {s.max_model_len}")
@@ -129,6 +143,15 @@ def validate(job: JobConfig) -> None:
     require(s.rows_per_batch >= 1, f"scoring.rows_per_batch must be >= 1, got {s.rows_per_batch}")
     require(s.prompt_cache_tokens >= 0, f"scoring.prompt_cache_tokens must be >= 0, got {s.prompt_cache_tokens}")
     require(s.on_too_long in TOO_LONG_POLICIES, f"scoring.on_too_long must be one of {TOO_LONG_POLICIES}")
+    require(s.reasoning in REASONING_MODES, f"scoring.reasoning must be one of {REASONING_MODES}, got {s.reasoning!r}")
+    i = job.input
+    require(
+        bool(i.prompt_field) == bool(i.response_field), "input.prompt_field and input.response_field go together"
+    )
+    require(
+        i.prompt_field or not (i.reasoning_field or i.system_field),
+        "input.reasoning_field and input.system_field need input.prompt_field and input.response_field",
+    )
     c = job.compute
     require(c.actors_per_student >= 1, f"compute.actors_per_student must be >= 1, got {c.actors_per_student}")
     require(c.gpus_per_actor is None or c.gpus_per_actor >= 0, "compute.gpus_per_actor must be >= 0")

@@ -19,12 +19,14 @@ from ray.data.datasource import FilenameProvider
 from pipeline import commit, errors
 from pipeline.aggregate import dataset_rsr
 from pipeline.config import ConfigError, JobConfig
+from pipeline.errors import RowError
 from pipeline.ray_job import STAT_COLUMNS, build_dataset
+from pipeline.spans import BUILTIN_TEMPLATES, load_tokenizer, turn_markers
 from pipeline.storage import check_output, expand_inputs, locate
 from pipeline.student import model_revision
 
 SCORE_COLUMNS = [
-    "sample_id", "student", "student_revision", "rank_clip", *STAT_COLUMNS, "truncated",
+    "sample_id", "student", "student_revision", "rank_clip", *STAT_COLUMNS, "truncated", "content_dropped",
     "content_hash", "run_id", "scored_at", "source_file", "row_number",
 ]  # fmt: skip
 REJECT_COLUMNS = ["student", "source_file", "row_number", "sample_id", "reject_reason", "reject_detail", "content_hash", "run_id"]
@@ -36,7 +38,7 @@ class RunResult:
     run_id: str
     mode: str
     output: str
-    counts: pa.Table  # per student: read, scored, rejected, skipped
+    counts: pa.Table  # per student: read, scored, rejected, skipped, content_dropped (scored rows)
     summary: pa.Table  # dataset-level RSR per student over this run's scores
     partition_summary: pa.Table | None  # the same per student and partition value
     tokens_scored: int
@@ -58,6 +60,26 @@ def partition_value(value):
             text = text[: len(text) * 3 // 4]
         text = f"{text}~{digest}"
     return text
+
+
+def check_students(cfg: JobConfig) -> None:
+    """Before Ray starts: each student's tokenizer loads, has a chat template and one whose assistant
+    turns can be found (a base model ships none: every row would be rejected)."""
+    for i, student in enumerate(cfg.students):
+        where = f"students.{i} ({student.name})"
+        try:
+            tokenizer = load_tokenizer(student.path, student.chat_template)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where}: cannot load a tokenizer from {student.path!r}: {exc}") from exc
+        if not tokenizer.chat_template:
+            raise ConfigError(
+                f"{where}: {student.path!r} has no chat template (a base model?); set students.{i}.chat_template "
+                f"to a .jinja file or one of {sorted(BUILTIN_TEMPLATES)}"
+            )
+        try:
+            turn_markers(tokenizer)
+        except RowError as exc:
+            raise ConfigError(f"{where}: unusable chat template: {exc.detail}") from exc
 
 
 def ensure_ray(cfg: JobConfig) -> None:
@@ -95,9 +117,11 @@ def _counts(results: pa.Table) -> pa.Table:
     for student in sorted(set(results["student"].to_pylist())):
         mine = results.filter(pc.equal(results["student"], student))
         status = mine["status"].to_pylist()
+        dropped = pc.and_(pc.equal(mine["status"], "scored"), pc.fill_null(mine["content_dropped"], False))
         rows.append({
             "student": student, "read": len(status), "scored": status.count("scored"),
             "rejected": status.count("rejected"), "skipped": status.count("skipped"),
+            "content_dropped": pc.sum(dropped).as_py() or 0,
         })  # fmt: skip
     return pa.Table.from_pylist(rows)
 
@@ -188,6 +212,7 @@ def run_job(cfg: JobConfig) -> RunResult:
     input_location, files, skipped_files = expand_inputs(cfg.input.paths, cfg.storage, cfg.input.format)
     root = locate(cfg.output.path, cfg.storage)
     check_output(root)
+    check_students(cfg)
     now = datetime.now(timezone.utc)
     run_id = commit.new_run_id(now)
     with commit.run_lock(root, run_id, cfg.output.lock_ttl_hours):
@@ -205,7 +230,7 @@ def run_job(cfg: JobConfig) -> RunResult:
             results = results.map_batches(_demote_duplicates, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow").materialize()
 
         partition_by = list(cfg.output.partition_by)
-        local = _pull(results, ["student", "status", "source_file", "row_number", "reject_reason", *STAT_COLUMNS, *partition_by])
+        local = _pull(results, ["student", "status", "source_file", "row_number", "reject_reason", "content_dropped", *STAT_COLUMNS, *partition_by])
         counts = _counts(local)
         scored = local.filter(pc.equal(local["status"], "scored"))
         known_rejects = commit.committed_reject_keys(root) if mode == "incremental" else set()

@@ -4,7 +4,8 @@ and stage the long-format results (one row per trajectory and student) for the c
 Stages and the columns they add:
   read      source_file, row_number, text, reject_reason, reject_detail
   parse     sample_id, content_hash, messages_json, passthrough columns
-  tokenize  per student i: ids_i, positions_i, truncated_i, reject_reason_i, reject_detail_i
+  tokenize  per student i: ids_i, positions_i, truncated_i, content_dropped_i, reject_reason_i,
+            reject_detail_i, skipped_i
   score     per student i: resp_token_length_i, avg_rank_clip_i, avg_surprisal_i, rank_surprisal_ratio_i
   explode   one row per (trajectory, student) with the output columns
 """
@@ -24,8 +25,8 @@ from pipeline.config import InputConfig, JobConfig, StudentConfig
 from pipeline.errors import RowError
 from pipeline.commit import scored_key
 from pipeline.records import fallback_sample_id, parse_row, read_records
-from pipeline.spans import EncodedConversation, encode_conversation
-from pipeline.storage import Location, format_of
+from pipeline.spans import EncodedConversation, encode_conversation, load_tokenizer
+from pipeline.storage import Location, format_of, open_corpus_file
 from pipeline.student import ScoringOptions, Student
 
 STAT_COLUMNS = ["resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"]
@@ -52,7 +53,7 @@ class CorpusDatasource(FileBasedDatasource):
     def _open_input_source(self, filesystem, path, **open_args):
         if format_of(path, self._input_format) == "parquet":  # Parquet needs random access
             return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
+        return open_corpus_file(self._location.fs, path)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         source_file = self._location.url(path)
@@ -90,10 +91,8 @@ def parse_batch(batch: pa.Table, input_cfg: InputConfig) -> pa.Table:
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+def _tokenizer(path: str, chat_template: str | None):
+    return load_tokenizer(path, chat_template)
 
 
 @functools.lru_cache(maxsize=8)
@@ -102,7 +101,7 @@ def _fetch(ref: ray.ObjectRef):
 
 
 def tokenize_batch(
-    batch: pa.Table, index: int, student_path: str, max_model_len: int, truncate: bool, done_ref: list
+    batch: pa.Table, index: int, student: StudentConfig, max_model_len: int, truncate: bool, reasoning: str, done_ref: list
 ) -> pa.Table:
     """Encode every parsed row with student `index`'s chat template (a CPU stage, before the actors).
 
@@ -110,28 +109,30 @@ def tokenize_batch(
     Ray hands over the reference, not a copy per call) were scored by this student revision before:
     they are marked skipped and not encoded.
     """
-    tokenizer = _tokenizer(student_path)
+    tokenizer = _tokenizer(student.path, student.chat_template)
     done = _fetch(done_ref[0])
     keys = [scored_key(s, h) for s, h in zip(batch["sample_id"].to_pylist(), batch["content_hash"].to_pylist())]
     skipped = [key in done for key in keys]
-    ids, positions, truncated, reasons, details = [], [], [], [], []
+    ids, positions, truncated, dropped, reasons, details = [], [], [], [], [], []
     rows = zip(batch["reject_reason"].to_pylist(), batch["messages_json"].to_pylist(), skipped)
     for reject, messages_json, skip in rows:
         encoded = reason = detail = None
         if reject is None and not skip:
             try:
-                encoded = encode_conversation(tokenizer, json.loads(messages_json), max_model_len, truncate)
+                encoded = encode_conversation(tokenizer, json.loads(messages_json), max_model_len, truncate, reasoning)
             except RowError as exc:
                 reason, detail = exc.reason, exc.detail
         ids.append(encoded.input_ids if encoded else None)
         positions.append(encoded.response_positions if encoded else None)
         truncated.append(encoded.truncated if encoded else None)
+        dropped.append(encoded.content_dropped if encoded else None)
         reasons.append(reason)
         details.append(detail)
     return (
         batch.append_column(f"ids_{index}", pa.array(ids, pa.list_(pa.int32())))
         .append_column(f"positions_{index}", pa.array(positions, pa.list_(pa.int32())))
         .append_column(f"truncated_{index}", pa.array(truncated, pa.bool_()))
+        .append_column(f"content_dropped_{index}", pa.array(dropped, pa.bool_()))
         .append_column(f"reject_reason_{index}", pa.array(reasons, pa.string()))
         .append_column(f"reject_detail_{index}", pa.array(details, pa.string()))
         .append_column(f"skipped_{index}", pa.array(skipped, pa.bool_()))
@@ -184,6 +185,7 @@ def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str],
                     "rank_clip": pa.array([run["rank_clip"]] * n, pa.int32()),
                     **{name: batch[f"{name}_{i}"] for name in STAT_COLUMNS},
                     "truncated": batch[f"truncated_{i}"],
+                    "content_dropped": batch[f"content_dropped_{i}"],
                     "content_hash": batch["content_hash"],
                     "run_id": pa.array([run["run_id"]] * n, pa.string()),
                     "scored_at": pa.array([run["scored_at"]] * n, pa.timestamp("us", tz="UTC")),
@@ -215,8 +217,9 @@ def build_dataset(cfg: JobConfig, files: list[str], location: Location, students
     for i, student in enumerate(cfg.students):
         ds = ds.map_batches(
             tokenize_batch,
-            fn_kwargs={"index": i, "student_path": student.path, "max_model_len": cfg.scoring.max_model_len,
-                       "truncate": cfg.scoring.on_too_long == "truncate", "done_ref": [students[i]["done_ref"]]},
+            fn_kwargs={"index": i, "student": student, "max_model_len": cfg.scoring.max_model_len,
+                       "truncate": cfg.scoring.on_too_long == "truncate", "reasoning": cfg.scoring.reasoning,
+                       "done_ref": [students[i]["done_ref"]]},
             batch_format="pyarrow",
         )  # fmt: skip
         ds = ds.map_batches(

@@ -98,7 +98,69 @@ def read_records(f: BinaryIO, fmt: str) -> Iterator[RawRecord]:
         yield RawRecord(0, None, "empty_file", "file holds no rows")
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _canonical_message(message: Any) -> Any:
+    """`{role, content}` plus `reasoning_content` when the message has reasoning; a ShareGPT turn
+    (`{from, value}`) becomes the same. Anything malformed is passed on for `validate_messages` to name."""
+    if not isinstance(message, dict):
+        return message
+    if "role" not in message and "from" in message:
+        source = message["from"]
+        role = SHAREGPT_ROLES.get(source, source) if isinstance(source, str) else source
+        return {"role": role, "content": message.get("value")}
+    canonical = {"role": message.get("role"), "content": message.get("content")}
+    reasoning = message.get("reasoning_content")
+    if reasoning is None:
+        reasoning = message.get("thinking")
+    if reasoning is not None and reasoning != "":
+        canonical["reasoning_content"] = reasoning
+    return canonical
+
+
+def _field(row: dict, name: str, reason: str, what: str, required: bool = True) -> str | None:
+    value = row.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        found = "missing" if value is None else f"a {type(value).__name__}"
+        raise RowError(reason, f"{what} field {name!r} is {found}, not a string")
+    return value
+
+
+def _prompt_response_messages(row: dict, cfg: InputConfig) -> list[dict]:
+    system = _field(row, cfg.system_field, errors.BAD_SYSTEM, "system", required=False) if cfg.system_field else None
+    prompt = _field(row, cfg.prompt_field, errors.BAD_PROMPT, "prompt")
+    response = _field(row, cfg.response_field, errors.BAD_RESPONSE, "response")
+    assistant = {"role": "assistant", "content": response}
+    if cfg.reasoning_field:
+        reasoning = _field(row, cfg.reasoning_field, errors.NON_STRING_REASONING, "reasoning", required=False)
+        if reasoning:
+            assistant["reasoning_content"] = reasoning
+    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}, assistant]
+
+
+def row_messages(row: dict, cfg: InputConfig) -> list[dict]:
+    """A corpus row as validated canonical messages, whatever its shape: `messages` (with optional
+    `reasoning_content` or `thinking`), ShareGPT `conversations` of `{from, value}`, or prompt and
+    response columns. Raises RowError naming the problem."""
+    if cfg.messages_field in row:
+        messages = row[cfg.messages_field]
+    elif cfg.prompt_field and cfg.prompt_field in row:
+        return validate_messages(_prompt_response_messages(row, cfg))
+    elif "conversations" in row:  # ShareGPT rows, with messages_field left at its default
+        messages = row["conversations"]
+    else:
+        looked_for = [cfg.messages_field, *([cfg.prompt_field] if cfg.prompt_field else []), "conversations"]
+        raise RowError(errors.MISSING_MESSAGES, f"row has none of the fields {looked_for}")
+    if isinstance(messages, list):
+        messages = [_canonical_message(m) for m in messages]
+    return validate_messages(messages)
+
+
 def content_hash(messages: list[dict]) -> str:
+    """The hash of a row's canonical messages: the same trajectory in two corpus shapes hashes the same."""
     canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -131,7 +193,7 @@ def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig) ->
         if isinstance(row_id, (str, int)) and not isinstance(row_id, bool) and row_id != "":
             fields["sample_id"] = str(row_id)
         fields.update({name: _passthrough_value(row.get(name)) for name in cfg.passthrough})
-        messages = validate_messages(row.get(cfg.messages_field))
+        messages = row_messages(row, cfg)
     except RowError as exc:
         return {**fields, "reject_reason": exc.reason, "reject_detail": exc.detail}
     return {**fields, "content_hash": content_hash(messages), "messages_json": json.dumps(messages, ensure_ascii=False)}

@@ -6,11 +6,14 @@ import os
 from dataclasses import dataclass
 
 import fsspec
+import fsspec.utils
 import pyarrow.fs
 
 from pipeline.config import ConfigError, StorageConfig
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+# JSONL and JSON files may be compressed; fsspec decompresses them by extension.
+COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 
 
 @dataclass(frozen=True)
@@ -62,13 +65,24 @@ def locate(url: str, storage: StorageConfig) -> Location:
     return Location(fsspec.filesystem("file"), os.path.abspath(url.removeprefix("file://")), "file")
 
 
+def _known_format(path: str) -> str | None:
+    for compression in COMPRESSIONS:
+        path = path.removesuffix(compression)
+    return next((fmt for extension, fmt in EXTENSIONS.items() if path.endswith(extension)), None)
+
+
 def format_of(path: str, configured: str) -> str:
-    if configured != "auto":
-        return configured
-    for extension, fmt in EXTENSIONS.items():
-        if path.endswith(extension):
-            return fmt
-    raise ConfigError(f"cannot tell the format of {path!r} from its extension: set input.format")
+    fmt = configured if configured != "auto" else _known_format(path)
+    if fmt is None:
+        raise ConfigError(f"cannot tell the format of {path!r} from its extension: set input.format")
+    if fmt == "parquet" and path.endswith(COMPRESSIONS):
+        raise ConfigError(f"{path!r}: Parquet compresses inside the file; an outer compression cannot be read")
+    return fmt
+
+
+def open_corpus_file(fs: fsspec.AbstractFileSystem, path: str):
+    """A binary stream of a corpus file, decompressed when its extension names a compression."""
+    return fs.open(path, "rb", compression=fsspec.utils.infer_compression(path))
 
 
 def expand_inputs(urls: list[str], storage: StorageConfig, configured_format: str) -> tuple[Location, list[str], list[str]]:
@@ -98,8 +112,8 @@ def expand_inputs(urls: list[str], storage: StorageConfig, configured_format: st
         if not matches:
             raise ConfigError(f"input path not found or empty: {url}")
         for path in matches:
-            known = configured_format != "auto" or any(path.endswith(ext) for ext in EXTENSIONS)
+            known = configured_format != "auto" or _known_format(path) is not None
             (files if known else skipped).append(path)
     if not files:
-        raise ConfigError(f"no corpus files (.jsonl, .json, .parquet) under {urls}")
+        raise ConfigError(f"no corpus files (.jsonl, .json, .parquet, JSON compressed as {COMPRESSIONS}) under {urls}")
     return locations[0], sorted(set(files)), skipped
