@@ -12,9 +12,16 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import StorageConfig
+from pipeline.config import InputConfig, StorageConfig, load_config
 from pipeline.query import latest_scores, original_rows, select
 from pipeline.storage import locate
+
+
+def input_shape(args) -> InputConfig:
+    input_cfg = load_config(args.config).input if args.config else InputConfig(paths=[])
+    if args.messages_field:
+        input_cfg.messages_field = args.messages_field
+    return input_cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-by", nargs="*", default=None, help="columns such as problem_id")
     parser.add_argument("--direction", choices=["ascending", "descending"], default="ascending",
                         help="ascending: lowest RSR first, the paper's choice (default)")
-    parser.add_argument("--messages-field", default="messages")
+    parser.add_argument("--config", help="the scoring job's YAML: its input section says the rows' shape")
+    parser.add_argument("--messages-field", default=None, help="without --config: the rows' messages field")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
     parser.add_argument("--out", required=True, help="a .jsonl or .parquet file (local or s3://)")
     args = parser.parse_args(argv)
@@ -38,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chosen = select(scores, args.student, args.group_by, args.top_k, args.top_fraction, args.threshold,
                         ascending=args.direction == "ascending")  # fmt: skip
-        rows = original_rows(chosen, args.messages_field, storage=storage)
+        rows = original_rows(chosen, input_shape(args), storage=storage)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

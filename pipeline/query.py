@@ -12,9 +12,10 @@ import pyarrow.dataset as pads
 
 from pipeline import commit
 from pipeline.aggregate import dataset_rsr
-from pipeline.config import StorageConfig
-from pipeline.records import content_hash, read_records
-from pipeline.storage import format_of, locate
+from pipeline.config import InputConfig, StorageConfig
+from pipeline.errors import RowError
+from pipeline.records import content_hash, read_records, row_messages
+from pipeline.storage import format_of, locate, open_corpus_file
 
 
 def latest_scores(output: str, storage: StorageConfig | None = None) -> pd.DataFrame:
@@ -69,12 +70,18 @@ def teacher_table(scores: pd.DataFrame, teacher_column: str = "source") -> pd.Da
     return result.reset_index(drop=True)
 
 
-def original_rows(
-    selected: pd.DataFrame, messages_field: str = "messages", input_format: str = "auto", storage: StorageConfig | None = None
-) -> list[dict]:
+def _hash_or_none(row: dict, input_cfg: InputConfig) -> str | None:
+    try:
+        return content_hash(row_messages(row, input_cfg))
+    except RowError:
+        return None
+
+
+def original_rows(selected: pd.DataFrame, input_cfg: InputConfig, storage: StorageConfig | None = None) -> list[dict]:
     """The corpus rows behind `selected` scores, read back from their source files by row number.
 
-    A row whose messages no longer hash to the scored content_hash (the file changed since) is an error.
+    `input_cfg` is the scoring job's input section (the rows' shape). A row whose messages no longer hash
+    to the scored content_hash (the file changed since) is an error.
     """
     wanted = defaultdict(set)
     for source_file, row_number in zip(selected["source_file"], selected["row_number"]):
@@ -82,14 +89,14 @@ def original_rows(
     found = {}
     for source_file, numbers in wanted.items():
         location = locate(source_file, storage or StorageConfig())
-        with location.fs.open(location.path, "rb") as f:
-            for record in read_records(f, format_of(location.path, input_format)):
+        with open_corpus_file(location.fs, location.path) as f:
+            for record in read_records(f, format_of(location.path, input_cfg.format)):
                 if record.row_number in numbers:
                     found[(source_file, record.row_number)] = json.loads(record.text)
     rows = []
     for source_file, row_number, scored_hash in zip(selected["source_file"], selected["row_number"], selected["content_hash"]):
         row = found.get((source_file, int(row_number)))
-        if row is None or content_hash(row.get(messages_field)) != scored_hash:
+        if row is None or _hash_or_none(row, input_cfg) != scored_hash:
             raise ValueError(f"{source_file}:{row_number} changed since it was scored; re-run the scoring job")
         rows.append(row)
     return rows

@@ -25,6 +25,9 @@ def test_demo_config_loads_with_overrides():
         ("students.0.name=../escape", "students.0.name"),
         ("output.mode=append", "output.mode must be one of"),
         ("rank_clip", "is not key=value"),
+        ("scoring.reasoning=drop", "scoring.reasoning must be one of"),
+        ("students.0.chat_template=missing.jinja", "students.0.chat_template 'missing.jinja' is neither a file"),
+        ("input.prompt_field=question", "input.prompt_field and input.response_field go together"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
