@@ -4,11 +4,13 @@ max |difference| in rank_surprisal_ratio from a float32 run of both.
 
   python -m jobs.bench                       # CPU, random-weight SmolLM2-135M shape, first 120 GSM8K rows
   python -m jobs.bench --dtype float32 --limit 60
-  python -m jobs.bench --job --limit 600     # also the Ray job on the same rows, with 1 and 2 actors
+  python -m jobs.bench --job --limit 600 --reference-batch-size 8   # + the default-settings job
+  python -m jobs.bench --long --job          # long trajectories: AMC23 answers of 2k-8k tokens
 
-With --job, the job also runs on the first --job-base-rows rows: the difference between the two runs is
-the job's steady-state cost per token (Ray start, model load and commit cancel out), compared with the
-core's scoring-only rate; what is left is tokenizing, Ray scheduling and writing.
+--job also runs the scoring job as a user runs it, `python -m jobs.score --config FILE` with nothing
+set but the input, the student (and its dtype) and the output: every other setting at its default.
+--long takes the first --limit rows (default 16) of ../shared/data/skythought_amc23.jsonl whose answer
+has 2,000-8,000 tokens, with the system prompt each model saw.
 
 Both sides run in fresh processes and are timed end to end (interpreter start and model load included);
 each also reports its scoring-only rate. The student has random weights: speed is real, scores are not.
@@ -82,17 +84,16 @@ def run_side(argv: list[str], threads: int) -> dict:
     return {**merged, "wall_s": wall, "e2e_tokens_per_s": merged["tokens"] / wall}
 
 
-def run_job(student: Path, corpus: Path, out: Path, dtype: str, actors: int, threads: int, budget: int) -> float:
-    """Wall time of the scoring job (`python -m jobs.score`, local Ray started by the job) on `corpus`."""
+def run_job(student: Path, corpus: Path, out: Path, dtype: str) -> float:
+    """Wall time of the default-settings scoring job (`python -m jobs.score`, local Ray started by the
+    job, model load and commit included) on `corpus`."""
     import yaml
 
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump({
         "input": {"paths": [str(corpus)], "passthrough": ["source"]},
         "students": [{"name": "bench", "path": str(student), "dtype": dtype}],
-        "scoring": {"token_budget": budget},
-        "compute": {"actors_per_student": actors, "cpus_per_actor": 1, "torch_threads": max(1, threads // actors)},
-        "output": {"path": str(out), "partition_by": ["source"], "mode": "overwrite"},
+        "output": {"path": str(out), "partition_by": ["source"]},
     }))  # fmt: skip
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
@@ -101,6 +102,22 @@ def run_job(student: Path, corpus: Path, out: Path, dtype: str, actors: int, thr
     if done.returncode:
         raise RuntimeError(f"the job failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
+
+
+def long_rows(path: Path, tokenizer_dir: Path, limit: int, low: int = 2000, high: int = 8000) -> list[dict]:
+    """The first `limit` rows whose answer has `low`-`high` tokens, the model's system prompt prepended."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = []
+    for row in map(json.loads, open(path)):
+        answer = row["messages"][-1]["content"]
+        if low <= len(tokenizer(answer, add_special_tokens=False)["input_ids"]) <= high:
+            system = [{"role": "system", "content": row["system_prompt"]}] if row.get("system_prompt") else []
+            rows.append({"id": row["id"], "source": row["source"], "messages": system + row["messages"]})
+            if len(rows) == limit:
+                break
+    return rows
 
 
 def read_rsr(path: Path, key: str) -> dict[str, float]:
@@ -113,23 +130,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config", type=Path, default=SHARED / "models" / "smollm2-135m-instruct",
                         help="a directory with config.json and a tokenizer; weights are random")  # fmt: skip
     parser.add_argument("--corpus", type=Path, default=SHARED / "data" / "gsm8k_multisource_300.jsonl")
-    parser.add_argument("--limit", type=int, default=120)
+    parser.add_argument("--limit", type=int, default=None, help="rows (default: 120, or 16 with --long)")
+    parser.add_argument("--long", action="store_true", help="AMC23 answers of 2k-8k tokens instead of GSM8K rows")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference-batch-size", type=int, default=2,
                         help="2 is the reference's best on 2 CPU cores (120 rows, bf16: 1: 942, 2: 981, 4: ~800, 8: 746, "
                              "16: 634 tokens/s)")  # fmt: skip
-    parser.add_argument("--token-budget", type=int, default=2048, help="2048 is fastest on 2 CPU cores")
+    parser.add_argument("--token-budget", type=int, default=2048, help="the core side's budget (the job uses its default)")
     parser.add_argument("--parity-limit", type=int, default=60, help="rows of the float32 parity run (0: skip)")
-    parser.add_argument("--job", action="store_true", help="also time the Ray job on the same rows, 1 and 2 actors")
-    parser.add_argument("--job-base-rows", type=int, default=12, help="rows of the job run that measures fixed costs")
+    parser.add_argument("--job", action="store_true", help="also time the default-settings job on the same rows")
     args = parser.parse_args(argv)
+    args.limit = args.limit or (16 if args.long else 120)
 
     with tempfile.TemporaryDirectory(prefix="rsr-bench-") as tmp:
         tmp = Path(tmp)
         student = build_student(args.model_config, tmp / "student")
         corpus = tmp / "corpus.jsonl"
-        corpus.write_text("".join(open(args.corpus).readlines()[: args.limit]))
+        if args.long:
+            rows = long_rows(SHARED / "data" / "skythought_amc23.jsonl", args.model_config, args.limit)
+            corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            corpus.write_text("".join(open(args.corpus).readlines()[: args.limit]))
 
         def reference(dtype, limit, out):
             return run_side([str(args.reference), str(student), str(corpus), str(out), "--dtype", dtype,
@@ -150,21 +172,14 @@ def main(argv: list[str] | None = None) -> int:
             pipeline("float32", args.parity_limit, tmp / "ours32.jsonl")
             ref, ours = read_rsr(tmp / "ref32.jsonl", "rsr"), read_rsr(tmp / "ours32.jsonl", "rsr")
             parity = max(abs(ref[k] - ours[k]) for k in ref)
-        job_walls = {}
-        if args.job:
-            base_corpus = tmp / "base.jsonl"
-            base_corpus.write_text("".join(corpus.read_text().splitlines(keepends=True)[: args.job_base_rows]))
-            for actors in (1, 2):
-                job_walls[actors] = [
-                    run_job(student, rows, tmp / f"job{actors}-{rows.stem}", args.dtype, actors, args.threads, args.token_budget)
-                    for rows in (corpus, base_corpus)
-                ]
-            tokens_per_row = [row["n_tokens"] for row in map(json.loads, (tmp / "ours.jsonl").read_text().splitlines())]
+        job_wall = run_job(student, corpus, tmp / "job", args.dtype) if args.job else None
 
     ref, ours = sides["reference"], sides["pipeline"]
     assert ref["tokens"] == ours["tokens"], "both sides must score the same response tokens"
-    print(f"\n{args.limit} rows, {ours['tokens']} response tokens, {args.dtype}, {args.threads} threads, "
-          f"random-weight student of {args.model_config.name}")  # fmt: skip
+    corpus_name = "AMC23 answers of 2k-8k tokens" if args.long else args.corpus.name
+    print(f"\n{args.limit} rows of {corpus_name}, {ours['tokens']} response tokens, {args.dtype}, {args.threads} threads, "
+          f"random-weight student of {args.model_config.name}; reference at batch size {args.reference_batch_size}, "
+          f"pipeline core at token budget {args.token_budget}")  # fmt: skip
     print(f"{'':34}{'reference':>12}{'pipeline':>12}{'ratio':>9}")
     rows = [
         ("scored tokens/s, end to end", "e2e_tokens_per_s", True),
@@ -178,13 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     print("(ratio > 1: the pipeline is better)")
     if parity is not None:
         print(f"float32 parity on {args.parity_limit} rows: max |rank_surprisal_ratio difference| = {parity:.2e}")
-    for actors, (wall, base_wall) in job_walls.items():
-        marginal_tokens = ours["tokens"] - sum(tokens_per_row[: args.job_base_rows])
-        marginal_rate = marginal_tokens / (wall - base_wall)
-        print(f"Ray job, {actors} actor(s): {args.limit} rows in {wall:.1f} s ({ours['tokens'] / wall:.0f} scored tokens/s "
-              f"end to end), {args.job_base_rows} rows in {base_wall:.1f} s; steady state {marginal_rate:.0f} scored "
-              f"tokens/s, overhead {ours['tokens_per_s'] / marginal_rate - 1:.0%} of the core's scoring time "
-              f"(tokenizing, scheduling, writing)")  # fmt: skip
+    if job_wall is not None:
+        print(f"\n{'default-settings job (python -m jobs.score)':46}{'reference':>12}{'job':>12}{'ratio':>9}")
+        print(f"{'wall time, end to end (s)':46}{ref['wall_s']:12.1f}{job_wall:12.1f}{ref['wall_s'] / job_wall:8.2f}x")
+        print(f"{'scored tokens/s, end to end':46}{ref['e2e_tokens_per_s']:12.1f}{ours['tokens'] / job_wall:12.1f}"
+              f"{ref['wall_s'] / job_wall:8.2f}x")  # fmt: skip
     return 0
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
+from importlib import resources
 
 from pipeline.commit import OutputLocked
 from pipeline.config import ConfigError, load_config
@@ -44,12 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. scoring.rank_clip=50")
+    parser.add_argument("--verbose", action="store_true", help="Ray's and Ray Data's INFO logs on the console")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.verbose:  # before Ray Data is imported; workers started later inherit both
+            os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(resources.files("pipeline") / "ray_data_quiet.yaml"))
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' weight-loading bar
         from pipeline.job import run_job  # imports Ray: only once the config is known to be good
 
-        result = run_job(cfg)
+        # On a terminal Ray Data draws progress bars; elsewhere (logs, CI) one line every few seconds.
+        progress = None if args.verbose or sys.stderr.isatty() else functools.partial(print, file=sys.stderr, flush=True)
+        result = run_job(cfg, quiet=not args.verbose, progress=progress)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -52,7 +52,7 @@ class StudentConfig:
 class ScoringConfig:
     rank_clip: int = 100
     max_model_len: int = 32768
-    token_budget: int = 16384  # padded tokens per forward pass
+    token_budget: str = "auto"  # padded tokens per forward pass: auto (2048 on CPU, from free memory on GPU) or a number
     logits_chunk_tokens: int = 256  # response positions projected to the vocabulary at a time
     on_too_long: str = "truncate"  # truncate (and flag) | reject rows longer than max_model_len
     reasoning: str = "template"  # template: score what the template renders | keep: every turn's reasoning as given
@@ -60,12 +60,17 @@ class ScoringConfig:
     prompt_cache_tokens: int = 16384  # prompt tokens shared by several rows whose keys/values are held at once
 
 
+def token_budget(scoring: ScoringConfig) -> Optional[int]:
+    """The configured token budget, None for auto (resolved where the student is loaded)."""
+    return None if scoring.token_budget == "auto" else int(scoring.token_budget)
+
+
 @dataclass
 class ComputeConfig:
     actors_per_student: int = 1
     gpus_per_actor: Optional[float] = None  # default: 1 when CUDA is visible, else 0
     cpus_per_actor: float = 1.0
-    torch_threads: Optional[int] = None  # CPU scoring threads per actor; default: cpus_per_actor, at least 1
+    torch_threads: Optional[int] = None  # CPU threads per actor; null: the node's CPUs / scoring actors on the node
     ray_address: Optional[str] = None  # null: RAY_ADDRESS if set (ray job submit), else a local runtime
 
 
@@ -138,7 +143,10 @@ def validate(job: JobConfig) -> None:
     s = job.scoring
     require(s.rank_clip >= 1, f"scoring.rank_clip must be >= 1, got {s.rank_clip}")
     require(s.max_model_len >= 2, f"scoring.max_model_len must be >= 2, got {s.max_model_len}")
-    require(s.token_budget >= 1, f"scoring.token_budget must be >= 1, got {s.token_budget}")
+    require(
+        s.token_budget == "auto" or (s.token_budget.isdigit() and int(s.token_budget) >= 1),
+        f"scoring.token_budget must be auto or a number >= 1, got {s.token_budget!r}",
+    )
     require(s.logits_chunk_tokens >= 1, f"scoring.logits_chunk_tokens must be >= 1, got {s.logits_chunk_tokens}")
     require(s.rows_per_batch >= 1, f"scoring.rows_per_batch must be >= 1, got {s.rows_per_batch}")
     require(s.prompt_cache_tokens >= 0, f"scoring.prompt_cache_tokens must be >= 0, got {s.prompt_cache_tokens}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 import urllib.parse
 from dataclasses import dataclass
+from typing import Callable
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -20,7 +22,8 @@ from pipeline import commit, errors
 from pipeline.aggregate import dataset_rsr
 from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import RowError
-from pipeline.ray_job import STAT_COLUMNS, build_dataset
+from pipeline.ray_job import STAT_COLUMNS, build_dataset, run_with_progress
+from pipeline.records import count_records
 from pipeline.spans import BUILTIN_TEMPLATES, load_tokenizer, turn_markers
 from pipeline.storage import check_output, expand_inputs, locate
 from pipeline.student import model_revision
@@ -82,18 +85,20 @@ def check_students(cfg: JobConfig) -> None:
             raise ConfigError(f"{where}: unusable chat template: {exc.detail}") from exc
 
 
-def ensure_ray(cfg: JobConfig) -> None:
+def ensure_ray(cfg: JobConfig, quiet: bool) -> None:
+    """Connect to the configured cluster or start a local runtime; `quiet`: Ray logs warnings and up."""
     if ray.is_initialized():
         return
+    log_level = {"logging_level": logging.WARNING} if quiet else {}
     address = cfg.compute.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **log_level)
     else:  # a local runtime in this process, reachable on loopback only
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # Scoring actors hold their CPUs for the whole run: without logical CPUs beyond theirs, the
         # read and tokenize tasks never get a slot and the job hangs (2 actors on a 2-core machine).
         actor_cpus = cfg.compute.cpus_per_actor * cfg.compute.actors_per_student * len(cfg.students)
-        ray.init(num_cpus=int(os.cpu_count() + actor_cpus + 0.999), include_dashboard=False)
+        ray.init(num_cpus=int(os.cpu_count() + actor_cpus + 0.999), include_dashboard=False, **log_level)
 
 
 def _scores_batch(batch: pa.Table, passthrough: list[str], partition_by: list[str]) -> pa.Table:
@@ -207,7 +212,9 @@ def _stage(results, cfg: JobConfig, staging, run_id: str, summaries: dict, write
             pq.write_table(table, summary_dir.join(f"{name}.parquet").path, filesystem=arrow_fs)
 
 
-def run_job(cfg: JobConfig) -> RunResult:
+def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None] | None = None) -> RunResult:
+    """One run. `quiet`: Ray and Ray Data log warnings and errors only; `progress` receives a progress
+    line at most every ray_job.PROGRESS_EVERY_S seconds."""
     started = time.perf_counter()
     input_location, files, skipped_files = expand_inputs(cfg.input.paths, cfg.storage, cfg.input.format)
     root = locate(cfg.output.path, cfg.storage)
@@ -218,13 +225,15 @@ def run_job(cfg: JobConfig) -> RunResult:
     with commit.run_lock(root, run_id, cfg.output.lock_ttl_hours):
         commit.remove_uncommitted(root)  # debris of an interrupted run is never committed
         mode = resolve_mode(cfg.output.mode, bool(commit.manifests(root)))
-        ensure_ray(cfg)
+        ensure_ray(cfg, quiet)
         gpus = cfg.compute.gpus_per_actor
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         students = _students(cfg, root, mode)
         run = {"run_id": run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
-        results = build_dataset(cfg, files, input_location, students, run, gpus).materialize()
+        dataset = build_dataset(cfg, files, input_location, students, run, gpus)
+        count_rows = lambda: count_records(input_location.fs, files, cfg.input.format) * len(students)  # noqa: E731
+        results = run_with_progress(dataset, count_rows, progress)
         duplicates = _duplicate_ids(results, cfg.students[0].name)
         if duplicates:  # the first row with an id is kept; later ones are quarantined
             results = results.map_batches(_demote_duplicates, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow").materialize()

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Iterator
+import os
+import threading
+import time
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from pipeline.config import InputConfig, JobConfig, StudentConfig
+from pipeline.config import InputConfig, JobConfig, StudentConfig, token_budget
 from pipeline.errors import RowError
 from pipeline.commit import scored_key
 from pipeline.records import fallback_sample_id, parse_row, read_records
@@ -31,6 +34,7 @@ from pipeline.student import ScoringOptions, Student
 
 STAT_COLUMNS = ["resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"]
 RECORDS_PER_BLOCK = 1024
+PROGRESS_EVERY_S = 10.0
 RAW_SCHEMA = pa.schema(
     [
         ("source_file", pa.string()),
@@ -139,13 +143,22 @@ def tokenize_batch(
     )
 
 
+def default_torch_threads(cpus_per_actor: float, scoring_actors: int) -> int:
+    """CPU threads for a scoring actor without `compute.torch_threads`: the CPUs of the node it runs on,
+    shared among the scoring actors that fit on that node (all of them on a local runtime)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    fitting = int(node["Resources"].get("CPU", 1) // cpus_per_actor)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, min(scoring_actors, fitting)))
+
+
 class ScoreActor:
     """Holds one student for its lifetime; scores the rows its tokenize stage encoded."""
 
-    def __init__(self, index: int, student: StudentConfig, options: ScoringOptions, torch_threads: int):
+    def __init__(self, index: int, student: StudentConfig, options: ScoringOptions, threads: int | None, cpus_per_actor: float, scoring_actors: int):
         import torch
 
-        torch.set_num_threads(torch_threads)
+        torch.set_num_threads(threads or default_torch_threads(cpus_per_actor, scoring_actors))
         self.index = index
         self.student = Student.load(student.path, dtype=student.dtype, options=options)
 
@@ -200,6 +213,36 @@ def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str],
     return pa.concat_tables(parts)
 
 
+def run_with_progress(ds, count_rows: Callable[[], int], log: Callable[[str], None] | None):
+    """Execute `ds` to completion like `materialize()`, calling `log` with the rows done, the scored
+    tokens per second and, once `count_rows` has answered, the time left, at most every
+    PROGRESS_EVERY_S seconds. `count_rows` runs in a thread beside the job, started only when the job
+    outlasts the first interval (short runs never pay for it)."""
+    expected: list[int] = []
+    counting = None
+    refs, rows, tokens = [], 0, 0
+    started = last_line = time.monotonic()
+    for bundle in ds.iter_internal_ref_bundles():
+        for ref in bundle.block_refs:
+            block = ray.get(ref)
+            rows += block.num_rows
+            tokens += pc.sum(block["resp_token_length"]).as_py() or 0
+            refs.append(ref)
+        now = time.monotonic()
+        if log and now - last_line >= PROGRESS_EVERY_S and rows:
+            if counting is None:
+                counting = threading.Thread(target=lambda: expected.append(count_rows()), daemon=True)
+                counting.start()
+            elapsed = now - started
+            line = f"progress: {rows:,} rows done, {tokens / elapsed:,.0f} scored tokens/s"
+            if expected:
+                left = elapsed * max(expected[0] - rows, 0) / rows
+                line += f", {rows / expected[0]:.0%} of {expected[0]:,}, about {left / 60:.0f} min left"
+            log(line)
+            last_line = now
+    return ray.data.from_arrow_refs(refs)
+
+
 def build_dataset(cfg: JobConfig, files: list[str], location: Location, students: list[dict], run: dict, gpus: float):
     """The lazy Ray dataset of long-format results for `files`.
 
@@ -209,11 +252,12 @@ def build_dataset(cfg: JobConfig, files: list[str], location: Location, students
     ds = ds.map_batches(parse_batch, fn_kwargs={"input_cfg": cfg.input}, batch_format="pyarrow")
     options = ScoringOptions(
         rank_clip=cfg.scoring.rank_clip,
-        token_budget=cfg.scoring.token_budget,
+        token_budget=token_budget(cfg.scoring),
         logits_chunk_tokens=cfg.scoring.logits_chunk_tokens,
         prompt_cache_tokens=cfg.scoring.prompt_cache_tokens,
     )
-    torch_threads = cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor))
+    actor_args = {"options": options, "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
+                  "scoring_actors": cfg.compute.actors_per_student * len(cfg.students)}  # fmt: skip
     for i, student in enumerate(cfg.students):
         ds = ds.map_batches(
             tokenize_batch,
@@ -224,7 +268,7 @@ def build_dataset(cfg: JobConfig, files: list[str], location: Location, students
         )  # fmt: skip
         ds = ds.map_batches(
             ScoreActor,
-            fn_constructor_kwargs={"index": i, "student": student, "options": options, "torch_threads": torch_threads},
+            fn_constructor_kwargs={"index": i, "student": student, **actor_args},
             compute=ray.data.ActorPoolStrategy(size=cfg.compute.actors_per_student),
             num_cpus=cfg.compute.cpus_per_actor,
             num_gpus=gpus,

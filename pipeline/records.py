@@ -17,6 +17,7 @@ from pipeline import errors
 from pipeline.config import InputConfig
 from pipeline.errors import RowError
 from pipeline.spans import validate_messages
+from pipeline.storage import format_of, open_corpus_file
 
 BOM = b"\xef\xbb\xbf"
 READ_CHUNK_BYTES = 16 << 20
@@ -157,6 +158,15 @@ def row_messages(row: dict, cfg: InputConfig) -> list[dict]:
     if isinstance(messages, list):
         messages = [_canonical_message(m) for m in messages]
     return validate_messages(messages)
+
+
+def count_records(fs, paths: list[str], configured_format: str) -> int:
+    """How many records (lines, rows, unreadable files) the corpus files hold, read without keeping them."""
+    total = 0
+    for path in paths:
+        with open_corpus_file(fs, path) as f:
+            total += sum(1 for _ in read_records(f, format_of(path, configured_format)))
+    return total
 
 
 def content_hash(messages: list[dict]) -> str:
