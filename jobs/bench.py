@@ -6,6 +6,7 @@ max |difference| in rank_surprisal_ratio from a float32 run of both.
   python -m jobs.bench --dtype float32 --limit 60
   python -m jobs.bench --job --limit 600 --reference-batch-size 8   # + the default-settings job
   python -m jobs.bench --long --job          # long trajectories: AMC23 answers of 2k-8k tokens
+  python -m jobs.bench --metrics-cost        # + the core again with scoring.metrics: all
 
 --job also runs the scoring job as a user runs it, `python -m jobs.score --config FILE` with nothing
 set but the input, the student (and its dtype) and the output: every other setting at its default.
@@ -27,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.rsr import METRICS
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 # Runs a script in-process and reports its own peak memory, so both sides are measured the same way.
@@ -43,9 +46,10 @@ import torch
 from pipeline.spans import encode_conversation
 from pipeline.student import ScoringOptions, Student
 
-model_dir, corpus, out, dtype, threads, budget, limit = sys.argv[1:8]
+model_dir, corpus, out, dtype, threads, budget, limit, metrics = sys.argv[1:9]
 torch.set_num_threads(int(threads))
-student = Student.load(model_dir, dtype=dtype, device="cpu", options=ScoringOptions(token_budget=int(budget)))
+options = ScoringOptions(token_budget=int(budget), metrics=tuple(metrics.split(",")))
+student = Student.load(model_dir, dtype=dtype, device="cpu", options=options)
 rows = [json.loads(line) for line in open(corpus) if line.strip()][: int(limit)]
 start = time.perf_counter()
 encoded = [encode_conversation(student.tokenizer, row["messages"]) for row in rows]
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-budget", type=int, default=2048, help="the core side's budget (the job uses its default)")
     parser.add_argument("--parity-limit", type=int, default=60, help="rows of the float32 parity run (0: skip)")
     parser.add_argument("--job", action="store_true", help="also time the default-settings job on the same rows")
+    parser.add_argument("--metrics-cost", action="store_true", help="also time the core with scoring.metrics: all")
     args = parser.parse_args(argv)
     args.limit = args.limit or (16 if args.long else 120)
 
@@ -158,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                              "--batch-size", str(args.reference_batch_size), "--threads", str(args.threads),
                              "--limit", str(limit)], args.threads)  # fmt: skip
 
-        def pipeline(dtype, limit, out):
+        def pipeline(dtype, limit, out, metrics=("rsr",)):
             script = tmp / "pipeline_side.py"
             script.write_text(PIPELINE_SIDE)
             return run_side([str(script), str(student), str(corpus), str(out), dtype, str(args.threads),
-                             str(args.token_budget), str(limit)], args.threads)  # fmt: skip
+                             str(args.token_budget), str(limit), ",".join(metrics)], args.threads)  # fmt: skip
 
         sides = {"reference": reference(args.dtype, args.limit, tmp / "ref.jsonl"),
                  "pipeline": pipeline(args.dtype, args.limit, tmp / "ours.jsonl")}  # fmt: skip
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             ref, ours = read_rsr(tmp / "ref32.jsonl", "rsr"), read_rsr(tmp / "ours32.jsonl", "rsr")
             parity = max(abs(ref[k] - ours[k]) for k in ref)
         job_wall = run_job(student, corpus, tmp / "job", args.dtype) if args.job else None
+        all_metrics = pipeline(args.dtype, args.limit, tmp / "all.jsonl", METRICS) if args.metrics_cost else None
 
     ref, ours = sides["reference"], sides["pipeline"]
     assert ref["tokens"] == ours["tokens"], "both sides must score the same response tokens"
@@ -193,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     print("(ratio > 1: the pipeline is better)")
     if parity is not None:
         print(f"float32 parity on {args.parity_limit} rows: max |rank_surprisal_ratio difference| = {parity:.2e}")
+    if all_metrics is not None:
+        extra = all_metrics["seconds"] / ours["seconds"] - 1
+        print(f"\nscoring only, metrics [rsr]: {ours['seconds']:.1f} s; metrics all: {all_metrics['seconds']:.1f} s "
+              f"({extra:+.1%})")  # fmt: skip
     if job_wall is not None:
         print(f"\n{'default-settings job (python -m jobs.score)':46}{'reference':>12}{'job':>12}{'ratio':>9}")
         print(f"{'wall time, end to end (s)':46}{ref['wall_s']:12.1f}{job_wall:12.1f}{ref['wall_s'] / job_wall:8.2f}x")

@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scores", required=True, help="the scoring job's output.path")
     parser.add_argument("--teacher-column", default="source", help="the column that names the teacher")
+    parser.add_argument("--correct-column", default="is_correct",
+                        help="a passthrough column saying whether a trajectory is correct (AUC per metric, when present)")  # fmt: skip
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")
     parser.add_argument("--out", required=True, help="a local folder")
     args = parser.parse_args(argv)
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     teachers.to_csv(out / "teachers.csv", index=False)
     teachers.to_parquet(out / "teachers.parquet", index=False)
-    (out / "report.html").write_text(render_report(scores, teachers, args.teacher_column))
+    (out / "report.html").write_text(render_report(scores, teachers, args.teacher_column, args.correct_column))
     print(teachers.to_string(index=False))
     print(f"\nwrote {out / 'teachers.csv'}, {out / 'teachers.parquet'} and {out / 'report.html'}")
     return 0

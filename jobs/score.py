@@ -8,7 +8,7 @@ import os
 import sys
 from importlib import resources
 
-from pipeline.commit import OutputLocked
+from pipeline.output import OutputLocked
 from pipeline.config import ConfigError, load_config
 from pipeline.storage import StorageError
 

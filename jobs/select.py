@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     how.add_argument("--top-fraction", type=float, help="fraction of each group (at least one row)")
     how.add_argument("--threshold", type=float, help="RSR at most this (at least, with --direction descending)")
     parser.add_argument("--group-by", nargs="*", default=None, help="columns such as problem_id")
+    parser.add_argument("--by", default="rank_surprisal_ratio", help="the score column to rank by (any metric column)")
+    parser.add_argument("--where", nargs="*", default=[], metavar="COLUMN=VALUE",
+                        help="keep only rows whose column equals the value first, e.g. is_correct=true")  # fmt: skip
     parser.add_argument("--direction", choices=["ascending", "descending"], default="ascending",
                         help="ascending: lowest RSR first, the paper's choice (default)")
     parser.add_argument("--config", help="the scoring job's YAML: its input section says the rows' shape")
@@ -44,14 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     storage = StorageConfig(endpoint_url=args.endpoint_url)
     scores = latest_scores(args.scores, storage)
     try:
+        where = dict(condition.split("=", 1) for condition in args.where if "=" in condition)
+        if len(where) != len(args.where):
+            raise ValueError(f"--where takes COLUMN=VALUE conditions, got {args.where}")
         chosen = select(scores, args.student, args.group_by, args.top_k, args.top_fraction, args.threshold,
-                        ascending=args.direction == "ascending")  # fmt: skip
+                        ascending=args.direction == "ascending", by=args.by, where=where)  # fmt: skip
         rows = original_rows(chosen, input_shape(args), storage=storage)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for row, (_, score) in zip(rows, chosen.iterrows()):
-        row["rsr"] = {k: score[k] for k in ("student", "rank_surprisal_ratio", "avg_rank_clip", "avg_surprisal")}
+        columns = {"student", "rank_surprisal_ratio", "avg_rank_clip", "avg_surprisal", args.by}
+        row["rsr"] = {k: score[k].item() if hasattr(score[k], "item") else score[k] for k in sorted(columns)}
         row["rsr"]["resp_token_length"] = int(score["resp_token_length"])
     target = locate(args.out, storage)
     target.fs.makedirs(target.path.rsplit("/", 1)[0], exist_ok=True)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.rsr import METRICS
 from pipeline.spans import BUILTIN_TEMPLATES, REASONING_MODES
 
 FORMATS = ("auto", "jsonl", "json", "parquet")
@@ -56,8 +57,15 @@ class ScoringConfig:
     logits_chunk_tokens: int = 256  # response positions projected to the vocabulary at a time
     on_too_long: str = "truncate"  # truncate (and flag) | reject rows longer than max_model_len
     reasoning: str = "template"  # template: score what the template renders | keep: every turn's reasoning as given
+    metrics: Any = field(default_factory=lambda: ["rsr"])  # a list of rsr, entropy, top1, rank, logprob_std; or all
     rows_per_batch: int = 512  # rows handed to a scoring actor at a time (sorted by length inside)
     prompt_cache_tokens: int = 16384  # prompt tokens shared by several rows whose keys/values are held at once
+
+
+def metric_names(scoring: ScoringConfig) -> tuple[str, ...]:
+    """The configured metrics in METRICS order, "rsr" always included."""
+    wanted = METRICS if scoring.metrics == "all" else set(scoring.metrics) | {"rsr"}
+    return tuple(name for name in METRICS if name in wanted)
 
 
 def token_budget(scoring: ScoringConfig) -> Optional[int]:
@@ -79,7 +87,11 @@ class OutputConfig:
     path: str = "out/rsr"  # local or s3://
     partition_by: list[str] = field(default_factory=list)  # passthrough columns, after student=
     mode: str = "auto"  # auto: incremental when the output exists, else a first full run | overwrite
-    lock_ttl_hours: float = 12.0  # a lock older than this (a crashed run) is taken over
+    checkpoint_rows: int = 50000  # commit a piece at least every this many rows per student ...
+    checkpoint_minutes: float = 30.0  # ... and at least this often: a crash loses one piece at most
+    lock_stale_minutes: float = 5.0  # a lock whose heartbeat is older is taken over (a dead holder on this host: at once)
+    lock_heartbeat_seconds: float = 30.0  # how often the running job renews its lock
+    lock_ttl_hours: float = 12.0  # superseded by the heartbeat (lock_stale_minutes); kept so that old configs load
 
 
 @dataclass
@@ -151,6 +163,8 @@ def validate(job: JobConfig) -> None:
     require(s.rows_per_batch >= 1, f"scoring.rows_per_batch must be >= 1, got {s.rows_per_batch}")
     require(s.prompt_cache_tokens >= 0, f"scoring.prompt_cache_tokens must be >= 0, got {s.prompt_cache_tokens}")
     require(s.on_too_long in TOO_LONG_POLICIES, f"scoring.on_too_long must be one of {TOO_LONG_POLICIES}")
+    metrics_ok = s.metrics == "all" or (isinstance(s.metrics, list) and set(s.metrics) <= set(METRICS))
+    require(metrics_ok, f"scoring.metrics must be all or a list of {list(METRICS)}, got {s.metrics!r}")
     require(s.reasoning in REASONING_MODES, f"scoring.reasoning must be one of {REASONING_MODES}, got {s.reasoning!r}")
     i = job.input
     require(
@@ -164,6 +178,13 @@ def validate(job: JobConfig) -> None:
     require(c.actors_per_student >= 1, f"compute.actors_per_student must be >= 1, got {c.actors_per_student}")
     require(c.gpus_per_actor is None or c.gpus_per_actor >= 0, "compute.gpus_per_actor must be >= 0")
     require(c.cpus_per_actor > 0, f"compute.cpus_per_actor must be > 0, got {c.cpus_per_actor}")
+    o = job.output
+    require(o.checkpoint_rows >= 1, f"output.checkpoint_rows must be >= 1, got {o.checkpoint_rows}")
+    require(o.checkpoint_minutes > 0, f"output.checkpoint_minutes must be > 0, got {o.checkpoint_minutes}")
+    require(
+        0 < o.lock_heartbeat_seconds < o.lock_stale_minutes * 60,
+        "output.lock_heartbeat_seconds must be > 0 and well under output.lock_stale_minutes",
+    )
     require(job.output.mode in OUTPUT_MODES, f"output.mode must be one of {OUTPUT_MODES}, got {job.output.mode!r}")
     missing_partitions = [p for p in job.output.partition_by if p not in job.input.passthrough]
     require(not missing_partitions, f"output.partition_by {missing_partitions} must also be in input.passthrough")

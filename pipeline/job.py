@@ -1,15 +1,16 @@
-"""One scoring run end to end: plan, score on Ray, stage, commit, summarize."""
+"""One scoring run end to end: plan, score on Ray, commit in pieces as results stream, summarize."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,20 +19,33 @@ import ray
 from omegaconf import OmegaConf
 from ray.data.datasource import FilenameProvider
 
-from pipeline import commit, errors
-from pipeline.aggregate import dataset_rsr
-from pipeline.config import ConfigError, JobConfig
+from pipeline.aggregate import combine_sums, group_sums, summary_from_sums
+from pipeline.config import ConfigError, JobConfig, metric_names
 from pipeline.errors import RowError
-from pipeline.ray_job import STAT_COLUMNS, build_dataset, run_with_progress
+from pipeline.output import STAGING_DIR, OutputStore, new_run_id, reject_key
+from pipeline.ray_job import (
+    REJECT_KEY_COLUMNS, build_dataset, cached_get, committed_reject_keys, duplicate_ids, scored_keys
+)  # fmt: skip
 from pipeline.records import count_records
+from pipeline.rsr import stat_columns
 from pipeline.spans import BUILTIN_TEMPLATES, load_tokenizer, turn_markers
-from pipeline.storage import check_output, expand_inputs, locate
+from pipeline.storage import Location, check_output, expand_inputs, locate
 from pipeline.student import model_revision
 
-SCORE_COLUMNS = [
-    "sample_id", "student", "student_revision", "rank_clip", *STAT_COLUMNS, "truncated", "content_dropped",
-    "content_hash", "run_id", "scored_at", "source_file", "row_number",
-]  # fmt: skip
+logger = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0
+COUNT_COLUMNS = ["read", "scored", "rejected", "skipped", "content_dropped"]
+
+
+
+def score_columns(cfg: JobConfig) -> list[str]:
+    """The score files' columns, passthrough columns after sample_id."""
+    return [
+        "sample_id", *cfg.input.passthrough, "student", "student_revision", "rank_clip", *stat_columns(metric_names(cfg.scoring)),
+        "truncated", "content_dropped", "content_hash", "run_id", "scored_at", "source_file", "row_number",
+    ]  # fmt: skip
+
+
 REJECT_COLUMNS = ["student", "source_file", "row_number", "sample_id", "reject_reason", "reject_detail", "content_hash", "run_id"]
 MAX_PARTITION_NAME = 200  # encoded bytes, under the usual 255-byte file-name limit with "column="
 
@@ -48,6 +62,8 @@ class RunResult:
     wall_s: float
     committed_files: list[str]
     skipped_files: list[str]
+    pieces: int  # checkpoints committed
+    lock_taken_over: str | None  # why an earlier run's lock was taken over
 
 
 def partition_value(value):
@@ -101,178 +117,223 @@ def ensure_ray(cfg: JobConfig, quiet: bool) -> None:
         ray.init(num_cpus=int(os.cpu_count() + actor_cpus + 0.999), include_dashboard=False, **log_level)
 
 
-def _scores_batch(batch: pa.Table, passthrough: list[str], partition_by: list[str]) -> pa.Table:
-    scored = batch.filter(pc.equal(batch["status"], "scored"))
-    table = scored.select([*SCORE_COLUMNS[:1], *passthrough, *SCORE_COLUMNS[1:]])
-    for name in partition_by:
-        values = pa.array([partition_value(v) for v in table[name].to_pylist()], pa.string())
-        table = table.set_column(table.schema.get_field_index(name), name, values)
-    return table
-
-
-def _rejects_batch(batch: pa.Table, known: set[str]) -> pa.Table:
-    """Rejects not already recorded by a committed run (a nightly run re-reads the same bad rows)."""
-    rejected = batch.filter(pc.equal(batch["status"], "rejected"))
-    is_new = [key not in known for key in commit.reject_keys(rejected)]
-    return rejected.filter(pa.array(is_new, pa.bool_())).select(REJECT_COLUMNS)
-
-
-def _counts(results: pa.Table) -> pa.Table:
-    rows = []
-    for student in sorted(set(results["student"].to_pylist())):
-        mine = results.filter(pc.equal(results["student"], student))
-        status = mine["status"].to_pylist()
-        dropped = pc.and_(pc.equal(mine["status"], "scored"), pc.fill_null(mine["content_dropped"], False))
-        rows.append({
-            "student": student, "read": len(status), "scored": status.count("scored"),
-            "rejected": status.count("rejected"), "skipped": status.count("skipped"),
-            "content_dropped": pc.sum(dropped).as_py() or 0,
-        })  # fmt: skip
-    return pa.Table.from_pylist(rows)
-
-
-def _pull(results, columns: list[str]) -> pa.Table:
-    return pa.concat_tables(ray.get(results.select_columns(columns).to_arrow_refs()))
-
-
-def _row_key(source_file: str, row_number: int) -> str:
-    return f"{source_file}\x00{row_number}"
-
-
-def _duplicate_ids(results, first_student: str) -> dict[str, str]:
-    """Rows whose sample_id an earlier row of this run already has: `_row_key` -> where it was first.
-
-    Every student sees the same rows, so one student's rows are enough to find them.
-    """
-    rows = _pull(results, ["student", "sample_id", "source_file", "row_number", "content_hash"])
-    rows = rows.filter(pc.and_(pc.equal(rows["student"], first_student), pc.is_valid(rows["content_hash"])))
-    first_seen, duplicates = {}, {}
-    ordered = sorted(zip(rows["source_file"].to_pylist(), rows["row_number"].to_pylist(), rows["sample_id"].to_pylist()))
-    for source_file, row_number, sample_id in ordered:
-        where = f"{source_file}:{row_number}"
-        if sample_id in first_seen:
-            duplicates[_row_key(source_file, row_number)] = f"sample_id {sample_id!r} first seen at {first_seen[sample_id]}"
-        else:
-            first_seen[sample_id] = where
-    return duplicates
-
-
-def _demote_duplicates(batch: pa.Table, duplicates: dict[str, str]) -> pa.Table:
-    keys = [_row_key(f, r) for f, r in zip(batch["source_file"].to_pylist(), batch["row_number"].to_pylist())]
-    is_duplicate = pa.array([key in duplicates for key in keys], pa.bool_())
-    details = pa.array([duplicates.get(key) for key in keys], pa.string())
-    columns = {
-        "status": pc.if_else(is_duplicate, "rejected", batch["status"]),
-        "reject_reason": pc.if_else(is_duplicate, errors.DUPLICATE_ID, batch["reject_reason"]),
-        "reject_detail": pc.if_else(is_duplicate, details, batch["reject_detail"]),
-    }
-    for name, values in columns.items():
-        batch = batch.set_column(batch.schema.get_field_index(name), name, values)
-    return batch
-
-
 def resolve_mode(configured: str, has_runs: bool) -> str:
     if configured == "overwrite":
         return "overwrite"
     return "incremental" if has_runs else "full"
 
 
-def _students(cfg: JobConfig, root, mode: str) -> list[dict]:
-    """Name, revision and (as an object reference) the keys each student revision already scored."""
+def _scores_batch(batch: pa.Table, columns: list[str], partition_by: list[str]) -> pa.Table:
+    table = batch.filter(pc.equal(batch["status"], "scored")).select(columns)
+    for name in partition_by:
+        values = pa.array([partition_value(v) for v in table[name].to_pylist()], pa.string())
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table
+
+
+def _rejects_batch(batch: pa.Table, known: list) -> pa.Table:
+    """Rejects not already recorded by a committed run (a nightly run re-reads the same bad rows);
+    `known` holds the reference to their keys."""
+    rejected = batch.filter(pc.equal(batch["status"], "rejected"))
+    known_keys = cached_get(known[0])
+    keys = zip(*(rejected[c].to_pylist() for c in REJECT_KEY_COLUMNS))
+    is_new = [reject_key(*key) not in known_keys for key in keys]
+    return rejected.filter(pa.array(is_new, pa.bool_())).select(REJECT_COLUMNS)
+
+
+@dataclass
+class Tally:
+    """Counts per student and summary sums per group over result blocks, without keeping their rows."""
+
+    partition_by: list[str]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    sums: dict[tuple, pa.Table] = field(default_factory=dict)  # grouping -> combined group_sums
+    tokens: int = 0
+    rows: int = 0
+
+    def add(self, block: pa.Table) -> None:
+        self.rows += block.num_rows
+        for row in block.group_by(["student", "status"]).aggregate([("status", "count")]).to_pylist():
+            counts = self.counts.setdefault(row["student"], dict.fromkeys(COUNT_COLUMNS, 0))
+            counts["read"] += row["status_count"]
+            counts[row["status"]] += row["status_count"]
+        scored = block.filter(pc.equal(block["status"], "scored"))
+        for row in scored.filter(pc.fill_null(scored["content_dropped"], False)).group_by("student").aggregate([("student", "count")]).to_pylist():
+            self.counts[row["student"]]["content_dropped"] += row["student_count"]
+        if scored.num_rows:
+            self.tokens += pc.sum(scored["resp_token_length"]).as_py()
+            for by in self.groupings():
+                part = group_sums(scored, by)
+                self.sums[by] = combine_sums([self.sums[by], part], by) if by in self.sums else part
+
+    def groupings(self) -> list[tuple]:
+        return [("student",), ("student", *self.partition_by)] if self.partition_by else [("student",)]
+
+    def count(self, status: str) -> int:
+        return sum(c[status] for c in self.counts.values())
+
+    def counts_table(self) -> pa.Table:
+        return pa.Table.from_pylist([{"student": s, **self.counts[s]} for s in sorted(self.counts)])
+
+    def summary(self, by: tuple) -> pa.Table | None:
+        if by not in self.groupings():
+            return None
+        return summary_from_sums(self.sums[by], by) if by in self.sums else pa.table({key: pa.array([], pa.string()) for key in by})
+
+
+class Checkpoints:
+    """The run's results streamed into pieces, each committed to the output when it holds
+    `output.checkpoint_rows` rows per student or is `output.checkpoint_minutes` old."""
+
+    def __init__(self, cfg: JobConfig, store: OutputStore, known_rejects: ray.ObjectRef):
+        self.cfg, self.store, self.known_rejects = cfg, store, known_rejects
+        self.max_rows = cfg.output.checkpoint_rows * len(cfg.students)  # long format: a row per student
+        self.max_age_s = cfg.output.checkpoint_minutes * 60
+        self.committed: list[str] = []
+        self._start_piece()
+
+    def _start_piece(self) -> None:
+        self.refs: list[ray.ObjectRef] = []
+        self.tally = Tally(list(self.cfg.output.partition_by))
+        self.started = time.monotonic()
+
+    def add(self, ref: ray.ObjectRef, block: pa.Table) -> None:
+        self.refs.append(ref)
+        self.tally.add(block)
+        if self.tally.rows >= self.max_rows or time.monotonic() - self.started >= self.max_age_s:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the piece's scores and new rejects to staging and commit them (nothing to write: no piece)."""
+        if not self.refs:
+            return
+        staging = self.store.staging()
+        name = staging.path.rsplit("/", 1)[-1]
+        write_args = {"filesystem": staging.arrow_fs(), "filename_provider": FilenameProvider(dataset_uuid=name, file_format="parquet")}
+        piece = ray.data.from_arrow_refs(self.refs)
+        partition_by = list(self.cfg.output.partition_by)
+        wrote = False
+        if self.tally.count("scored"):
+            piece.map_batches(_scores_batch, fn_kwargs={"columns": score_columns(self.cfg), "partition_by": partition_by},
+                              batch_format="pyarrow").write_parquet(staging.path, partition_cols=["student", *partition_by], **write_args)  # fmt: skip
+            wrote = True
+        if self.tally.count("rejected"):
+            rejects = staging.join("_rejects", f"run_id={self.store.run_id}")
+            piece.map_batches(_rejects_batch, fn_kwargs={"known": [self.known_rejects]}, batch_format="pyarrow").write_parquet(rejects.path, **write_args)
+            wrote = staging.fs.exists(rejects.path) or wrote
+        if wrote:
+            self.committed += self.store.commit_piece({"counts": self.tally.counts_table().to_pylist()})
+        self._start_piece()
+
+
+def _students(cfg: JobConfig, store: OutputStore, mode: str) -> list[dict]:
+    """Name, revision and (a reference to) the keys each student revision already scored, read by a Ray task."""
     students = []
     for s in cfg.students:
         try:
             revision = model_revision(s.path)
         except FileNotFoundError as exc:
             raise ConfigError(f"students.{s.name}: {exc}") from exc
-        done = commit.committed_keys(root, s.name, revision) if mode == "incremental" else set()
-        students.append({"name": s.name, "revision": revision, "done_ref": ray.put(done)})
+        paths = store.paths(store.committed_files(f"student={s.name}/")) if mode == "incremental" else []
+        students.append({"name": s.name, "revision": revision, "done_ref": scored_keys.remote(paths, store.root, revision)})
     return students
 
 
-def _stage(results, cfg: JobConfig, staging, run_id: str, summaries: dict, write_scores: bool, known_rejects, write_rejects: bool):
-    """Write the run's scores, new rejects and summaries under `staging`, in the final layout."""
-    arrow_fs = staging.arrow_fs()
-    # file names start with the run id, so each committed file can be traced to its run
-    write_args = {"filesystem": arrow_fs, "filename_provider": FilenameProvider(dataset_uuid=run_id, file_format="parquet")}
-    partition_by = list(cfg.output.partition_by)
-    if write_scores:
-        scores_kwargs = {"passthrough": cfg.input.passthrough, "partition_by": partition_by}
-        results.map_batches(_scores_batch, fn_kwargs=scores_kwargs, batch_format="pyarrow").write_parquet(
-            staging.path, partition_cols=["student", *partition_by], **write_args
-        )
-    if write_rejects:
-        results.map_batches(_rejects_batch, fn_kwargs={"known": known_rejects}, batch_format="pyarrow").write_parquet(
-            staging.join("_rejects", f"run_id={run_id}").path, **write_args
-        )
-    summary_dir = staging.join("_summary", f"run_id={run_id}")
-    staging.fs.makedirs(summary_dir.path, exist_ok=True)
-    for name, table in summaries.items():
+def _write_summaries(staging: Location, run_id: str, tally: Tally, partition_by: list[str]) -> None:
+    directory = staging.join("_summary", f"run_id={run_id}")
+    staging.fs.makedirs(directory.path, exist_ok=True)
+    for name, by in (("by_student", ("student",)), ("by_partition", ("student", *partition_by))):
+        table = tally.summary(by) if name == "by_student" or partition_by else None
         if table is not None:
-            pq.write_table(table, summary_dir.join(f"{name}.parquet").path, filesystem=arrow_fs)
+            pq.write_table(table, directory.join(f"{name}.parquet").path, filesystem=staging.arrow_fs())
+
+
+class Progress:
+    """One line at most every PROGRESS_EVERY_S seconds: rows done, scored tokens/s and, once a thread
+    started with the first line has counted the input, the time left."""
+
+    def __init__(self, log: Callable[[str], None] | None, count_rows: Callable[[], int]):
+        self.log, self.count_rows = log, count_rows
+        self.expected: list[int] = []
+        self.counting: threading.Thread | None = None
+        self.started = self.last_line = time.monotonic()
+
+    def update(self, tally: Tally) -> None:
+        now = time.monotonic()
+        if not self.log or now - self.last_line < PROGRESS_EVERY_S or not tally.rows:
+            return
+        if self.counting is None:  # short runs never pay for the count
+            self.counting = threading.Thread(target=lambda: self.expected.append(self.count_rows()), daemon=True)
+            self.counting.start()
+        elapsed = now - self.started
+        line = f"progress: {tally.rows:,} rows done, {tally.tokens / elapsed:,.0f} scored tokens/s"
+        if self.expected:
+            left = elapsed * max(self.expected[0] - tally.rows, 0) / tally.rows
+            line += f", {tally.rows / self.expected[0]:.0%} of {self.expected[0]:,}, about {left / 60:.0f} min left"
+        self.log(line)
+        self.last_line = now
 
 
 def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None] | None = None) -> RunResult:
-    """One run. `quiet`: Ray and Ray Data log warnings and errors only; `progress` receives a progress
-    line at most every ray_job.PROGRESS_EVERY_S seconds."""
+    """One run: plan (inputs, students, lock, what is committed), score on Ray while committing pieces,
+    then commit the run's summary. `quiet`: Ray logs warnings and up; `progress` receives progress lines."""
     started = time.perf_counter()
     input_location, files, skipped_files = expand_inputs(cfg.input.paths, cfg.storage, cfg.input.format)
     root = locate(cfg.output.path, cfg.storage)
     check_output(root)
     check_students(cfg)
     now = datetime.now(timezone.utc)
-    run_id = commit.new_run_id(now)
-    with commit.run_lock(root, run_id, cfg.output.lock_ttl_hours):
-        commit.remove_uncommitted(root)  # debris of an interrupted run is never committed
-        mode = resolve_mode(cfg.output.mode, bool(commit.manifests(root)))
+    lock = {"stale_after_s": cfg.output.lock_stale_minutes * 60, "beat_every_s": cfg.output.lock_heartbeat_seconds}
+    with OutputStore(root, new_run_id(now), **lock) as store:
+        if store.taken_over:
+            logger.warning("%s", store.taken_over)
+        mode = resolve_mode(cfg.output.mode, store.has_runs)
         ensure_ray(cfg, quiet)
         gpus = cfg.compute.gpus_per_actor
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        students = _students(cfg, root, mode)
-        run = {"run_id": run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
-        dataset = build_dataset(cfg, files, input_location, students, run, gpus)
-        count_rows = lambda: count_records(input_location.fs, files, cfg.input.format) * len(students)  # noqa: E731
-        results = run_with_progress(dataset, count_rows, progress)
-        duplicates = _duplicate_ids(results, cfg.students[0].name)
-        if duplicates:  # the first row with an id is kept; later ones are quarantined
-            results = results.map_batches(_demote_duplicates, fn_kwargs={"duplicates": duplicates}, batch_format="pyarrow").materialize()
+        students = _students(cfg, store, mode)
+        reject_paths = store.paths(store.committed_files("_rejects/")) if mode == "incremental" else []
+        known_rejects = committed_reject_keys.remote(reject_paths, store.root)
+        run = {"run_id": store.run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
+        dataset = build_dataset(cfg, files, input_location, students, duplicate_ids(cfg, files, input_location), run, gpus)
 
-        partition_by = list(cfg.output.partition_by)
-        local = _pull(results, ["student", "status", "source_file", "row_number", "reject_reason", "content_dropped", *STAT_COLUMNS, *partition_by])
-        counts = _counts(local)
-        scored = local.filter(pc.equal(local["status"], "scored"))
-        known_rejects = commit.committed_reject_keys(root) if mode == "incremental" else set()
-        rejected = local.filter(pc.equal(local["status"], "rejected"))
-        n_new_rejects = sum(key not in known_rejects for key in commit.reject_keys(rejected))
-        summary = dataset_rsr(scored, by=["student"])
-        partition_summary = dataset_rsr(scored, by=["student", *partition_by]) if partition_by else None
+        tally, checkpoints = Tally(list(cfg.output.partition_by)), Checkpoints(cfg, store, known_rejects)
+        reporter = Progress(progress, lambda: count_records(input_location.fs, files, cfg.input.format) * len(students))
+        for bundle in dataset.iter_internal_ref_bundles():
+            for ref in bundle.block_refs:
+                block = ray.get(ref)
+                tally.add(block)
+                checkpoints.add(ref, block)
+            reporter.update(tally)
+        checkpoints.commit()
 
-        committed = []
-        if scored.num_rows or n_new_rejects or mode == "overwrite":
-            summaries = {"by_student": summary, "by_partition": partition_summary}
-            staging = root.join(commit.STAGING_DIR, run_id)
-            _stage(results, cfg, staging, run_id, summaries, scored.num_rows > 0, known_rejects, n_new_rejects > 0)
+        committed = checkpoints.committed
+        if store.pieces_committed or mode == "overwrite":
+            staging = root.join(STAGING_DIR, store.run_id)
+            _write_summaries(staging, store.run_id, tally, list(cfg.output.partition_by))
             manifest = {
                 "mode": mode,
                 "started_at": now.isoformat(),
                 "students": [{"name": s["name"], "revision": s["revision"]} for s in students],
-                "counts": counts.to_pylist(),
+                "counts": tally.counts_table().to_pylist(),
                 "input_files": len(files),
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
             }
-            committed = commit.commit(root, run_id, manifest)
+            committed = committed + store.commit_run(staging, manifest)
             if mode == "overwrite":
-                commit.drop_runs_before(root, run_id)
+                store.drop_earlier_runs()
     return RunResult(
-        run_id=run_id,
+        run_id=store.run_id,
         mode=mode,
         output=root.url(),
-        counts=counts,
-        summary=summary,
-        partition_summary=partition_summary,
-        tokens_scored=int(pc.sum(scored["resp_token_length"]).as_py() or 0),
+        counts=tally.counts_table(),
+        summary=tally.summary(("student",)),
+        partition_summary=tally.summary(("student", *cfg.output.partition_by)) if cfg.output.partition_by else None,
+        tokens_scored=tally.tokens,
         wall_s=time.perf_counter() - started,
         committed_files=committed,
         skipped_files=[input_location.url(p) for p in skipped_files],
+        pieces=store.pieces_committed,
+        lock_taken_over=store.taken_over,
     )

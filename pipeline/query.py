@@ -10,18 +10,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipeline import commit
 from pipeline.aggregate import dataset_rsr
 from pipeline.config import InputConfig, StorageConfig
+from pipeline.output import committed_files
 from pipeline.errors import RowError
 from pipeline.records import content_hash, read_records, row_messages
+from pipeline.rsr import METRIC_COLUMNS
 from pipeline.storage import format_of, locate, open_corpus_file
 
 
 def latest_scores(output: str, storage: StorageConfig | None = None) -> pd.DataFrame:
     """Committed scores, newest per (sample_id, student); partition columns come from the folders."""
     root = locate(output, storage or StorageConfig())
-    files = [root.join(f).path for f in commit.committed_files(root) if f.startswith("student=")]
+    files = [root.join(f).path for f in committed_files(root) if f.startswith("student=")]
     if not files:
         raise FileNotFoundError(f"no committed scores under {root.url()}")
     dataset = pads.dataset(files, filesystem=root.arrow_fs(), format="parquet", partitioning="hive", partition_base_dir=root.path)
@@ -38,20 +39,28 @@ def select(
     top_fraction: float | None = None,
     threshold: float | None = None,
     ascending: bool = True,
+    by: str = "rank_surprisal_ratio",
+    where: dict[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Trajectories chosen by one student's rank_surprisal_ratio (lower is better by default).
+    """Trajectories chosen by one student's `by` column (lower is better by default), among the rows
+    whose columns equal `where`'s values (compared as text, case-insensitively: {"is_correct": "true"}).
 
     Exactly one of `top_k` (per group when `group_by` is given), `top_fraction` (of each group, at
-    least one row) or `threshold` (RSR at most this, or at least when descending) is set.
+    least one row) or `threshold` (`by` at most this, or at least when descending) is set.
     """
     if sum(x is not None for x in (top_k, top_fraction, threshold)) != 1:
         raise ValueError("set exactly one of top_k, top_fraction, threshold")
+    for column in [by, *(where or {})]:
+        if column not in scores.columns:
+            raise ValueError(f"no column {column!r} in the scores; have {sorted(scores.columns)}")
     mine = scores[scores["student"] == student]
     if mine.empty:
         raise ValueError(f"no scores for student {student!r}; have {sorted(scores['student'].unique())}")
-    ranked = mine.sort_values("rank_surprisal_ratio", ascending=ascending, kind="stable")
+    for column, value in (where or {}).items():
+        mine = mine[mine[column].astype(str).str.lower() == str(value).lower()]
+    ranked = mine.sort_values(by, ascending=ascending, kind="stable")
     if threshold is not None:
-        keep = ranked["rank_surprisal_ratio"] <= threshold if ascending else ranked["rank_surprisal_ratio"] >= threshold
+        keep = ranked[by] <= threshold if ascending else ranked[by] >= threshold
         return ranked[keep]
     groups = ranked.groupby(group_by, sort=False, dropna=False) if group_by else [(None, ranked)]
     parts = []
@@ -63,7 +72,8 @@ def select(
 
 def teacher_table(scores: pd.DataFrame, teacher_column: str = "source") -> pd.DataFrame:
     """Dataset-level RSR per teacher and student, ranked per student (rank 1 = most suitable)."""
-    columns = ["student", teacher_column, "resp_token_length", "avg_rank_clip", "avg_surprisal"]
+    metrics = [column for column in METRIC_COLUMNS.values() if column in scores.columns]
+    columns = ["student", teacher_column, "resp_token_length", "avg_rank_clip", "avg_surprisal", *metrics]
     table = dataset_rsr(pa.Table.from_pandas(scores[columns], preserve_index=False), by=["student", teacher_column])
     result = table.to_pandas().sort_values(["student", "rsr"])
     result.insert(2, "rank", result.groupby("student").cumcount() + 1)

@@ -7,6 +7,7 @@ Stages and the columns they add:
   tokenize  per student i: ids_i, positions_i, truncated_i, content_dropped_i, reject_reason_i,
             reject_detail_i, skipped_i
   score     per student i: resp_token_length_i, avg_rank_clip_i, avg_surprisal_i, rank_surprisal_ratio_i
+            and the companion metrics' columns (pipeline.rsr.stat_columns)
   explode   one row per (trajectory, student) with the output columns
 """
 
@@ -15,26 +16,27 @@ from __future__ import annotations
 import functools
 import json
 import os
-import threading
-import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray
+from ray.data.aggregate import Count, Min
+from ray.data.context import ShuffleStrategy
 from ray.data.datasource import FileBasedDatasource
 
-from pipeline.config import InputConfig, JobConfig, StudentConfig, token_budget
+from pipeline.config import InputConfig, JobConfig, StudentConfig, metric_names, token_budget
 from pipeline.errors import RowError
-from pipeline.commit import scored_key
+from pipeline import errors
+from pipeline.output import reject_key, scored_key
+from pipeline.rsr import stat_columns
 from pipeline.records import fallback_sample_id, parse_row, read_records
 from pipeline.spans import EncodedConversation, encode_conversation, load_tokenizer
 from pipeline.storage import Location, format_of, open_corpus_file
 from pipeline.student import ScoringOptions, Student
 
-STAT_COLUMNS = ["resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"]
 RECORDS_PER_BLOCK = 1024
-PROGRESS_EVERY_S = 10.0
 RAW_SCHEMA = pa.schema(
     [
         ("source_file", pa.string()),
@@ -94,13 +96,90 @@ def parse_batch(batch: pa.Table, input_cfg: InputConfig) -> pa.Table:
     return table
 
 
+def row_order(file_number: int, row_number: int) -> int:
+    """A row's place in (file, row number) order as one integer: an id's first row has the smallest."""
+    return file_number << 40 | row_number
+
+
+def _order_batch(batch: pa.Table, file_numbers: dict[str, int]) -> pa.Table:
+    valid = batch.filter(pc.is_valid(batch["content_hash"]))
+    order = [row_order(file_numbers[f], r) for f, r in zip(valid["source_file"].to_pylist(), valid["row_number"].to_pylist())]
+    return pa.table({"sample_id": valid["sample_id"], "order": pa.array(order, pa.int64())})
+
+
+def _repeated(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.greater(batch["count()"], 1)).select(["sample_id", "min(order)"])
+
+
+def duplicate_ids(cfg: JobConfig, files: list[str], location: Location) -> list[ray.ObjectRef]:
+    """References to tables (sample_id, min(order)) of the ids that several valid rows carry, with the
+    `row_order` of the first: a distributed group-by in Ray Data, so no process holds every id."""
+    file_numbers = {location.url(path): number for number, path in enumerate(files)}
+    ds = ray.data.read_datasource(CorpusDatasource(files, location, cfg.input.format))
+    ds = ds.map_batches(parse_batch, fn_kwargs={"input_cfg": cfg.input}, batch_format="pyarrow")
+    ds = ds.map_batches(_order_batch, fn_kwargs={"file_numbers": file_numbers}, batch_format="pyarrow")
+    # The default hash shuffle starts aggregator actors for 200 partitions: ~30 s of fixed time on a
+    # small runtime; the task-based sort shuffle costs well under a second once workers are warm.
+    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    groups = ds.groupby("sample_id").aggregate(Count(), Min("order"))
+    return groups.map_batches(_repeated, batch_format="pyarrow").to_arrow_refs()
+
+
+@functools.lru_cache(maxsize=2)
+def _first_rows(refs: tuple) -> dict[str, int]:
+    return {s: o for table in ray.get(list(refs)) for s, o in zip(table["sample_id"].to_pylist(), table["min(order)"].to_pylist())}
+
+
+def mark_duplicates(batch: pa.Table, duplicates: list, file_urls: list[str]) -> pa.Table:
+    """Quarantine every valid row whose sample_id an earlier row (in file, row number order) carries."""
+    first_rows = _first_rows(tuple(duplicates))
+    ids = batch["sample_id"].to_pylist()
+    if not first_rows or not any(i in first_rows for i in ids):
+        return batch
+    file_numbers = {url: number for number, url in enumerate(file_urls)}
+    reasons, details = batch["reject_reason"].to_pylist(), batch["reject_detail"].to_pylist()
+    rows = zip(ids, batch["source_file"].to_pylist(), batch["row_number"].to_pylist(), batch["content_hash"].to_pylist())
+    for k, (sample_id, source_file, row_number, content) in enumerate(rows):
+        first = first_rows.get(sample_id)
+        if content is not None and first is not None and first != row_order(file_numbers[source_file], row_number):
+            first_file, first_row = file_urls[first >> 40], first & ((1 << 40) - 1)
+            reasons[k], details[k] = errors.DUPLICATE_ID, f"sample_id {sample_id!r} first seen at {first_file}:{first_row}"
+    batch = batch.set_column(batch.schema.get_field_index("reject_reason"), "reject_reason", pa.array(reasons, pa.string()))
+    return batch.set_column(batch.schema.get_field_index("reject_detail"), "reject_detail", pa.array(details, pa.string()))
+
+
+@ray.remote
+def scored_keys(paths: list[str], location: Location, revision: str) -> set[str]:
+    """`scored_key` of every trajectory this student revision scored in the committed files `paths`
+    (a task: the driver never holds them)."""
+    if not paths:
+        return set()
+    table = pads.dataset(paths, filesystem=location.arrow_fs(), format="parquet").to_table(
+        columns=["sample_id", "content_hash"], filter=pads.field("student_revision") == revision
+    )
+    return {scored_key(s, h) for s, h in zip(table["sample_id"].to_pylist(), table["content_hash"].to_pylist())}
+
+
+REJECT_KEY_COLUMNS = ["student", "source_file", "row_number", "reject_reason"]
+
+
+@ray.remote
+def committed_reject_keys(paths: list[str], location: Location) -> set[str]:
+    """`reject_key` of every reject in the committed files `paths` (a task: the driver never holds them)."""
+    if not paths:
+        return set()
+    table = pads.dataset(paths, filesystem=location.arrow_fs(), format="parquet").to_table(columns=REJECT_KEY_COLUMNS)
+    return {reject_key(*key) for key in zip(*(table[c].to_pylist() for c in REJECT_KEY_COLUMNS))}
+
+
 @functools.lru_cache(maxsize=8)
 def _tokenizer(path: str, chat_template: str | None):
     return load_tokenizer(path, chat_template)
 
 
 @functools.lru_cache(maxsize=8)
-def _fetch(ref: ray.ObjectRef):
+def cached_get(ref: ray.ObjectRef):
+    """`ray.get` once per worker process for objects that many batches read (key sets)."""
     return ray.get(ref)
 
 
@@ -114,7 +193,7 @@ def tokenize_batch(
     they are marked skipped and not encoded.
     """
     tokenizer = _tokenizer(student.path, student.chat_template)
-    done = _fetch(done_ref[0])
+    done = cached_get(done_ref[0])
     keys = [scored_key(s, h) for s, h in zip(batch["sample_id"].to_pylist(), batch["content_hash"].to_pylist())]
     skipped = [key in done for key in keys]
     ids, positions, truncated, dropped, reasons, details = [], [], [], [], [], []
@@ -161,24 +240,25 @@ class ScoreActor:
         torch.set_num_threads(threads or default_torch_threads(cpus_per_actor, scoring_actors))
         self.index = index
         self.student = Student.load(student.path, dtype=student.dtype, options=options)
+        self.columns = stat_columns(options.metrics)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         i = self.index
         ids, positions = batch[f"ids_{i}"].to_pylist(), batch[f"positions_{i}"].to_pylist()
         todo = [row for row, row_ids in enumerate(ids) if row_ids is not None]
         stats = self.student.score([EncodedConversation(ids[row], positions[row], False) for row in todo])
-        columns = {name: [None] * len(ids) for name in STAT_COLUMNS}
+        columns = {name: [None] * len(ids) for name in self.columns}
         for row, row_stats in zip(todo, stats):
-            for name in STAT_COLUMNS:
+            for name in self.columns:
                 columns[name][row] = row_stats[name]
         batch = batch.drop_columns([f"ids_{i}", f"positions_{i}"])  # the tokens are not needed downstream
         types = {"resp_token_length": pa.int64()}
-        for name in STAT_COLUMNS:
+        for name in self.columns:
             batch = batch.append_column(f"{name}_{i}", pa.array(columns[name], types.get(name, pa.float64())))
         return batch
 
 
-def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str], run: dict) -> pa.Table:
+def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str], columns: list[str], run: dict) -> pa.Table:
     """One row per (trajectory, student): the output columns and a status (scored, rejected, skipped)."""
     parts = []
     n = batch.num_rows
@@ -196,7 +276,7 @@ def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str],
                     "student": pa.array([student["name"]] * n, pa.string()),
                     "student_revision": pa.array([student["revision"]] * n, pa.string()),
                     "rank_clip": pa.array([run["rank_clip"]] * n, pa.int32()),
-                    **{name: batch[f"{name}_{i}"] for name in STAT_COLUMNS},
+                    **{name: batch[f"{name}_{i}"] for name in columns},
                     "truncated": batch[f"truncated_{i}"],
                     "content_dropped": batch[f"content_dropped_{i}"],
                     "content_hash": batch["content_hash"],
@@ -213,48 +293,24 @@ def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str],
     return pa.concat_tables(parts)
 
 
-def run_with_progress(ds, count_rows: Callable[[], int], log: Callable[[str], None] | None):
-    """Execute `ds` to completion like `materialize()`, calling `log` with the rows done, the scored
-    tokens per second and, once `count_rows` has answered, the time left, at most every
-    PROGRESS_EVERY_S seconds. `count_rows` runs in a thread beside the job, started only when the job
-    outlasts the first interval (short runs never pay for it)."""
-    expected: list[int] = []
-    counting = None
-    refs, rows, tokens = [], 0, 0
-    started = last_line = time.monotonic()
-    for bundle in ds.iter_internal_ref_bundles():
-        for ref in bundle.block_refs:
-            block = ray.get(ref)
-            rows += block.num_rows
-            tokens += pc.sum(block["resp_token_length"]).as_py() or 0
-            refs.append(ref)
-        now = time.monotonic()
-        if log and now - last_line >= PROGRESS_EVERY_S and rows:
-            if counting is None:
-                counting = threading.Thread(target=lambda: expected.append(count_rows()), daemon=True)
-                counting.start()
-            elapsed = now - started
-            line = f"progress: {rows:,} rows done, {tokens / elapsed:,.0f} scored tokens/s"
-            if expected:
-                left = elapsed * max(expected[0] - rows, 0) / rows
-                line += f", {rows / expected[0]:.0%} of {expected[0]:,}, about {left / 60:.0f} min left"
-            log(line)
-            last_line = now
-    return ray.data.from_arrow_refs(refs)
-
-
-def build_dataset(cfg: JobConfig, files: list[str], location: Location, students: list[dict], run: dict, gpus: float):
+def build_dataset(
+    cfg: JobConfig, files: list[str], location: Location, students: list[dict], duplicates: list, run: dict, gpus: float
+):
     """The lazy Ray dataset of long-format results for `files`.
 
-    `students[i]` holds the name, revision and `done_ref` (keys already scored) of `cfg.students[i]`.
+    `students[i]` holds the name, revision and `done_ref` (keys already scored) of `cfg.students[i]`;
+    `duplicates` comes from `duplicate_ids`.
     """
     ds = ray.data.read_datasource(CorpusDatasource(files, location, cfg.input.format))
     ds = ds.map_batches(parse_batch, fn_kwargs={"input_cfg": cfg.input}, batch_format="pyarrow")
+    file_urls = [location.url(path) for path in files]
+    ds = ds.map_batches(mark_duplicates, fn_kwargs={"duplicates": duplicates, "file_urls": file_urls}, batch_format="pyarrow")
     options = ScoringOptions(
         rank_clip=cfg.scoring.rank_clip,
         token_budget=token_budget(cfg.scoring),
         logits_chunk_tokens=cfg.scoring.logits_chunk_tokens,
         prompt_cache_tokens=cfg.scoring.prompt_cache_tokens,
+        metrics=metric_names(cfg.scoring),
     )
     actor_args = {"options": options, "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
                   "scoring_actors": cfg.compute.actors_per_student * len(cfg.students)}  # fmt: skip
@@ -280,6 +336,7 @@ def build_dataset(cfg: JobConfig, files: list[str], location: Location, students
         fn_kwargs={
             "students": [{"name": s["name"], "revision": s["revision"]} for s in students],
             "passthrough": cfg.input.passthrough,
+            "columns": stat_columns(metric_names(cfg.scoring)),
             "run": run,
         },
         batch_format="pyarrow",

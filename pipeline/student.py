@@ -33,7 +33,8 @@ class ScoringOptions:
     rank_clip: int = 100
     token_budget: int | None = None  # padded tokens (rows x longest row) per forward pass; None: auto_token_budget
     logits_chunk_tokens: int = 256  # response positions projected to the vocabulary at a time
-    per_token: bool = False  # also return the per-token ranks and surprisals (debugging)
+    metrics: tuple[str, ...] = ("rsr",)  # pipeline.rsr.METRICS: companion columns beside RSR's
+    per_token: bool = False  # also return the per-token clipped ranks and surprisals (debugging)
     share_prompts: bool = True  # run a prompt shared by several trajectories through the body once
     min_shared_prompt: int = 16  # shorter shared prompts are not worth a separate pass
     prompt_cache_tokens: int = 16384  # shared-prompt tokens whose keys and values are held at a time
@@ -281,21 +282,24 @@ class Student:
             body_inputs.update(use_cache=False)
         hidden = self.body(**body_inputs).last_hidden_state
         # Only the positions that predict response tokens are projected to the vocabulary.
-        ranks, surprisals = project_and_score(
+        metrics = self.options.metrics
+        ranks, surprisals, entropies = project_and_score(
             hidden[rows, positions - 1],
             self.head_weight,
             self.head_bias,
             targets,
-            self.options.rank_clip,
             self.options.logits_chunk_tokens,
+            with_entropy="entropy" in metrics,
         )
         ranks, surprisals = ranks.cpu(), surprisals.cpu()
+        entropies = entropies.cpu() if entropies is not None else None
         results, start = [], 0
         for conversation, _ in batch:
             end = start + len(conversation.response_positions)
-            stats = trajectory_stats(ranks[start:end], surprisals[start:end])
+            row_entropies = entropies[start:end] if entropies is not None else None
+            stats = trajectory_stats(ranks[start:end], surprisals[start:end], self.options.rank_clip, row_entropies, metrics)
             if self.options.per_token:
-                stats["token_ranks"] = ranks[start:end].tolist()
+                stats["token_ranks"] = ranks[start:end].clamp(max=self.options.rank_clip).tolist()
                 stats["token_surprisals"] = surprisals[start:end].tolist()
             results.append(stats)
             start = end

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline import errors
 from pipeline.aggregate import dataset_rsr
 from pipeline.errors import RowError
-from pipeline.rsr import project_and_score, rank_and_surprisal, trajectory_stats
+from pipeline.rsr import METRICS, project_and_score, token_statistics, trajectory_stats
 from pipeline.spans import encode_conversation
 from pipeline.student import ScoringOptions, Student, plan_batches, shared_prompt_lengths
 from tests.reference import CHATML_MARKERS, LLAMA3_MARKERS, marker_ids, marker_positions, reference_scores
@@ -93,19 +93,21 @@ def test_template_failure_is_a_typed_error(student_dirs):
 def test_known_logits_give_known_ranks_and_surprisals():
     logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
     targets = torch.tensor([2, 3, 0])
-    rank, surprisal = rank_and_surprisal(logits, targets, rank_clip=3)
-    # row 0: only the other 3.0 ties, nothing is greater -> 1; row 1: all tie -> 1; row 2: 4 greater -> clipped 3
-    assert rank.tolist() == [1, 1, 3]
+    rank, surprisal, entropy = token_statistics(logits, targets, with_entropy=True)
+    # row 0: only the other 3.0 ties, nothing is greater -> 1; row 1: all tie -> 1; row 2: 4 greater -> 5
+    assert rank.tolist() == [1, 1, 5]
     expected = [torch.logsumexp(logits[i], 0).item() - logits[i, t].item() for i, t in enumerate(targets.tolist())]
     assert surprisal.tolist() == pytest.approx(expected, abs=1e-6)
     assert surprisal[1].item() == pytest.approx(math.log(5), abs=1e-6)
-    stats = trajectory_stats(rank, surprisal)
-    assert stats["resp_token_length"] == 3 and stats["avg_rank_clip"] == pytest.approx(5 / 3)
+    assert entropy[1].item() == pytest.approx(math.log(5), abs=1e-6)  # uniform over 5
+    stats = trajectory_stats(rank, surprisal, rank_clip=3, entropies=entropy, metrics=METRICS)
+    assert stats["resp_token_length"] == 3 and stats["avg_rank_clip"] == pytest.approx(5 / 3)  # 1, 1, clipped 3
     assert stats["rank_surprisal_ratio"] == pytest.approx(5 / sum(expected), rel=1e-6)
+    assert stats["avg_rank"] == pytest.approx(7 / 3) and stats["top1_rate"] == pytest.approx(2 / 3)
 
 
 def test_zero_surprisal_ratio_uses_the_floor():
-    stats = trajectory_stats(torch.tensor([1, 1]), torch.tensor([0.0, 0.0]))
+    stats = trajectory_stats(torch.tensor([1, 1]), torch.tensor([0.0, 0.0]), rank_clip=100)
     assert stats["rank_surprisal_ratio"] == pytest.approx(2 / 1e-12)
 
 
@@ -113,10 +115,11 @@ def test_chunked_projection_equals_full_logits():
     torch.manual_seed(0)
     hidden, weight, bias = torch.randn(37, 16), torch.randn(300, 16), torch.randn(300)
     targets = torch.randint(0, 300, (37,))
-    full_rank, full_surprisal = rank_and_surprisal(hidden @ weight.T + bias, targets, rank_clip=100)
-    rank, surprisal = project_and_score(hidden, weight, bias, targets, rank_clip=100, chunk_tokens=8)
+    full_rank, full_surprisal, full_entropy = token_statistics(hidden @ weight.T + bias, targets, with_entropy=True)
+    rank, surprisal, entropy = project_and_score(hidden, weight, bias, targets, chunk_tokens=8, with_entropy=True)
     assert torch.equal(rank, full_rank)
     torch.testing.assert_close(surprisal, full_surprisal)
+    torch.testing.assert_close(entropy, full_entropy)
 
 
 def test_plan_batches_respects_the_budget_and_covers_every_row():
@@ -237,3 +240,38 @@ def test_cpu_attention_matches_sdpa(student_dirs, corpus, monkeypatch, max_score
     for a, b in zip(*scores.values()):
         for column in STAT_COLUMNS:
             assert abs(a[column] - b[column]) <= 1e-5
+
+
+def test_companion_metrics_equal_full_logits_in_float32(student_dirs, corpus):
+    """Every metric column against full-vocabulary logits of each row alone, on rows of mixed lengths
+    with tied logits (pairs of identical rows in the vocabulary projection)."""
+    model, tokenizer = load(student_dirs["chatml"])
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[1::2] = head[0::2][: head[1::2].shape[0]]  # token 2k+1 always ties with token 2k
+    encoded = [encode_conversation(tokenizer, row["messages"]) for row in corpus]
+    got = Student(model, tokenizer, ScoringOptions(token_budget=700, metrics=METRICS), device="cpu").score(encoded)
+    n_ties = 0
+    for enc, stats in zip(encoded, got):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([enc.input_ids])).logits[0].float()
+        z = logits[[q - 1 for q in enc.response_positions]]
+        targets = torch.tensor([enc.input_ids[q] for q in enc.response_positions])
+        target_z = z.gather(1, targets[:, None])
+        n_ties += int(((z == target_z).sum(-1) > 1).sum())
+        log_p = torch.log_softmax(z, dim=-1)
+        rank = (1 + (z > target_z).sum(-1)).double()
+        token_log_p = log_p.gather(1, targets[:, None]).squeeze(1).double()
+        expected = {
+            "avg_entropy": -(log_p.exp() * log_p).sum(-1).double().mean().item(),
+            "top1_rate": (rank == 1).double().mean().item(),
+            "avg_rank": rank.mean().item(),
+            "avg_log_prob_std": token_log_p.std(correction=0).item(),
+            "avg_rank_clip": rank.clamp(max=100).mean().item(),
+            "avg_surprisal": -token_log_p.mean().item(),
+        }
+        for column, value in expected.items():
+            assert abs(stats[column] - value) <= 1e-5, (column, stats[column], value)
+    assert n_ties > 0 and len({s["top1_rate"] for s in got}) > 3
+    rsr_only = Student(model, tokenizer, ScoringOptions(token_budget=700), device="cpu").score(encoded[:3])
+    assert set(rsr_only[0]) == {"resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"}

@@ -1,0 +1,254 @@
+"""The scoring output, owned by one `OutputStore` per run: what is committed, the lock, and atomic
+commits of a run's pieces.
+
+Commit protocol: a piece of a run is written under `_staging/<piece id>/` in the final layout, its
+files are moved into place, then its manifest `_runs/<piece id>.json` is written (one object PUT,
+atomic on S3 and locally): the commit point. Only files listed in a manifest are committed; files in
+place without one are debris of an interrupted run, deleted by the next run before it starts. A run
+commits pieces `<run_id>-p0001`, `<run_id>-p0002`, ... as it goes (checkpoints), then its run manifest
+`<run_id>.json`, which says it completed and holds its counts, summaries and config.
+
+The lock `_lock.json` names its holder (run, host, process) and the time of its last heartbeat, which
+the holder renews while it runs. A new run takes it over at once when the holder is provably gone
+(same host, process not alive), else once its heartbeat is older than `stale_after_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+import threading
+import uuid
+from datetime import datetime, timezone
+
+from pipeline.storage import Location
+
+RUNS_DIR, STAGING_DIR, LOCK_FILE = "_runs", "_staging", "_lock.json"
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def scored_key(sample_id: str, content_hash: str) -> str:
+    """What incremental runs compare: a trajectory's id and its content."""
+    return f"{sample_id}/{content_hash}"
+
+
+def reject_key(student, source_file, row_number, reason) -> str:
+    """A reject's identity across runs: student, source file, row number and reason, NUL-joined."""
+    return "\x00".join(map(str, (student, source_file, row_number, reason)))
+
+
+class OutputLocked(RuntimeError):
+    """Another live run holds the output's lock."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class OutputLock:
+    """The output's lock object, held by this process and renewed by a heartbeat thread.
+
+    Taken atomically where the store allows it: an exclusive create locally, a conditional PUT
+    (`If-None-Match: *`) on S3. Renewal rewrites the object; it is not a compare-and-swap.
+    """
+
+    def __init__(self, root: Location, run_id: str, stale_after_s: float, beat_every_s: float):
+        self.location = root.join(LOCK_FILE)
+        self.root = root
+        self.holder = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid()}
+        self.stale_after_s = stale_after_s
+        self.beat_every_s = beat_every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps({**self.holder, "beat": _now().isoformat()}).encode()
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.root.fs.cat_file(self.location.path))
+        except FileNotFoundError:
+            return None
+
+    def _create(self) -> bool:
+        """Write the lock unless one exists; False when another process got there first."""
+        try:
+            if self.root.scheme == "file":
+                fd = os.open(self.location.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(self._record())
+            else:
+                self.root.fs.pipe_file(self.location.path, self._record(), mode="create")
+        except (FileExistsError, OSError) as exc:
+            if isinstance(exc, FileExistsError) or "PreconditionFailed" in str(exc) or "412" in str(exc):
+                return False
+            raise
+        return True
+
+    def _why_stale(self, other: dict) -> str | None:
+        """Why `other`'s lock may be taken over, or None while its holder may still be running."""
+        if other.get("host") == self.holder["host"] and not _process_alive(int(other.get("pid", -1))):
+            return f"its process {other.get('pid')} on {other.get('host')} is gone"
+        age = (_now() - datetime.fromisoformat(other["beat"])).total_seconds()
+        if age > self.stale_after_s:
+            return f"its last heartbeat was {age / 60:.1f} min ago"
+        return None
+
+    def acquire(self) -> str | None:
+        """Take the lock; return why an earlier holder's lock was taken over, if it was."""
+        self.root.fs.makedirs(self.root.path, exist_ok=True)
+        taken_over = None
+        for _ in range(3):  # a takeover deletes the stale lock, then races for the create like anyone
+            if self._create():
+                break
+            other = self._read()
+            if other is None:
+                continue
+            why = self._why_stale(other)
+            if why is None:
+                raise OutputLocked(
+                    f"run {other['run_id']} (process {other.get('pid')} on {other.get('host')}) holds "
+                    f"{self.root.url()}; its last heartbeat was at {other['beat']} (lock {self.location.url()})"
+                )
+            taken_over = f"took over the lock of run {other['run_id']}: {why}"
+            self.root.fs.rm(self.location.path)
+        else:
+            raise OutputLocked(f"could not take the lock {self.location.url()}: other runs keep taking it")
+        self._thread = threading.Thread(target=self._beat, name="output-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return taken_over
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.beat_every_s):
+            current = self._read()
+            if current is None or current.get("run_id") != self.holder["run_id"]:
+                return  # taken over: never overwrite another run's lock
+            self.root.fs.pipe_file(self.location.path, self._record())
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        current = self._read()
+        if current is not None and current.get("run_id") == self.holder["run_id"]:
+            self.root.fs.rm(self.location.path)
+
+
+class OutputStore:
+    """The output of one run: opened once (manifests read once), locked for the run's duration."""
+
+    def __init__(self, root: Location, run_id: str, stale_after_s: float = 300.0, beat_every_s: float = 30.0):
+        self.root = root
+        self.run_id = run_id
+        self.lock = OutputLock(root, run_id, stale_after_s, beat_every_s)
+        self.manifests: list[dict] = []
+        self.pieces_committed = 0
+        self.taken_over: str | None = None
+
+    def __enter__(self) -> "OutputStore":
+        self.taken_over = self.lock.acquire()
+        try:
+            self.manifests = read_manifests(self.root)
+            self._remove_debris()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    @property
+    def has_runs(self) -> bool:
+        return bool(self.manifests)
+
+    def committed_files(self, prefix: str = "") -> list[str]:
+        """Paths (relative to the root) of committed files starting with `prefix`."""
+        return [f for m in self.manifests for f in m["files"] if f.startswith(prefix)]
+
+    def paths(self, relative: list[str]) -> list[str]:
+        return [self.root.join(f).path for f in relative]
+
+    def _remove_debris(self) -> None:
+        """Delete files no manifest lists: debris of interrupted runs (staging included)."""
+        if not self.root.fs.exists(self.root.path):
+            return
+        committed = set(self.committed_files())
+        for path in self.root.fs.find(self.root.path):
+            relative = posixpath.relpath(path, self.root.path)
+            if relative not in committed and not relative.startswith(f"{RUNS_DIR}/") and relative != LOCK_FILE:
+                self.root.fs.rm(path)
+
+    def staging(self) -> Location:
+        """Where the next piece is written, in the final layout."""
+        return self.root.join(STAGING_DIR, f"{self.run_id}-p{self.pieces_committed + 1:04d}")
+
+    def commit_piece(self, manifest: dict) -> list[str]:
+        """Move the staged piece into place, then write its manifest; return its committed files."""
+        staging = self.staging()
+        self.pieces_committed += 1
+        return self._commit(staging, {**manifest, "run_id": self.run_id, "piece": self.pieces_committed}, staging.path.rsplit("/", 1)[-1])
+
+    def commit_run(self, staging: Location, manifest: dict) -> list[str]:
+        """The run's own manifest (summaries, totals, `completed`), after its last piece."""
+        return self._commit(staging, {**manifest, "run_id": self.run_id, "pieces": self.pieces_committed, "completed": True}, self.run_id)
+
+    def _commit(self, staging: Location, manifest: dict, name: str) -> list[str]:
+        fs = self.root.fs
+        staged = [posixpath.relpath(p, staging.path) for p in fs.find(staging.path)] if fs.exists(staging.path) else []
+        for relative in staged:
+            target = self.root.join(relative)
+            fs.makedirs(posixpath.dirname(target.path), exist_ok=True)
+            fs.mv(staging.join(relative).path, target.path)
+        manifest = {**manifest, "files": sorted(staged)}
+        write_manifest(self.root, name, manifest)
+        self.manifests.append(manifest)
+        if fs.exists(staging.path):
+            fs.rm(staging.path, recursive=True)
+        return sorted(staged)
+
+    def drop_earlier_runs(self) -> None:
+        """Overwrite mode: remove every other run's files and manifests once this run completed."""
+        for m in [m for m in self.manifests if m["run_id"] != self.run_id]:
+            for f in m["files"]:
+                self.root.fs.rm(self.root.join(f).path)
+        for path in self.root.fs.ls(self.root.join(RUNS_DIR).path, detail=False):
+            if not posixpath.basename(path).startswith(self.run_id):
+                self.root.fs.rm(path)
+        self.manifests = [m for m in self.manifests if m["run_id"] == self.run_id]
+
+
+def read_manifests(root: Location) -> list[dict]:
+    """Committed pieces and runs, oldest first."""
+    runs_dir = root.join(RUNS_DIR)
+    if not root.fs.exists(runs_dir.path):
+        return []
+    paths = sorted(p for p in root.fs.ls(runs_dir.path, detail=False) if p.endswith(".json"))
+    return [json.loads(root.fs.cat_file(p)) for p in paths]
+
+
+def committed_files(root: Location) -> list[str]:
+    """Paths (relative to the root) of every committed file, for readers outside a run."""
+    return [f for m in read_manifests(root) for f in m["files"]]
+
+
+def write_manifest(root: Location, name: str, manifest: dict) -> None:
+    """The commit point of a piece or run: until this object exists, none of its files count."""
+    root.fs.makedirs(root.join(RUNS_DIR).path, exist_ok=True)
+    root.fs.pipe_file(root.join(RUNS_DIR, f"{name}.json").path, json.dumps(manifest, indent=1).encode())

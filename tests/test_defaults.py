@@ -1,0 +1,49 @@
+"""Defaults that fit the hardware, and quiet output, as a user gets them with nothing configured."""
+
+import os
+import subprocess
+import sys
+
+import ray
+import yaml
+
+from pipeline.config import load_config, token_budget
+from pipeline.ray_job import default_torch_threads
+from pipeline.student import CPU_TOKEN_BUDGET, ScoringOptions, Student
+from tests.conftest import REPO
+
+
+def test_resolved_defaults_on_a_cpu_only_runtime(ray_runtime, tmp_path, student_dirs):
+    config = tmp_path / "minimal.yaml"
+    config.write_text(yaml.safe_dump({"input": {"paths": ["x.jsonl"]}, "students": [{"name": "s", "path": "p"}]}))
+    cfg = load_config(config)
+    assert cfg.compute.torch_threads is None and cfg.scoring.token_budget == "auto"
+    assert ray.cluster_resources().get("GPU", 0) == 0
+
+    # Threads: resolved where an actor runs, from its node's CPUs and the scoring actors that fit there.
+    scoring_actors = cfg.compute.actors_per_student * len(cfg.students)
+    resolve = ray.remote(num_cpus=cfg.compute.cpus_per_actor)(default_torch_threads)
+    threads = ray.get(resolve.remote(cfg.compute.cpus_per_actor, scoring_actors))
+    assert threads == len(os.sched_getaffinity(0))  # one actor gets every CPU of the node, not 1
+    assert ray.get(resolve.remote(cfg.compute.cpus_per_actor, 2)) == max(1, threads // 2)
+
+    # Token budget: auto is the measured CPU best once the student is on the CPU.
+    student = Student.load(str(student_dirs["chatml"]), device="cpu", options=ScoringOptions(token_budget=token_budget(cfg.scoring)))
+    assert student.options.token_budget == CPU_TOKEN_BUDGET == 2048
+
+
+def test_the_demo_is_quiet_on_a_non_tty(tmp_path, student_dirs, corpus_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"paths": [str(corpus_path)], "passthrough": ["source"]},
+        "students": [{"name": "tiny", "path": str(student_dirs["chatml"])}],
+        "output": {"path": str(tmp_path / "out"), "partition_by": ["source"]},
+    }))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_LOGGING_CONFIG")}
+    done = subprocess.run([sys.executable, "-m", "jobs.score", "--config", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert " INFO " not in output and "Loading weights" not in output
+    assert "read  scored  rejected  skipped  content_dropped" in done.stdout  # the run summary as before
+    assert "dataset-level RSR" in done.stdout and "committed" in done.stdout
