@@ -29,7 +29,6 @@ METRICS = {
 
 def _png(fig) -> str:
     buffer = io.BytesIO()
-    fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
@@ -64,7 +63,7 @@ def metric_comparison(mine: pd.DataFrame, teachers: pd.DataFrame, teacher_column
         "<div class='pair'>" + across_teachers.to_html(float_format=lambda x: f"{x:.3f}")
         + across_trajectories.to_html(float_format=lambda x: f"{x:.3f}") + "</div>",
     ]  # fmt: skip
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
     for ax, (title, matrix) in zip(axes, [("across teachers", across_teachers), ("across trajectories", across_trajectories)]):
         image = ax.imshow(matrix.to_numpy(), vmin=-1, vmax=1, cmap="coolwarm")
         ax.set(title=f"Spearman, {title}", xticks=range(len(metrics)), yticks=range(len(metrics)))
@@ -81,7 +80,7 @@ def metric_comparison(mine: pd.DataFrame, teachers: pd.DataFrame, teacher_column
             f"({int(correct.sum())} correct, {int((~correct).sum())} incorrect; 0.5 = no separation).</p>",
             aucs.to_frame().to_html(float_format=lambda x: f"{x:.3f}"),
         ]  # fmt: skip
-        fig, ax = plt.subplots(figsize=(8, 0.4 * len(metrics) + 1.5))
+        fig, ax = plt.subplots(figsize=(8, 0.4 * len(metrics) + 1.5), layout="constrained")
         ax.barh(metrics, aucs.to_numpy())
         ax.axvline(0.5, color="grey", linestyle="--")
         ax.set(xlim=(0, 1), xlabel="AUC (correct vs incorrect)", title="separation of correct trajectories")
@@ -93,7 +92,7 @@ def metric_comparison(mine: pd.DataFrame, teachers: pd.DataFrame, teacher_column
 def _distribution_png(scores: pd.DataFrame, student: str, teacher_column: str, order: list[str]) -> str:
     mine = scores[scores["student"] == student]
     values = [mine.loc[mine[teacher_column] == t, "rank_surprisal_ratio"].to_numpy() for t in order]
-    fig, (hist, box) = plt.subplots(1, 2, figsize=(12, 0.5 * len(order) + 3))
+    fig, (hist, box) = plt.subplots(1, 2, figsize=(12, 0.5 * len(order) + 3), layout="constrained")
     for teacher, v in zip(order, values):
         hist.hist(v, bins=30, histtype="step", linewidth=1.5, label=str(teacher))
     hist.set(title=f"{student}: rank_surprisal_ratio per trajectory", xlabel="RSR (lower = more suitable)", ylabel="trajectories")
