@@ -4,6 +4,7 @@ and stage the long-format results (one row per trajectory and student) for the c
 Stages and the columns they add:
   read      source_file, row_number, text, reject_reason, reject_detail
   parse     sample_id, content_hash, messages_json, passthrough columns
+  dedupe    later rows of a repeated sample_id become duplicate_id rejects (ids from a Ray Data group-by)
   tokenize  per student i: ids_i, positions_i, truncated_i, content_dropped_i, reject_reason_i,
             reject_detail_i, skipped_i
   score     per student i: resp_token_length_i, avg_rank_clip_i, avg_surprisal_i, rank_surprisal_ratio_i
@@ -26,12 +27,12 @@ from ray.data.aggregate import Count, Min
 from ray.data.context import ShuffleStrategy
 from ray.data.datasource import FileBasedDatasource
 
+from pipeline import errors
 from pipeline.config import InputConfig, JobConfig, StudentConfig, metric_names, token_budget
 from pipeline.errors import RowError
-from pipeline import errors
 from pipeline.output import reject_key, scored_key
-from pipeline.rsr import stat_columns
 from pipeline.records import fallback_sample_id, parse_row, read_records
+from pipeline.rsr import stat_columns
 from pipeline.spans import EncodedConversation, encode_conversation, load_tokenizer
 from pipeline.storage import Location, format_of, open_corpus_file
 from pipeline.student import ScoringOptions, Student

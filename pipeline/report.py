@@ -59,9 +59,9 @@ def metric_comparison(mine: pd.DataFrame, teachers: pd.DataFrame, teacher_column
     parts = [
         "<h3>Teachers ranked by each metric (1 = most suitable)</h3>",
         ranked.sort_values(metrics[0]).to_html(classes="ranks"),
-        "<h3>Spearman correlation between metrics</h3><p>across teachers (dataset-level values) and across trajectories</p>",
-        "<div class='pair'>" + across_teachers.to_html(float_format=lambda x: f"{x:.3f}")
-        + across_trajectories.to_html(float_format=lambda x: f"{x:.3f}") + "</div>",
+        "<h3>Spearman correlation between metrics</h3>",
+        "<p>across teachers (dataset-level values)</p>" + across_teachers.to_html(float_format=lambda x: f"{x:.3f}"),
+        "<p>across trajectories</p>" + across_trajectories.to_html(float_format=lambda x: f"{x:.3f}"),
     ]  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
     for ax, (title, matrix) in zip(axes, [("across teachers", across_teachers), ("across trajectories", across_trajectories)]):
@@ -119,7 +119,7 @@ def render_report(
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>RSR teacher report</title>"
         "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} img{max-width:100%} .pair table{display:inline-table;margin-right:2em}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} img{max-width:100%}"
         "</style></head><body>"
         "<h1>Teacher selection by Rank-Surprisal Ratio</h1>"
         f"<p>{len(scores)} scored trajectories. Dataset-level RSR = sum of avg_rank_clip / sum of avg_surprisal; "
