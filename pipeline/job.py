@@ -169,9 +169,6 @@ class Tally:
     def groupings(self) -> list[tuple]:
         return [("student",), ("student", *self.partition_by)] if self.partition_by else [("student",)]
 
-    def count(self, status: str) -> int:
-        return sum(c[status] for c in self.counts.values())
-
     def counts_table(self) -> pa.Table:
         return pa.Table.from_pylist([{"student": s, **self.counts[s]} for s in sorted(self.counts)])
 
@@ -183,25 +180,33 @@ class Tally:
 
 class Checkpoints:
     """The run's results streamed into pieces, each committed to the output when it holds
-    `output.checkpoint_rows` rows per student or is `output.checkpoint_minutes` old."""
+    `output.checkpoint_rows` rows per student or is `output.checkpoint_minutes` old. A piece's counts
+    are the run's `tally` now less the tally at the last committed piece (a stretch with nothing to write,
+    such as rows all skipped, commits nothing and is counted by the next piece and the run manifest)."""
 
-    def __init__(self, cfg: JobConfig, store: OutputStore, known_rejects: ray.ObjectRef):
-        self.cfg, self.store, self.known_rejects = cfg, store, known_rejects
+    def __init__(self, cfg: JobConfig, store: OutputStore, known_rejects: ray.ObjectRef, tally: Tally):
+        self.cfg, self.store, self.known_rejects, self.tally = cfg, store, known_rejects, tally
         self.max_rows = cfg.output.checkpoint_rows * len(cfg.students)  # long format: a row per student
         self.max_age_s = cfg.output.checkpoint_minutes * 60
         self.committed: list[str] = []
+        self.counts_before: dict[str, dict[str, int]] = {}
         self._start_piece()
 
     def _start_piece(self) -> None:
         self.refs: list[ray.ObjectRef] = []
-        self.tally = Tally(list(self.cfg.output.partition_by))
+        self.rows_before = self.tally.rows
         self.started = time.monotonic()
 
-    def add(self, ref: ray.ObjectRef, block: pa.Table) -> None:
+    def add(self, ref: ray.ObjectRef) -> None:
+        """Add a block the run's tally has counted."""
         self.refs.append(ref)
-        self.tally.add(block)
-        if self.tally.rows >= self.max_rows or time.monotonic() - self.started >= self.max_age_s:
+        if self.tally.rows - self.rows_before >= self.max_rows or time.monotonic() - self.started >= self.max_age_s:
             self.commit()
+
+    def _piece_counts(self) -> list[dict]:
+        before = lambda student: self.counts_before.get(student, dict.fromkeys(COUNT_COLUMNS, 0))  # noqa: E731
+        return [{"student": student, **{k: n - before(student)[k] for k, n in counts.items()}}
+                for student, counts in sorted(self.tally.counts.items())]  # fmt: skip
 
     def commit(self) -> None:
         """Write the piece's scores and new rejects to staging and commit them (nothing to write: no piece)."""
@@ -212,17 +217,19 @@ class Checkpoints:
         write_args = {"filesystem": staging.arrow_fs(), "filename_provider": FilenameProvider(dataset_uuid=name, file_format="parquet")}
         piece = ray.data.from_arrow_refs(self.refs)
         partition_by = list(self.cfg.output.partition_by)
+        counts = self._piece_counts()
         wrote = False
-        if self.tally.count("scored"):
+        if sum(c["scored"] for c in counts):
             piece.map_batches(_scores_batch, fn_kwargs={"columns": score_columns(self.cfg), "partition_by": partition_by},
                               batch_format="pyarrow").write_parquet(staging.path, partition_cols=["student", *partition_by], **write_args)  # fmt: skip
             wrote = True
-        if self.tally.count("rejected"):
+        if sum(c["rejected"] for c in counts):
             rejects = staging.join("_rejects", f"run_id={self.store.run_id}")
             piece.map_batches(_rejects_batch, fn_kwargs={"known": [self.known_rejects]}, batch_format="pyarrow").write_parquet(rejects.path, **write_args)
             wrote = staging.fs.exists(rejects.path) or wrote
         if wrote:
-            self.committed += self.store.commit_piece({"counts": self.tally.counts_table().to_pylist()})
+            self.committed += self.store.commit_piece({"counts": counts})
+            self.counts_before = {student: dict(c) for student, c in self.tally.counts.items()}
         self._start_piece()
 
 
@@ -298,13 +305,14 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         run = {"run_id": store.run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
         dataset = build_dataset(cfg, files, input_location, students, duplicate_ids(cfg, files, input_location), run, gpus)
 
-        tally, checkpoints = Tally(list(cfg.output.partition_by)), Checkpoints(cfg, store, known_rejects)
+        tally = Tally(list(cfg.output.partition_by))
+        checkpoints = Checkpoints(cfg, store, known_rejects, tally)
         reporter = Progress(progress, lambda: count_records(input_location.fs, files, cfg.input.format) * len(students))
         for bundle in dataset.iter_internal_ref_bundles():
             for ref in bundle.block_refs:
                 block = ray.get(ref)
                 tally.add(block)
-                checkpoints.add(ref, block)
+                checkpoints.add(ref)
             reporter.update(tally)
         checkpoints.commit()
 

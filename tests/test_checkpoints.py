@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.job import run_job
-from pipeline.output import LOCK_FILE, OutputLock, OutputLocked, committed_files
+from pipeline.output import LOCK_FILE, OutputLock, OutputLocked, committed_files, read_manifests
 from pipeline.storage import locate
 from tests.conftest import REPO, make_corpus, write_jsonl
 from tests.test_job import job_config
@@ -95,6 +95,11 @@ def test_a_killed_driver_loses_at_most_one_checkpoint(where, ray_runtime, tmp_pa
     n, distinct = duckdb.sql(f"SELECT count(*), count(DISTINCT (sample_id, student)) FROM read_parquet('{glob}')").fetchall()[0]
     assert n == distinct == N_ROWS  # every row once, in a plain glob read
     assert resumed.pieces >= 2
+    pieces = [m for m in read_manifests(root) if m["run_id"] == resumed.run_id and "piece" in m]
+    piece_counts = {status: sum(c[status] for m in pieces for c in m["counts"]) for status in ("read", "scored", "skipped")}
+    assert piece_counts["scored"] == counts["scored"]  # every scored row is in a piece's counts
+    # a final stretch of skipped rows writes nothing: the run manifest alone counts it
+    assert counts["read"] - piece_counts["read"] == counts["skipped"] - piece_counts["skipped"] >= 0
 
 
 def dead_pid() -> int:
