@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -88,9 +89,9 @@ def run_side(argv: list[str], threads: int) -> dict:
     return {**merged, "wall_s": wall, "e2e_tokens_per_s": merged["tokens"] / wall}
 
 
-def run_job(student: Path, corpus: Path, out: Path, dtype: str) -> float:
+def run_job(student: Path, corpus: Path, out: Path, dtype: str) -> tuple[float, int]:
     """Wall time of the default-settings scoring job (`python -m jobs.score`, local Ray started by the
-    job, model load and commit included) on `corpus`."""
+    job, model load and commit included) on `corpus`, and the response tokens it scored."""
     import yaml
 
     config = out.with_suffix(".yaml")
@@ -105,7 +106,8 @@ def run_job(student: Path, corpus: Path, out: Path, dtype: str) -> float:
     done = subprocess.run([sys.executable, "-m", "jobs.score", "--config", str(config)], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"the job failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return wall, int(re.search(r"^(\d+) response tokens scored", done.stdout, re.MULTILINE).group(1))
 
 
 def long_rows(path: Path, tokenizer_dir: Path, limit: int, low: int = 2000, high: int = 8000) -> list[dict]:
@@ -177,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             pipeline("float32", args.parity_limit, tmp / "ours32.jsonl")
             ref, ours = read_rsr(tmp / "ref32.jsonl", "rsr"), read_rsr(tmp / "ours32.jsonl", "rsr")
             parity = max(abs(ref[k] - ours[k]) for k in ref)
-        job_wall = run_job(student, corpus, tmp / "job", args.dtype) if args.job else None
+        job_wall, job_tokens = run_job(student, corpus, tmp / "job", args.dtype) if args.job else (None, None)
         all_metrics = pipeline(args.dtype, args.limit, tmp / "all.jsonl", METRICS) if args.metrics_cost else None
 
     ref, ours = sides["reference"], sides["pipeline"]
     assert ref["tokens"] == ours["tokens"], "both sides must score the same response tokens"
+    assert job_tokens in (None, ref["tokens"]), f"the job scored {job_tokens} response tokens, the reference {ref['tokens']}"
     corpus_name = "AMC23 answers of 2k-8k tokens" if args.long else args.corpus.name
     print(f"\n{args.limit} rows of {corpus_name}, {ours['tokens']} response tokens, {args.dtype}, {args.threads} threads, "
           f"random-weight student of {args.model_config.name}; reference at batch size {args.reference_batch_size}, "

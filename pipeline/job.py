@@ -22,9 +22,9 @@ from ray.data.datasource import FilenameProvider
 from pipeline.aggregate import combine_sums, group_sums, summary_from_sums
 from pipeline.config import ConfigError, JobConfig, metric_names
 from pipeline.errors import RowError
-from pipeline.output import STAGING_DIR, OutputStore, new_run_id, reject_key
+from pipeline.output import STAGING_DIR, OutputStore, new_run_id
 from pipeline.ray_job import (
-    REJECT_KEY_COLUMNS, build_dataset, cached_get, committed_reject_keys, duplicate_ids, scored_keys
+    build_dataset, cached_get, committed_reject_keys, duplicate_ids, reject_keys, scored_keys
 )  # fmt: skip
 from pipeline.records import count_records
 from pipeline.rsr import stat_columns
@@ -35,7 +35,6 @@ from pipeline.student import model_revision
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0
 COUNT_COLUMNS = ["read", "scored", "rejected", "skipped", "content_dropped"]
-
 
 
 def score_columns(cfg: JobConfig) -> list[str]:
@@ -136,8 +135,7 @@ def _rejects_batch(batch: pa.Table, known: list) -> pa.Table:
     `known` holds the reference to their keys."""
     rejected = batch.filter(pc.equal(batch["status"], "rejected"))
     known_keys = cached_get(known[0])
-    keys = zip(*(rejected[c].to_pylist() for c in REJECT_KEY_COLUMNS))
-    is_new = [reject_key(*key) not in known_keys for key in keys]
+    is_new = [key not in known_keys for key in reject_keys(rejected)]
     return rejected.filter(pa.array(is_new, pa.bool_())).select(REJECT_COLUMNS)
 
 
@@ -172,9 +170,7 @@ class Tally:
     def counts_table(self) -> pa.Table:
         return pa.Table.from_pylist([{"student": s, **self.counts[s]} for s in sorted(self.counts)])
 
-    def summary(self, by: tuple) -> pa.Table | None:
-        if by not in self.groupings():
-            return None
+    def summary(self, by: tuple) -> pa.Table:
         return summary_from_sums(self.sums[by], by) if by in self.sums else pa.table({key: pa.array([], pa.string()) for key in by})
 
 
@@ -213,8 +209,8 @@ class Checkpoints:
         if not self.refs:
             return
         staging = self.store.staging()
-        name = staging.path.rsplit("/", 1)[-1]
-        write_args = {"filesystem": staging.arrow_fs(), "filename_provider": FilenameProvider(dataset_uuid=name, file_format="parquet")}
+        name_files = FilenameProvider(dataset_uuid=self.store.piece_name, file_format="parquet")
+        write_args = {"filesystem": staging.arrow_fs(), "filename_provider": name_files}
         piece = ray.data.from_arrow_refs(self.refs)
         partition_by = list(self.cfg.output.partition_by)
         counts = self._piece_counts()
@@ -246,13 +242,11 @@ def _students(cfg: JobConfig, store: OutputStore, mode: str) -> list[dict]:
     return students
 
 
-def _write_summaries(staging: Location, run_id: str, tally: Tally, partition_by: list[str]) -> None:
+def _write_summaries(staging: Location, run_id: str, tally: Tally) -> None:
     directory = staging.join("_summary", f"run_id={run_id}")
     staging.fs.makedirs(directory.path, exist_ok=True)
-    for name, by in (("by_student", ("student",)), ("by_partition", ("student", *partition_by))):
-        table = tally.summary(by) if name == "by_student" or partition_by else None
-        if table is not None:
-            pq.write_table(table, directory.join(f"{name}.parquet").path, filesystem=staging.arrow_fs())
+    for name, by in zip(("by_student", "by_partition"), tally.groupings()):
+        pq.write_table(tally.summary(by), directory.join(f"{name}.parquet").path, filesystem=staging.arrow_fs())
 
 
 class Progress:
@@ -319,7 +313,7 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         committed = checkpoints.committed
         if store.pieces_committed or mode == "overwrite":
             staging = root.join(STAGING_DIR, store.run_id)
-            _write_summaries(staging, store.run_id, tally, list(cfg.output.partition_by))
+            _write_summaries(staging, store.run_id, tally)
             manifest = {
                 "mode": mode,
                 "started_at": now.isoformat(),

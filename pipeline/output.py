@@ -195,15 +195,20 @@ class OutputStore:
             if relative not in committed and not relative.startswith(f"{RUNS_DIR}/") and relative != LOCK_FILE:
                 self.root.fs.rm(path)
 
+    @property
+    def piece_name(self) -> str:
+        """The next piece's id: its staging folder, manifest and file-name prefix."""
+        return f"{self.run_id}-p{self.pieces_committed + 1:04d}"
+
     def staging(self) -> Location:
         """Where the next piece is written, in the final layout."""
-        return self.root.join(STAGING_DIR, f"{self.run_id}-p{self.pieces_committed + 1:04d}")
+        return self.root.join(STAGING_DIR, self.piece_name)
 
     def commit_piece(self, manifest: dict) -> list[str]:
         """Move the staged piece into place, then write its manifest; return its committed files."""
-        staging = self.staging()
+        staging, name = self.staging(), self.piece_name
         self.pieces_committed += 1
-        return self._commit(staging, {**manifest, "run_id": self.run_id, "piece": self.pieces_committed}, staging.path.rsplit("/", 1)[-1])
+        return self._commit(staging, {**manifest, "run_id": self.run_id, "piece": self.pieces_committed}, name)
 
     def commit_run(self, staging: Location, manifest: dict) -> list[str]:
         """The run's own manifest (summaries, totals, `completed`), after its last piece."""

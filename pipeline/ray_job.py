@@ -164,13 +164,18 @@ def scored_keys(paths: list[str], location: Location, revision: str) -> set[str]
 REJECT_KEY_COLUMNS = ["student", "source_file", "row_number", "reject_reason"]
 
 
+def reject_keys(table: pa.Table) -> list[str]:
+    """`reject_key` of each row of a table with the REJECT_KEY_COLUMNS."""
+    return [reject_key(*key) for key in zip(*(table[c].to_pylist() for c in REJECT_KEY_COLUMNS))]
+
+
 @ray.remote
 def committed_reject_keys(paths: list[str], location: Location) -> set[str]:
     """`reject_key` of every reject in the committed files `paths` (a task: the driver never holds them)."""
     if not paths:
         return set()
     table = pads.dataset(paths, filesystem=location.arrow_fs(), format="parquet").to_table(columns=REJECT_KEY_COLUMNS)
-    return {reject_key(*key) for key in zip(*(table[c].to_pylist() for c in REJECT_KEY_COLUMNS))}
+    return set(reject_keys(table))
 
 
 @functools.lru_cache(maxsize=8)

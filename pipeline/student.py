@@ -20,7 +20,7 @@ from pipeline.spans import EncodedConversation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Padded tokens per forward pass on CPU: 1024-2048 are fastest on SmolLM2-135M shapes (4096 is 20%
-# slower, 16384 2x slower: activations leave the cache); README "Performance".
+# slower: activations leave the cache); README "Defaults and the numbers behind them".
 CPU_TOKEN_BUDGET = 2048
 # On GPU, the budget fills this fraction of the memory left free after loading the student with one
 # layer's activations (the rest: logits chunks, attention workspace, allocator slack).
