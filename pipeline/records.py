@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from pipeline import errors
 from pipeline.config import InputConfig
 from pipeline.errors import RowError
-from pipeline.spans import validate_messages
+from pipeline.spans import canonical_messages, validate_messages
 from pipeline.storage import format_of, open_corpus_file
 
 BOM = b"\xef\xbb\xbf"
@@ -102,22 +102,13 @@ def read_records(f: BinaryIO, fmt: str) -> Iterator[RawRecord]:
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def _canonical_message(message: Any) -> Any:
-    """`{role, content}` plus `reasoning_content` when the message has reasoning; a ShareGPT turn
-    (`{from, value}`) becomes the same. Anything malformed is passed on for `validate_messages` to name."""
-    if not isinstance(message, dict):
-        return message
-    if "role" not in message and "from" in message:
+def _from_sharegpt(message: Any) -> Any:
+    """A ShareGPT turn (`{from, value}`) as `{role, content}`; anything else as it is."""
+    if isinstance(message, dict) and "role" not in message and "from" in message:
         source = message["from"]
         role = SHAREGPT_ROLES.get(source, source) if isinstance(source, str) else source
         return {"role": role, "content": message.get("value")}
-    canonical = {"role": message.get("role"), "content": message.get("content")}
-    reasoning = message.get("reasoning_content")
-    if reasoning is None:
-        reasoning = message.get("thinking")
-    if reasoning is not None and reasoning != "":
-        canonical["reasoning_content"] = reasoning
-    return canonical
+    return message
 
 
 def _field(row: dict, name: str, reason: str, what: str, required: bool = True) -> str | None:
@@ -156,8 +147,8 @@ def row_messages(row: dict, cfg: InputConfig) -> list[dict]:
         looked_for = [cfg.messages_field, *([cfg.prompt_field] if cfg.prompt_field else []), "conversations"]
         raise RowError(errors.MISSING_MESSAGES, f"row has none of the fields {looked_for}")
     if isinstance(messages, list):
-        messages = [_canonical_message(m) for m in messages]
-    return validate_messages(messages)
+        messages = [_from_sharegpt(m) for m in messages]
+    return validate_messages(canonical_messages(messages))
 
 
 def count_records(fs, paths: list[str], configured_format: str) -> int:

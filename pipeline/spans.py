@@ -1,27 +1,37 @@
 """Response spans: which tokens of a chat-template encoding are the bodies of assistant turns.
 
-Definition (the official RSR code's marker scan): for every assistant turn, the response tokens are
-what the student's chat template renders for that turn after the turn's header (`<|im_start|>assistant\n`,
-`<|start_header_id|>assistant<|end_header_id|>\n\n`, ...) up to, not including, its end-of-turn marker.
-That includes what the template itself writes into the turn: a think block built from
-`reasoning_content`, an empty think block it inserts.
+Definition (the official RSR code's marker scan, generalized): for every assistant turn, the response
+tokens are what the student's chat template renders for that turn after each assistant message header
+(`<|im_start|>assistant\n`, `<|start_header_id|>assistant<|end_header_id|>\n\n`, `<|start|>assistant`)
+up to, not including, the marker that ends the message (`<|im_end|>`, `<|eot_id|>`; harmony's `<|end|>`,
+`<|return|>`, `<|call|>`). That includes what the template itself writes into the turn: a think block
+built from `reasoning_content`, an empty think block it inserts, harmony's channel tokens, a tool call.
+A turn is a run of consecutive assistant messages; where the template writes one turn as several
+messages (harmony: `analysis`, then `commentary` or `final`), every message is scored, its header and
+its end marker are not. Templates with no assistant header (`[INST] ... [/INST]answer</s>`) start the
+body where the preceding message's rendering ends.
 
-The header and end-of-turn marker are read off the template itself by rendering a probe conversation
-(no table of known templates): the header is what the generation prompt and a rendered assistant turn
-have in common, the end marker is the special token that follows the turn's text. Each turn is then
-found in the real rendering by scanning for them, starting where the rendering of the conversation
-before the turn ends, so text in a user message can never pass for a turn.
+Everything is read off the template itself by rendering probe conversations (no table of known
+templates): the header is what the generation prompt and a rendered assistant turn have in common;
+the end markers are the special tokens that follow a final reply, an earlier reply, reasoning and a
+tool call; a document closer (Phi's `<|endoftext|>`) is what a render without a generation prompt
+appends and the prompted render lacks. Each turn is then found in the real rendering by scanning,
+starting where the rendering of the conversation before the turn ends, so text in a user or tool
+message can never pass for a turn.
 
 Two ways to treat reasoning that a template drops (DeepSeek-R1-Distill drops every think block,
 Qwen3 and QwQ drop them from earlier turns, most templates ignore `reasoning_content`):
   template  score what the template renders, and flag the row `content_dropped`;
-  keep      score every turn's reasoning and content as given: the template's generation prompt at
-            that point of the conversation, the reasoning as a think block, the content, the end marker.
+  keep      score every turn's reasoning and content as given. Templates that render a final turn's
+            reasoning field (Qwen3 `reasoning_content`, gpt-oss `thinking` as the analysis channel)
+            render each turn that way, as the final turn of the conversation up to it; others get the
+            template's generation prompt, the reasoning as a `<think>` block, the content, the end marker.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -32,6 +42,8 @@ from pipeline.errors import RowError
 KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "ipython"})
 REASONING_MODES = ("template", "keep")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# Message keys that reach the template besides role and content (agentic rows).
+TOOL_KEYS = ("tool_calls", "name", "tool_call_id")
 
 # Templates for students that ship none (base models), by name: `students[i].chat_template: chatml`.
 BUILTIN_TEMPLATES = {
@@ -48,6 +60,12 @@ BUILTIN_TEMPLATES = {
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
 }
+# Texts on which a loaded tokenizer must encode exactly as its own tokenizer.json does: newline runs
+# before digits, runs of spaces, CJK, emoji, mixed scripts.
+TOKENIZER_PROBES = (
+    "x\n\n3 apples", "Total:\n\n\n42.\n 7", "a  b   c    d", "\t\tindent\n    code()", "你好，世界。日本語のテキスト",
+    "emoji 🙂👍🏽 and ZWJ 👨‍👩‍👧", "Ünïcödé façade naïve – “quotes”", "1234567890 + 0.5e-3 = x^2\n\n\n\n5",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,7 +74,7 @@ class EncodedConversation:
     # Positions q of response tokens; the logits at q - 1 predict them. Always 0 < q < len(input_ids).
     response_positions: list[int]
     truncated: bool
-    # The template left out text of an assistant message (reasoning="template" only).
+    # The template left out text of an assistant message.
     content_dropped: bool = False
 
 
@@ -64,10 +82,19 @@ class EncodedConversation:
 class TurnMarkers:
     """How a template writes an assistant turn, read off the template by `turn_markers`."""
 
-    header: str  # opens the turn: "<|im_start|>assistant\n"
-    end: str  # closes it: "<|im_end|>"; "" when the template closes turns with whitespace only
-    after_body: str  # everything written after a turn's body: "<|im_end|>\n"
+    header: str  # opens an assistant message: "<|im_start|>assistant\n"; "" for [INST] templates
+    ends: tuple[str, ...]  # end-of-message markers, a final turn's first: ("<|im_end|>",); () when whitespace closes turns
+    earlier_end: str  # the marker that ends a turn others follow: harmony's "<|end|>" where a final one gets "<|return|>"
+    after_body: str  # everything a final turn's render writes after its body: "<|im_end|>\n"
     generation_prompt: str  # what add_generation_prompt appends: "<|im_start|>assistant\n<think>\n" (QwQ)
+    closer: str  # what a render without a generation prompt appends at the very end: Phi's "<|endoftext|>"
+    opener: str  # headerless templates: what ends the message before an assistant turn: " [/INST]"
+    renders_reasoning: bool  # a final assistant turn's reasoning field is rendered (Qwen3, gpt-oss)
+
+    @property
+    def end(self) -> str:
+        """The marker that ends a final turn ("" when whitespace closes turns)."""
+        return self.ends[0] if self.ends else ""
 
 
 def load_chat_template(spec: str) -> str:
@@ -78,18 +105,98 @@ def load_chat_template(spec: str) -> str:
         return f.read()
 
 
+class TokenizerMismatch(ValueError):
+    """The loaded tokenizer does not encode as the model's own tokenizer.json."""
+
+
+def _reference_tokenizer(path: str):
+    """The model's tokenizer.json applied by the `tokenizers` library, or None when it ships none."""
+    from tokenizers import Tokenizer
+    from transformers.utils import cached_file
+
+    file = cached_file(path, "tokenizer.json", _raise_exceptions_for_missing_entries=False)
+    return Tokenizer.from_file(file) if file else None
+
+
+def _mismatch(tokenizer, reference) -> str | None:
+    for text in TOKENIZER_PROBES:
+        got = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if got != reference.encode(text, add_special_tokens=False).ids:
+            return f"{text!r} -> {tokenizer.convert_ids_to_tokens(got)}"
+    return None
+
+
 def load_tokenizer(path: str, chat_template: str | None = None):
-    """The student's tokenizer, with `chat_template` (see `load_chat_template`) instead of its own when set."""
-    from transformers import AutoTokenizer
+    """The student's tokenizer, encoding exactly as its own tokenizer.json does, with `chat_template`
+    (see `load_chat_template`) instead of its own when set.
+
+    transformers 5 rebuilds some tokenizer classes from their vocabulary and drops the file's
+    pre-tokenizer (SmolLM2's `GPT2Tokenizer`: "x\\n\\n3" becomes x, Ċ, Ċ, 3 instead of x, ĊĊ, 3); such a
+    tokenizer is loaded through the file itself instead. Raises TokenizerMismatch when neither way
+    reproduces the file on TOKENIZER_PROBES.
+    """
+    from transformers import AutoTokenizer, TokenizersBackend
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    reference = _reference_tokenizer(path)
+    if reference is not None and _mismatch(tokenizer, reference):
+        tokenizer = TokenizersBackend.from_pretrained(path)
+        if problem := _mismatch(tokenizer, reference):
+            raise TokenizerMismatch(f"the tokenizer of {path!r} does not encode as its tokenizer.json: {problem}")
     if chat_template:
         tokenizer.chat_template = load_chat_template(chat_template)
     return tokenizer
 
 
+def _text_content(content: Any, i: int) -> Any:
+    """A message's content as text: a list of parts (OpenAI and HF multimodal messages) is the join of
+    its text parts; any other part cannot be scored as text."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text":
+            raise RowError(errors.UNSUPPORTED_CONTENT_PART, f"message {i} has a content part of type {str(kind)[:40]!r}")
+        if not isinstance(part.get("text"), str):
+            raise RowError(errors.NON_STRING_CONTENT, f"message {i} has a text part without a string text")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def canonical_messages(messages: Any) -> Any:
+    """Messages as templates read them: `{role, content}`, `reasoning_content` when the message has
+    reasoning (given as `reasoning_content` or `thinking`), and the tool keys as given when present;
+    content parts joined. Anything malformed is passed on for `validate_messages` to name."""
+    if not isinstance(messages, list):
+        return messages
+    canonical = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            canonical.append(message)
+            continue
+        entry = {"role": message.get("role"), "content": _text_content(message.get("content"), i)}
+        reasoning = message.get("reasoning_content")
+        if reasoning is None:
+            reasoning = message.get("thinking")
+        if reasoning is not None and reasoning != "":
+            entry["reasoning_content"] = reasoning
+        for key in TOOL_KEYS:
+            if message.get(key) is not None:
+                entry[key] = message[key]
+        canonical.append(entry)
+    return canonical
+
+
+def _check_tool_calls(calls: Any, i: int) -> None:
+    if not isinstance(calls, list) or not all(
+        isinstance(c, dict) and isinstance((c.get("function") or c).get("name"), str) for c in calls
+    ):
+        raise RowError(errors.BAD_MESSAGE, f"message {i} tool_calls is not a list of calls with a function name")
+
+
 def validate_messages(messages: Any) -> list[dict]:
-    """Check the shape of a `messages` value; raise RowError naming the first problem."""
+    """Check the shape of canonical messages; raise RowError naming the first problem."""
     if messages is None:
         raise RowError(errors.MISSING_MESSAGES, "row has no messages")
     if not isinstance(messages, list):
@@ -104,6 +211,8 @@ def validate_messages(messages: Any) -> list[dict]:
         if role not in KNOWN_ROLES:
             raise RowError(errors.UNKNOWN_ROLE, f"message {i} has unknown role {role[:40]!r}")
         content = message.get("content")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            content = ""  # a tool call alone: its content may be null
         if not isinstance(content, str):
             raise RowError(
                 errors.NON_STRING_CONTENT, f"message {i} ({role}) content is {type(content).__name__}, not a string"
@@ -113,8 +222,10 @@ def validate_messages(messages: Any) -> list[dict]:
             raise RowError(
                 errors.NON_STRING_REASONING, f"message {i} reasoning is {type(reasoning).__name__}, not a string"
             )
+        if "tool_calls" in message:
+            _check_tool_calls(message["tool_calls"], i)
         if role == "assistant":
-            if not content.strip() and not (reasoning or "").strip():
+            if not content.strip() and not (reasoning or "").strip() and not message.get("tool_calls"):
                 raise RowError(errors.EMPTY_ASSISTANT_CONTENT, f"assistant message {i} is empty")
             n_assistant += 1
     if n_assistant == 0:
@@ -123,11 +234,12 @@ def validate_messages(messages: Any) -> list[dict]:
 
 
 def split_reasoning(message: dict) -> tuple[str, str]:
-    """(reasoning, answer) of an assistant message: its `reasoning_content`, else an inline think block
-    (everything before the last `</think>`, the opening tag removed), else no reasoning."""
-    content = message["content"]
-    if message.get("reasoning_content"):
-        return message["reasoning_content"], content
+    """(reasoning, answer) of an assistant message: its `reasoning_content` (or `thinking`), else an
+    inline think block (everything before the last `</think>`, the opening tag removed), else no reasoning."""
+    content = message["content"] or ""
+    reasoning = message.get("reasoning_content") or message.get("thinking")
+    if reasoning:
+        return reasoning, content
     if THINK_CLOSE not in content:
         return "", content
     reasoning, _, answer = content.rpartition(THINK_CLOSE)
@@ -141,43 +253,133 @@ def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) ->
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja raises arbitrary exceptions (raise_exception(), TypeError, ...)
-        raise RowError(errors.TEMPLATE_ERROR, f"chat template failed: {type(exc).__name__}: {exc}") from exc
+        error = exc
+    # A tool call's null content reaches the template as given (DeepSeek tests for none); a template that
+    # fails on it (gpt-oss) gets an empty string instead.
+    if any(m.get("content") is None for m in messages):
+        try:
+            empty = [{**m, "content": ""} if m.get("content") is None else m for m in messages]
+            return tokenizer.apply_chat_template(empty, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception:
+            pass
+    raise RowError(errors.TEMPLATE_ERROR, f"chat template failed: {type(error).__name__}: {error}") from error
 
 
-PROBE_QUESTION, PROBE_REPLY = "Probe question 7", "Probe reply 9"
+PROBE_QUESTION, PROBE_REPLY, PROBE_EARLIER_REPLY = "Probe question 7", "Probe reply 9", "Probe reply 8"
+PROBE_REASONING, PROBE_ARGUMENT, PROBE_RESULT = "Probe reasoning 6", "Probe value 3", "Probe result 5"
 _MARKERS: dict[tuple[int, str], TurnMarkers] = {}
 
 
 def turn_markers(tokenizer) -> TurnMarkers:
-    """Read the assistant header and end-of-turn marker off the tokenizer's chat template (cached)."""
+    """Read the assistant turn format off the tokenizer's chat template (cached)."""
     key = (id(tokenizer), tokenizer.chat_template)
     if key not in _MARKERS:
         _MARKERS[key] = _probe_markers(tokenizer)
     return _MARKERS[key]
 
 
+def _special_tokens(tokenizer) -> list[str]:
+    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+
+
+def _marker_at(tokenizer, text: str, at: int) -> str | None:
+    """The longest added token that starts at `text[at]`."""
+    found = [t for t in tokenizer.get_added_vocab() if t and text.startswith(t, at)]
+    return max(found, key=len) if found else None
+
+
+def _optional_render(tokenizer, messages: list[dict]) -> str | None:
+    """The rendering of a probe that a template may not support (tool calls, a second round)."""
+    try:
+        return _render(tokenizer, messages, add_generation_prompt=False)
+    except RowError:
+        return None
+
+
+def _end_after(tokenizer, messages: list[dict], text: str) -> str | None:
+    """The added token right after `text` in the probe `messages`' rendering, if the template renders it."""
+    rendered = _optional_render(tokenizer, messages)
+    if rendered is None or text not in rendered:
+        return None
+    return _marker_at(tokenizer, rendered, rendered.index(text) + len(text))
+
+
+def _tool_call_end(tokenizer, question: list[dict], known_ends: list[str]) -> str | None:
+    """The marker that ends a tool call: the first special token after its arguments, unless a known
+    end marker comes first (the call then sits inside an ordinary turn, as in ChatML templates)."""
+    arguments = json.dumps({"probe_argument": PROBE_ARGUMENT})  # OpenAI's shape: JSON text
+    call = {"type": "function", "id": "probe_call", "function": {"name": "probe_tool", "arguments": arguments}}
+    rendered = _optional_render(tokenizer, [
+        *question, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "name": "probe_tool", "tool_call_id": "probe_call", "content": PROBE_RESULT},
+        {"role": "assistant", "content": PROBE_REPLY},
+    ])  # fmt: skip
+    if not rendered or PROBE_RESULT not in rendered or PROBE_ARGUMENT not in rendered[: rendered.index(PROBE_RESULT)]:
+        return None
+    result_at = rendered.index(PROBE_RESULT)
+    after_call = rendered[rendered.rindex(PROBE_ARGUMENT, 0, result_at) : result_at]
+    if any(marker in after_call for marker in known_ends):
+        return None
+    specials = sorted((after_call.find(t), t) for t in _special_tokens(tokenizer) if t in after_call)
+    return specials[0][1] if specials else None
+
+
 def _probe_markers(tokenizer) -> TurnMarkers:
     question = [{"role": "user", "content": PROBE_QUESTION}]
     before = _render(tokenizer, question, add_generation_prompt=False)
     prompted = _render(tokenizer, question, add_generation_prompt=True)
-    answered = _render(tokenizer, [*question, {"role": "assistant", "content": PROBE_REPLY}], add_generation_prompt=False)
-    if not (prompted.startswith(before) and answered.startswith(before)) or PROBE_REPLY not in answered[len(before) :]:
+    answer = {"role": "assistant", "content": PROBE_REPLY}
+    answered = _render(tokenizer, [*question, answer], add_generation_prompt=False)
+    # The conversation so far, without what a render that asks for no generation appends at the end.
+    closer = next((t for t in ["", *_special_tokens(tokenizer)] if before.endswith(t) and prompted.startswith(before[: len(before) - len(t)])), None)
+    context = before[: len(before) - len(closer)] if closer is not None else None
+    if context is None or not answered.startswith(context) or PROBE_REPLY not in answered[len(context) :]:
         raise RowError(errors.TEMPLATE_ERROR, "cannot read the assistant turn format off the chat template")
-    generation_prompt = prompted[len(before) :]
-    turn = answered[len(before) :]
+    generation_prompt = prompted[len(context) :]
+    turn = answered[len(context) :]
     reply_at = turn.index(PROBE_REPLY)
     # Up to the generation prompt's first difference: QwQ's prompt also opens a think block, Qwen3's
     # rendered turn inserts an empty one; neither belongs to the header.
     header = os.path.commonprefix([generation_prompt, turn[:reply_at]]) or turn[:reply_at]
-    if not header.strip():
-        raise RowError(errors.TEMPLATE_ERROR, "the chat template writes no header before an assistant turn")
+    opener = ""
+    if not header.strip():  # no assistant header: the body follows what ends the previous message
+        header = ""
+        opener = context[context.rindex(PROBE_QUESTION) + len(PROBE_QUESTION) :] if PROBE_QUESTION in context else ""
+        if not opener.strip():
+            raise RowError(errors.TEMPLATE_ERROR, "the chat template marks neither an assistant turn nor the end of a user turn")
     after_body = turn[reply_at + len(PROBE_REPLY) :]
-    special = [t for t in tokenizer.get_added_vocab() if t and after_body.startswith(t)]
-    end = max(special, key=len) if special else after_body.strip()
-    return TurnMarkers(header, end, after_body, generation_prompt)
+    final_end = _marker_at(tokenizer, turn, reply_at + len(PROBE_REPLY))
+    if final_end is None and after_body.strip():
+        final_end = after_body.strip()
+    reasoned = [*question, {**answer, "reasoning_content": PROBE_REASONING}]
+    ends, earlier_end = [], final_end or ""
+    if final_end:  # else whitespace closes turns
+        earlier_end = _end_after(tokenizer, [*question, {**answer, "content": PROBE_EARLIER_REPLY}, *question, answer], PROBE_EARLIER_REPLY) or final_end
+        ends = [final_end, earlier_end, _end_after(tokenizer, reasoned, PROBE_REASONING)]
+        ends.append(_tool_call_end(tokenizer, question, [e for e in ends if e]))
+    rendered_reasoning = _optional_render(tokenizer, reasoned)
+    return TurnMarkers(
+        header=header,
+        ends=tuple(dict.fromkeys(e for e in ends if e)),
+        earlier_end=earlier_end,
+        after_body=after_body,
+        generation_prompt=generation_prompt,
+        closer=closer,
+        opener=opener,
+        renders_reasoning=bool(rendered_reasoning and PROBE_REASONING in rendered_reasoning),
+    )
 
 
-def _prefix_length(tokenizer, messages: Sequence[dict], text: str) -> int:
+@dataclass(frozen=True)
+class Turn:
+    """A run of consecutive assistant messages as rendered: their bodies and where the turn ends."""
+
+    messages: list[int]  # indices into the conversation
+    bodies: list[tuple[int, int]]  # (start, end) in the rendering of every message body of the turn
+    end: int  # just after its last end marker
+
+
+def _prefix_length(tokenizer, messages: Sequence[dict], text: str, markers: TurnMarkers) -> int:
     """Where the rendering of `messages` ends inside `text`, or 0 where it is not a prefix of it
     (templates that render earlier turns differently once more follow)."""
     if not messages:
@@ -186,47 +388,96 @@ def _prefix_length(tokenizer, messages: Sequence[dict], text: str) -> int:
         prefix = _render(tokenizer, messages, add_generation_prompt=False)
     except RowError:
         return 0
+    prefix = prefix.removesuffix(markers.closer)
     return len(prefix) if text.startswith(prefix) else 0
 
 
-def _turn_spans(tokenizer, messages: Sequence[dict], text: str, markers: TurnMarkers) -> list[tuple[int, int, int]]:
-    """(body start, body end, turn end) in `text` of every assistant turn of `messages`."""
-    spans, cursor = [], 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+def _next_end(text: str, start: int, ends: Sequence[str]) -> tuple[int, str] | None:
+    found = [(at, marker) for marker in ends if (at := text.find(marker, start)) >= 0]
+    return min(found, key=lambda f: (f[0], -len(f[1]))) if found else None
+
+
+def _prompted_length(tokenizer, messages: Sequence[dict], text: str) -> int:
+    """Where the rendering of `messages` with the generation prompt ends inside `text`, or 0."""
+    try:
+        prompted = _render(tokenizer, messages, add_generation_prompt=True)
+    except RowError:
+        return 0
+    return len(prompted) if text.startswith(prompted) else 0
+
+
+def _turn_start(tokenizer, messages: Sequence[dict], i: int, text: str, cursor: int, markers: TurnMarkers) -> int:
+    """Where the body of the first message of the turn at message `i` starts: after its header; where
+    the template writes no header for it, where the template's generation prompt at that point ends
+    (DeepSeek after a tool result) or after what ends the message before it ([INST] templates)."""
+    after_context = max(cursor, _prefix_length(tokenizer, messages[:i], text, markers))
+    prompted_end = _prompted_length(tokenizer, messages[:i], text) if i else 0
+    if markers.header:
+        start = text.find(markers.header, after_context)
+        if start >= 0 and (prompted_end <= cursor or start < prompted_end):
+            return start + len(markers.header)
+    if prompted_end > cursor:
+        return prompted_end
+    if not markers.header and (start := text.find(markers.opener, cursor)) >= 0:
+        return start + len(markers.opener)
+    raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: the start of its turn is not rendered")
+
+
+def _turns(tokenizer, messages: Sequence[dict], text: str, markers: TurnMarkers) -> list[Turn]:
+    """Every assistant turn of `messages` in `text`."""
+    turns, cursor, i = [], 0, 0
+    while i < len(messages):
+        if messages[i]["role"] != "assistant":
+            i += 1
             continue
-        start = text.find(markers.header, max(cursor, _prefix_length(tokenizer, messages[:i], text)))
-        if start < 0:
-            raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: turn header {markers.header!r} not rendered")
-        body_start = start + len(markers.header)
-        if markers.end:
-            body_end = text.find(markers.end, body_start)
-            if body_end < 0:
-                raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: end of turn {markers.end!r} not rendered")
-            turn_end = body_end + len(markers.end)
+        run = [i]
+        while run[-1] + 1 < len(messages) and messages[run[-1] + 1]["role"] == "assistant":
+            run.append(run[-1] + 1)
+        body_start = _turn_start(tokenizer, messages, i, text, cursor, markers)
+        # The turn never runs past where the rendering of the conversation up to it ends (when that
+        # rendering is a prefix): a template may write no end marker (DeepSeek's tool calls).
+        bound = _prefix_length(tokenizer, messages[: run[-1] + 1], text, markers)
+        if markers.ends:
+            bodies = []
+            while True:
+                found = _next_end(text, body_start, markers.ends)
+                if bound and (found is None or found[0] >= bound):
+                    bodies.append((body_start, bound))
+                    turn_end = bound
+                    break
+                if found is None:
+                    raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: no end of turn {list(markers.ends)} rendered")
+                bodies.append((body_start, found[0]))
+                turn_end = found[0] + len(found[1])
+                # The turn goes on while the template writes another assistant message right after.
+                resume = len(text) - len(text[turn_end:].lstrip())
+                if not markers.header or not text.startswith(markers.header, resume) or (bound and resume >= bound):
+                    break
+                body_start = resume + len(markers.header)
         else:  # whitespace closes turns: the turn ends where the next message's rendering starts
-            turn_end = _prefix_length(tokenizer, messages[: i + 1], text) or len(text)
+            turn_end = bound or len(text)
             body_end = turn_end - len(markers.after_body) if text[:turn_end].endswith(markers.after_body) else turn_end
             if body_end < body_start:
                 raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: turn not found in the rendering")
-        spans.append((body_start, body_end, turn_end))
-        cursor = turn_end
-    return spans
+            bodies = [(body_start, body_end)]
+        turns.append(Turn(run, bodies, turn_end))
+        cursor, i = turn_end, run[-1] + 1
+    return turns
 
 
-def _dropped_text(messages: Sequence[dict], text: str, spans: Sequence[tuple[int, int, int]]) -> bool:
-    """Whether some assistant message's reasoning or answer is missing from its rendered turn body."""
-    assistant = [m for m in messages if m["role"] == "assistant"]
-    for message, (body_start, body_end, _) in zip(assistant, spans):
-        body = text[body_start:body_end]
-        if any(piece.strip() not in body for piece in split_reasoning(message)):
-            return True
+def _dropped_text(messages: Sequence[dict], text: str, turns: Sequence[Turn]) -> bool:
+    """Whether some assistant message's reasoning or answer is missing from its rendered turn."""
+    for turn in turns:
+        body = "".join(text[start:end] for start, end in turn.bodies)
+        for i in turn.messages:
+            if any(piece.strip() not in body for piece in split_reasoning(messages[i])):
+                return True
     return False
 
 
 def _kept_body(message: dict, opened_think: bool) -> str:
     """A turn body with the message's reasoning as a think block and its content, as given."""
-    content = message["content"]
+    content = message["content"] or ""
     if message.get("reasoning_content"):
         block = message["reasoning_content"].strip("\n") + f"\n{THINK_CLOSE}\n\n"
         return (block if opened_think else f"{THINK_OPEN}\n{block}") + content.lstrip("\n")
@@ -237,23 +488,53 @@ def _kept_body(message: dict, opened_think: bool) -> str:
     return content if THINK_CLOSE in content else f"\n{THINK_CLOSE}\n\n{content}"
 
 
-def _kept_conversation(tokenizer, messages: Sequence[dict], markers: TurnMarkers) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation with every assistant turn written as the student would have generated it:
-    the template's context and generation prompt, then the kept body, then the end-of-turn marker."""
-    opened_think = THINK_OPEN in markers.generation_prompt[len(markers.header) :]
-    text, spans = "", []
-    assistant_indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    for k, i in enumerate(assistant_indices):
-        context = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else markers.generation_prompt
-        if not context.endswith(markers.generation_prompt):
-            raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: the generation prompt differs from the probe's")
-        if k:  # the template's rendering of the messages since the previous assistant turn
-            context = context[_turn_spans(tokenizer, messages[:i], context, markers)[-1][2] :]
-        body_start = len(text) + len(context) - len(markers.generation_prompt) + len(markers.header)
-        text += context + _kept_body(messages[i], opened_think)
-        spans.append((body_start, len(text)))
-        text += markers.end or markers.after_body
-    return text, spans
+def _with_reasoning_field(message: dict) -> dict:
+    """The message with an inline think block moved into its reasoning field."""
+    reasoning, answer = split_reasoning(message)
+    if not reasoning:
+        return message
+    return {**message, "content": answer.lstrip("\n"), "reasoning_content": reasoning.strip("\n")}
+
+
+def _kept_turn(tokenizer, messages: Sequence[dict], i: int, markers: TurnMarkers) -> tuple[str, list[tuple[int, int]], int]:
+    """The conversation up to assistant message `i` as the student would have generated turn `i`,
+    the turn's bodies in it, and where the turn before it ends in it (0 for the first)."""
+    follows_assistant = i > 0 and messages[i - 1]["role"] == "assistant"
+    if (markers.renders_reasoning or messages[i].get("tool_calls")) and not follows_assistant:
+        # The template's own rendering of the turn as the final one, reasoning in its reasoning field.
+        conversation = [*messages[:i], _with_reasoning_field(messages[i])]
+        text = _render(tokenizer, conversation, add_generation_prompt=False)
+        turns = _turns(tokenizer, conversation, text, markers)
+        return text[: turns[-1].end], turns[-1].bodies, turns[-2].end if len(turns) > 1 else 0
+    # The template's generation prompt at this point: after its header, what it writes (QwQ's `<think>\n`)
+    # is part of the body, as in a rendered turn; a prompt without the header is context.
+    context = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else markers.generation_prompt
+    so_far = _render(tokenizer, messages[:i], add_generation_prompt=False).removesuffix(markers.closer) if i else ""
+    if not context.startswith(so_far):
+        raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: the generation prompt is not appended to the conversation")
+    prompt = context[len(so_far) :]
+    body_start = len(so_far) + len(markers.header) if prompt.startswith(markers.header) else len(context)
+    previous_end = _turns(tokenizer, messages[:i], context, markers)[-1].end if any(m["role"] == "assistant" for m in messages[:i]) else 0
+    opened_think = THINK_OPEN in context[body_start:]
+    text = context + _kept_body(messages[i], opened_think)
+    return text + (markers.end or markers.after_body), [(body_start, len(text))], previous_end
+
+
+def _kept_conversation(tokenizer, messages: Sequence[dict], markers: TurnMarkers) -> tuple[str, list[Turn]]:
+    """The conversation with every assistant message rendered as the student would have generated it
+    (`_kept_turn`), each after the template's rendering of the messages since the previous one."""
+    text, turns = "", []
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        turn_text, bodies, previous_end = _kept_turn(tokenizer, messages, i, markers)
+        if i < last and markers.end and turn_text.endswith(markers.end):  # later turns follow it
+            turn_text = turn_text.removesuffix(markers.end) + markers.earlier_end
+        shift = len(text) - previous_end
+        text += turn_text[previous_end:]
+        turns.append(Turn([i], [(start + shift, end + shift) for start, end in bodies], len(text)))
+    return text, turns
 
 
 def encode_conversation(
@@ -261,35 +542,34 @@ def encode_conversation(
 ) -> EncodedConversation:
     """Encode `messages` with the tokenizer's chat template and find the response token positions.
 
-    `reasoning`: "template" scores what the template renders (flagging dropped text), "keep" every
-    turn's reasoning and content as given (see the module docstring). Rows longer than `max_model_len`
-    keep the first `max_model_len` tokens and are flagged truncated, or raise RowError(too_long) when
-    `truncate` is False.
+    `messages` may carry reasoning as `reasoning_content` or `thinking`, tool calls and tool results,
+    and content as a list of text parts. `reasoning`: "template" scores what the template renders,
+    "keep" every turn's reasoning and content as given (see the module docstring); both flag text the
+    template left out. Rows longer than `max_model_len` keep the first `max_model_len` tokens and are
+    flagged truncated, or raise RowError(too_long) when `truncate` is False.
     """
     if reasoning not in REASONING_MODES:
         raise ValueError(f"reasoning must be one of {REASONING_MODES}, got {reasoning!r}")
-    messages = validate_messages(messages)
+    messages = validate_messages(canonical_messages(messages))
     markers = turn_markers(tokenizer)
     if reasoning == "keep":
-        text, spans = _kept_conversation(tokenizer, messages, markers)
-        content_dropped = False
+        text, turns = _kept_conversation(tokenizer, messages, markers)
     else:
         text = _render(tokenizer, messages, add_generation_prompt=False)
-        turns = _turn_spans(tokenizer, messages, text, markers)
-        spans = [(start, end) for start, end, _ in turns]
-        content_dropped = _dropped_text(messages, text, turns)
+        turns = _turns(tokenizer, messages, text, markers)
+    content_dropped = _dropped_text(messages, text, turns)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
     offsets = encoding["offset_mapping"]
     token_ends = [end for _, end in offsets]
 
     positions: list[int] = []
-    for char_start, char_end in spans:
+    for char_start, char_end in (body for turn in turns for body in turn.bodies):
         # Offsets are non-decreasing, so bisect to the first token that ends inside the span; a token
         # that merges header text with the body's first characters carries body text and counts.
         q = bisect.bisect_right(token_ends, char_start)
         while q < len(input_ids) and offsets[q][0] < char_end:
-            if q > 0:
+            if q > 0 and (not positions or q > positions[-1]):
                 positions.append(q)
             q += 1
 

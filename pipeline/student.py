@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from pipeline.rsr import project_and_score, trajectory_stats
-from pipeline.spans import EncodedConversation
+from pipeline.spans import EncodedConversation, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Padded tokens per forward pass on CPU: 1024-2048 are fastest on SmolLM2-135M shapes (4096 is 20%
@@ -175,7 +175,7 @@ class Student:
         device = device or default_device()
         attention = attention_for(device)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), attn_implementation=attention)
-        return cls(model, AutoTokenizer.from_pretrained(path), options, device)
+        return cls(model, load_tokenizer(path), options, device)
 
     @torch.inference_mode()
     def score(self, conversations: Sequence[EncodedConversation]) -> list[dict]:

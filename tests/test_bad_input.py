@@ -38,6 +38,10 @@ JSONL_ROWS = [
     (line({"id": "null", "messages": [USER, {"role": "assistant", "content": None}]}), "non_string_content"),
     (line({"id": "number", "messages": [USER, {"role": "assistant", "content": 42}]}), "non_string_content"),
     (line({"id": "parts", "messages": [USER, {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]}),
+     "scored"),  # text parts are joined
+    (line({"id": "image", "messages": [USER, {"role": "assistant", "content": [{"type": "image_url", "image_url": {}}]}]}),
+     "unsupported_content_part"),
+    (line({"id": "text-part", "messages": [USER, {"role": "assistant", "content": [{"type": "text"}]}]}),
      "non_string_content"),
     (line({"id": "no-assistant", "messages": [USER]}), "no_assistant_turn"),
     (line({"id": "empty", "messages": [USER, {"role": "assistant", "content": " \n"}]}), "empty_assistant_content"),
@@ -99,4 +103,5 @@ def test_rows_longer_than_max_model_len_can_be_rejected(ray_runtime, tmp_path, b
     overrides = ["scoring.max_model_len=512", "scoring.on_too_long=reject"]
     cfg = job_config(tmp_path, [str(root / "rows.jsonl")], str(out), {"tiny": student_dirs["chatml"]}, overrides)
     run_job(cfg)
-    assert outcomes(out)[("rows.jsonl", 17)] == "too_long"
+    very_long = next(n for n, (raw, _) in enumerate(JSONL_ROWS, start=1) if b'"very-long"' in raw)
+    assert outcomes(out)[("rows.jsonl", very_long)] == "too_long"

@@ -83,7 +83,33 @@ def shaped_corpus(tmp_path_factory, corpus):
     (root / "c.jsonl.xz").write_bytes(lzma.compress(jsonl_bytes(parts[2])))
     (root / "d.json.bz2").write_bytes(bz2.compress(json.dumps(parts[3]).encode()))
     assert all(parts) and sharegpt and prompt_response
-    return root, {r["id"]: r for r in rows}, bad
+    agentic = agentic_rows(corpus[30:34])
+    (root / "agentic.jsonl").write_bytes(jsonl_bytes(agentic))
+    return root, {r["id"]: r for r in [*rows, *agentic]}, bad
+
+
+def agentic_rows(rows: list[dict]) -> list[dict]:
+    """Tool-calling trajectories (a call with null content, its result, the answer) and content parts."""
+    shaped = []
+    for k, row in enumerate(rows):
+        user, *_, answer = row["messages"]
+        call = {"id": f"call_{k}", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"q": user["content"][:20]})}}
+        if k % 2:
+            messages = [{"role": "user", "content": [{"type": "text", "text": user["content"]}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": part} for part in answer["content"].split(" ")]}]  # fmt: skip
+        else:
+            messages = [user, {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "name": "lookup", "tool_call_id": f"call_{k}", "content": "a result"}, answer]  # fmt: skip
+        shaped.append({**row, "id": f"agentic-{k}", "messages": messages})
+    return shaped
+
+
+def test_the_content_hash_covers_tool_calls(corpus):
+    [row] = agentic_rows(corpus[:1])
+    messages = row_messages(row, InputConfig(paths=["-"]))
+    assert messages[1]["tool_calls"] and messages[2]["tool_call_id"] == "call_0"
+    without_call = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
+    assert content_hash(messages) != content_hash(without_call)
 
 
 def test_one_job_scores_every_shape_as_the_same_rows_given_as_messages(tmp_path, ray_runtime, student_dirs, shaped_corpus):
