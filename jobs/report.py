@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import StorageConfig
-from pipeline.query import latest_scores, teacher_table
+from pipeline.query import fingerprint_mixes, latest_scores, teacher_table
 from pipeline.report import render_report
 
 
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     scores = latest_scores(args.scores, StorageConfig(endpoint_url=args.endpoint_url))
+    for warning in fingerprint_mixes(scores):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.teacher_column not in scores.columns:
         print(f"error: no column {args.teacher_column!r} in the scores ({list(scores.columns)})", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig, StorageConfig, load_config
-from pipeline.query import latest_scores, original_rows, select
+from pipeline.query import fingerprint_mixes, latest_scores, original_rows, select
 from pipeline.storage import locate
 
 
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     storage = StorageConfig(endpoint_url=args.endpoint_url)
     scores = latest_scores(args.scores, storage)
+    for warning in fingerprint_mixes(scores[scores["student"] == args.student]):
+        print(f"warning: {warning}", file=sys.stderr)
     try:
         where = dict(condition.split("=", 1) for condition in args.where if "=" in condition)
         if len(where) != len(args.where):

@@ -20,9 +20,9 @@ from omegaconf import OmegaConf
 from ray.data.datasource import FilenameProvider
 
 from pipeline.aggregate import combine_sums, group_sums, summary_from_sums
-from pipeline.config import ConfigError, JobConfig, metric_names
+from pipeline.config import ConfigError, JobConfig, StudentConfig, metric_names
 from pipeline.errors import RowError
-from pipeline.output import STAGING_DIR, OutputStore, new_run_id
+from pipeline.output import STAGING_DIR, OutputStore, new_run_id, scoring_fingerprint
 from pipeline.ray_job import (
     build_dataset, cached_get, committed_reject_keys, duplicate_ids, reject_keys, scored_keys
 )  # fmt: skip
@@ -40,7 +40,8 @@ COUNT_COLUMNS = ["read", "scored", "rejected", "skipped", "content_dropped"]
 def score_columns(cfg: JobConfig) -> list[str]:
     """The score files' columns, passthrough columns after sample_id."""
     return [
-        "sample_id", *cfg.input.passthrough, "student", "student_revision", "rank_clip", *stat_columns(metric_names(cfg.scoring)),
+        "sample_id", *cfg.input.passthrough, "student", "student_revision", "scoring_fingerprint", "reasoning_mode", "dtype",
+        "rank_clip", *stat_columns(metric_names(cfg.scoring)),
         "truncated", "content_dropped", "content_hash", "run_id", "scored_at", "source_file", "row_number",
     ]  # fmt: skip
 
@@ -80,9 +81,11 @@ def partition_value(value):
     return text
 
 
-def check_students(cfg: JobConfig) -> None:
-    """Before Ray starts: each student's tokenizer loads, has a chat template and one whose assistant
-    turns can be found (a base model ships none: every row would be rejected)."""
+def check_students(cfg: JobConfig) -> list[str]:
+    """Before Ray starts: each student's tokenizer loads (and encodes as its tokenizer.json), has a chat
+    template and one whose assistant turns can be found (a base model ships none: every row would be
+    rejected). Returns each student's effective chat template."""
+    templates = []
     for i, student in enumerate(cfg.students):
         where = f"students.{i} ({student.name})"
         try:
@@ -98,6 +101,8 @@ def check_students(cfg: JobConfig) -> None:
             turn_markers(tokenizer)
         except RowError as exc:
             raise ConfigError(f"{where}: unusable chat template: {exc.detail}") from exc
+        templates.append(tokenizer.chat_template)
+    return templates
 
 
 def ensure_ray(cfg: JobConfig, quiet: bool) -> None:
@@ -229,16 +234,31 @@ class Checkpoints:
         self._start_piece()
 
 
-def _students(cfg: JobConfig, store: OutputStore, mode: str) -> list[dict]:
-    """Name, revision and (a reference to) the keys each student revision already scored, read by a Ray task."""
+def scoring_settings(cfg: JobConfig, student: StudentConfig, revision: str, chat_template: str, gpus: float) -> dict:
+    """Everything that changes a student's numbers. The tokenizer's files are part of the revision (a
+    hash of the model directory's files, or the hub commit); `auto` dtype is resolved as the actor will."""
+    dtype = student.dtype if student.dtype != "auto" else ("bfloat16" if gpus else "float32")
+    s = cfg.scoring
+    return {
+        "student_revision": revision, "chat_template": chat_template, "reasoning": s.reasoning, "rank_clip": s.rank_clip,
+        "max_model_len": s.max_model_len, "on_too_long": s.on_too_long, "metrics": list(metric_names(s)), "dtype": dtype,
+    }  # fmt: skip
+
+
+def _students(cfg: JobConfig, store: OutputStore, mode: str, templates: list[str], gpus: float) -> list[dict]:
+    """Per student: name, revision, scoring settings and their fingerprint, and (a reference to) the keys
+    already scored with that fingerprint, read by a Ray task."""
     students = []
-    for s in cfg.students:
+    for s, template in zip(cfg.students, templates):
         try:
             revision = model_revision(s.path)
         except FileNotFoundError as exc:
             raise ConfigError(f"students.{s.name}: {exc}") from exc
+        settings = scoring_settings(cfg, s, revision, template, gpus)
+        fingerprint = scoring_fingerprint(settings)
         paths = store.paths(store.committed_files(f"student={s.name}/")) if mode == "incremental" else []
-        students.append({"name": s.name, "revision": revision, "done_ref": scored_keys.remote(paths, store.root, revision)})
+        done_ref = scored_keys.remote(paths, store.root, fingerprint)
+        students.append({"name": s.name, "revision": revision, "fingerprint": fingerprint, "settings": settings, "done_ref": done_ref})
     return students
 
 
@@ -282,7 +302,7 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
     input_location, files, skipped_files = expand_inputs(cfg.input.paths, cfg.storage, cfg.input.format)
     root = locate(cfg.output.path, cfg.storage)
     check_output(root)
-    check_students(cfg)
+    templates = check_students(cfg)
     now = datetime.now(timezone.utc)
     lock = {"stale_after_s": cfg.output.lock_stale_minutes * 60, "beat_every_s": cfg.output.lock_heartbeat_seconds}
     with OutputStore(root, new_run_id(now), **lock) as store:
@@ -293,7 +313,7 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         gpus = cfg.compute.gpus_per_actor
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        students = _students(cfg, store, mode)
+        students = _students(cfg, store, mode, templates, gpus)
         reject_paths = store.paths(store.committed_files("_rejects/")) if mode == "incremental" else []
         known_rejects = committed_reject_keys.remote(reject_paths, store.root)
         run = {"run_id": store.run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
@@ -317,7 +337,7 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
             manifest = {
                 "mode": mode,
                 "started_at": now.isoformat(),
-                "students": [{"name": s["name"], "revision": s["revision"]} for s in students],
+                "students": [{k: s[k] for k in ("name", "revision", "fingerprint", "settings")} for s in students],
                 "counts": tally.counts_table().to_pylist(),
                 "input_files": len(files),
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),

@@ -15,6 +15,7 @@ the holder renews while it runs. A new run takes it over at once when the holder
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -31,6 +32,11 @@ RUNS_DIR, STAGING_DIR, LOCK_FILE = "_runs", "_staging", "_lock.json"
 def new_run_id(now: datetime | None = None) -> str:
     now = now or datetime.now(timezone.utc)
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def scoring_fingerprint(settings: dict) -> str:
+    """A hash of everything that changes a student's numbers (`pipeline.job.scoring_settings`)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def scored_key(sample_id: str, content_hash: str) -> str:

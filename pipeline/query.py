@@ -31,6 +31,20 @@ def latest_scores(output: str, storage: StorageConfig | None = None) -> pd.DataF
     return scores.reset_index(drop=True)
 
 
+def fingerprint_mixes(scores: pd.DataFrame) -> list[str]:
+    """A warning per student whose latest scores were made with different scoring settings (a rerun
+    with new settings that did not cover every row, such as rows since removed from the corpus)."""
+    if "scoring_fingerprint" not in scores.columns:
+        return []
+    fingerprints = scores["scoring_fingerprint"].fillna("(before fingerprints)")
+    warnings = []
+    for student, counts in fingerprints.groupby(scores["student"]).value_counts().groupby(level=0):
+        if len(counts) > 1:
+            mix = ", ".join(f"{fingerprint}: {n} rows" for (_, fingerprint), n in counts.items())
+            warnings.append(f"student {student}: scores made with {len(counts)} scoring settings ({mix}); compare rows of one fingerprint")
+    return warnings
+
+
 def select(
     scores: pd.DataFrame,
     student: str,

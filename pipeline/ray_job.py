@@ -14,6 +14,7 @@ Stages and the columns they add:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -128,7 +129,9 @@ def duplicate_ids(cfg: JobConfig, files: list[str], location: Location) -> list[
 
 @functools.lru_cache(maxsize=2)
 def _first_rows(refs: tuple) -> dict[str, int]:
-    return {s: o for table in ray.get(list(refs)) for s, o in zip(table["sample_id"].to_pylist(), table["min(order)"].to_pylist())}
+    # A group-by over no valid row yields blocks without columns.
+    tables = [table for table in ray.get(list(refs)) if table.num_rows]
+    return {s: o for table in tables for s, o in zip(table["sample_id"].to_pylist(), table["min(order)"].to_pylist())}
 
 
 def mark_duplicates(batch: pa.Table, duplicates: list, file_urls: list[str]) -> pa.Table:
@@ -150,13 +153,15 @@ def mark_duplicates(batch: pa.Table, duplicates: list, file_urls: list[str]) -> 
 
 
 @ray.remote
-def scored_keys(paths: list[str], location: Location, revision: str) -> set[str]:
-    """`scored_key` of every trajectory this student revision scored in the committed files `paths`
-    (a task: the driver never holds them)."""
+def scored_keys(paths: list[str], location: Location, fingerprint: str) -> set[str]:
+    """`scored_key` of every trajectory scored with the scoring fingerprint `fingerprint` in the
+    committed files `paths` (a task: the driver never holds them). Files written before fingerprints
+    existed lack the column: their rows count as scored with other settings."""
     if not paths:
         return set()
-    table = pads.dataset(paths, filesystem=location.arrow_fs(), format="parquet").to_table(
-        columns=["sample_id", "content_hash"], filter=pads.field("student_revision") == revision
+    schema = pa.schema([("sample_id", pa.string()), ("content_hash", pa.string()), ("scoring_fingerprint", pa.string())])
+    table = pads.dataset(paths, schema=schema, filesystem=location.arrow_fs(), format="parquet").to_table(
+        filter=pads.field("scoring_fingerprint") == fingerprint
     )
     return {scored_key(s, h) for s, h in zip(table["sample_id"].to_pylist(), table["content_hash"].to_pylist())}
 
@@ -281,6 +286,9 @@ def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str],
                     **{name: batch[name] for name in passthrough},
                     "student": pa.array([student["name"]] * n, pa.string()),
                     "student_revision": pa.array([student["revision"]] * n, pa.string()),
+                    "scoring_fingerprint": pa.array([student["fingerprint"]] * n, pa.string()),
+                    "reasoning_mode": pa.array([student["settings"]["reasoning"]] * n, pa.string()),
+                    "dtype": pa.array([student["settings"]["dtype"]] * n, pa.string()),
                     "rank_clip": pa.array([run["rank_clip"]] * n, pa.int32()),
                     **{name: batch[f"{name}_{i}"] for name in columns},
                     "truncated": batch[f"truncated_{i}"],
@@ -304,7 +312,8 @@ def build_dataset(
 ):
     """The lazy Ray dataset of long-format results for `files`.
 
-    `students[i]` holds the name, revision and `done_ref` (keys already scored) of `cfg.students[i]`;
+    `students[i]` holds the name, revision, scoring settings, their fingerprint and `done_ref` (keys
+    already scored with that fingerprint) of `cfg.students[i]`;
     `duplicates` comes from `duplicate_ids`.
     """
     ds = ray.data.read_datasource(CorpusDatasource(files, location, cfg.input.format))
@@ -330,7 +339,7 @@ def build_dataset(
         )  # fmt: skip
         ds = ds.map_batches(
             ScoreActor,
-            fn_constructor_kwargs={"index": i, "student": student, **actor_args},
+            fn_constructor_kwargs={"index": i, "student": dataclasses.replace(student, dtype=students[i]["settings"]["dtype"]), **actor_args},
             compute=ray.data.ActorPoolStrategy(size=cfg.compute.actors_per_student),
             num_cpus=cfg.compute.cpus_per_actor,
             num_gpus=gpus,
@@ -340,7 +349,7 @@ def build_dataset(
     return ds.map_batches(
         explode_batch,
         fn_kwargs={
-            "students": [{"name": s["name"], "revision": s["revision"]} for s in students],
+            "students": [{k: s[k] for k in ("name", "revision", "fingerprint", "settings")} for s in students],
             "passthrough": cfg.input.passthrough,
             "columns": stat_columns(metric_names(cfg.scoring)),
             "run": run,

@@ -10,6 +10,7 @@ import pytest
 from pipeline import output
 from pipeline.job import run_job
 from pipeline.records import content_hash
+from pipeline.spans import BUILTIN_TEMPLATES
 from pipeline.storage import locate
 from pipeline.tiny_student import build_tiny_student
 from tests.conftest import write_jsonl
@@ -95,3 +96,45 @@ def test_overwrite_replaces_earlier_runs(ray_runtime, tmp_path, corpus, student_
     root = locate(str(out), None)
     assert {m["run_id"] for m in output.read_manifests(root)} == {second.run_id}
     assert len(latest(out)) == 8
+
+
+def test_changed_scoring_settings_rescore_every_row_and_unchanged_ones_skip(ray_runtime, tmp_path, corpus, student_dirs):
+    data = write_jsonl(tmp_path / "corpus.jsonl", corpus[:6])
+    out = tmp_path / "out"
+    template = tmp_path / "other.jinja"
+    template.write_text(BUILTIN_TEMPLATES["chatml"].replace("{% endfor %}", "{{ '\\n' }}{% endfor %}", 1))  # a blank line after each turn
+    settings = [
+        [],  # the first run
+        ["scoring.reasoning=keep"],
+        [f"students.0.chat_template={template}"],
+        ["scoring.rank_clip=50"],
+        ["scoring.metrics=[rsr,entropy]"],
+        ["students.0.dtype=bfloat16"],
+    ]
+    fingerprints = []
+    for changed in settings:
+        cfg = job_config(tmp_path, [str(data)], str(out), {"tiny": student_dirs["chatml"]}, changed)
+        assert counts(run_job(cfg)) == {"tiny": (6, 0, 0)}, changed  # every row rescored
+        assert counts(run_job(cfg)) == {"tiny": (0, 0, 6)}, changed  # unchanged: every row skipped
+        view = latest(out)
+        assert len({r["scoring_fingerprint"] for r in view}) == 1 and len(view) == 6
+        fingerprints.append(view[0]["scoring_fingerprint"])
+    assert len(set(fingerprints)) == len(settings)
+    assert {(r["reasoning_mode"], r["dtype"], r["rank_clip"]) for r in view} == {("template", "bfloat16", 100)}
+    manifests = output.read_manifests(locate(str(out), None))
+    [student] = [m for m in manifests if m.get("completed")][-1]["students"]
+    assert student["fingerprint"] == fingerprints[-1] and student["settings"]["dtype"] == "bfloat16"
+
+
+def test_select_and_report_say_when_a_students_scores_mix_settings(ray_runtime, tmp_path, corpus, student_dirs, capsys):
+    from jobs import report, select
+
+    data = write_jsonl(tmp_path / "corpus.jsonl", corpus[:6])
+    out = tmp_path / "out"
+    run_job(job_config(tmp_path, [str(data)], str(out), {"tiny": student_dirs["chatml"]}))
+    write_jsonl(data, corpus[:3])  # three rows leave the corpus; the rest is rescored with new settings
+    run_job(job_config(tmp_path, [str(data)], str(out), {"tiny": student_dirs["chatml"]}, ["scoring.rank_clip=50"]))
+    select.main(["--scores", str(out), "--student", "tiny", "--top-k", "1", "--out", str(tmp_path / "sel.jsonl")])
+    report.main(["--scores", str(out), "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert err.count("warning: student tiny: scores made with 2 scoring settings") == 2
