@@ -151,7 +151,12 @@ class AtomicObject:
         try:
             self.location.fs.call_s3("delete_object", Bucket=bucket, Key=key, **({"IfMatch": version} if version else {}))
         except OSError as exc:
-            raise Precondition(str(exc)) if _precondition_failed(exc) else exc
+            if _precondition_failed(exc):
+                raise Precondition(str(exc)) from exc
+            if not version:
+                raise
+            # An endpoint that rejects conditional deletes: the caller has checked the version just before.
+            self.location.fs.call_s3("delete_object", Bucket=bucket, Key=key)
         self.location.fs.invalidate_cache(self.location.path)
 
     def _put(self, data: bytes, **conditions) -> str:

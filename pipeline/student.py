@@ -221,7 +221,7 @@ class Student:
         states = {}
         for batch in plan_batches([len(p) for p in distinct], self.options.token_budget):
             input_ids, attention_mask = self._right_padded([distinct[i] for i in batch])
-            cache = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).past_key_values
+            cache = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).cache
             for row, i in enumerate(batch):
                 n = len(distinct[i])
                 states[distinct[i]] = [(keys[row, :, :n], values[row, :, :n]) for keys, values, *_ in cache]
@@ -277,7 +277,7 @@ class Student:
         body_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if width:
             row_states = [prompt_states.get(prompt) for _, prompt in batch]
-            body_inputs.update(past_key_values=self._gathered_cache(row_states, width), use_cache=True)
+            body_inputs.update(cache=self._gathered_cache(row_states, width), use_cache=True)
         else:
             body_inputs.update(use_cache=False)
         hidden = self.body(**body_inputs).last_hidden_state

@@ -1,0 +1,225 @@
+"""Chaos soak: SIGKILL the scoring job at random moments, rerun it with defaults, and check the output.
+
+  python -m jobs.make_demo_student && python -m jobs.soak                 # 20 kills locally, 20 through S3
+  python -m jobs.soak --kills 5 --where local
+
+Each round adds a file of new rows to a growing corpus, starts `python -m jobs.score` with a piece per
+few rows (so that kills land in staging, file moves and manifest writes as well as in reading and
+scoring), SIGKILLs its process group either at a random time into the run or right as the output shows
+a given state (a staging folder, a new manifest), then reruns the job with the default settings. At the
+end: every row is present exactly once in a plain glob read of the scores, the last rerun's counts
+reconcile, and no debris is left (no staging, no lock, no file that no manifest lists). Last, two runs
+started together on one output: one scores, the other refuses with the lock message. The S3 runs go
+through a moto server on 127.0.0.1 (installed with '.[test]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import yaml
+
+from jobs.scale import DEMO_CORPUS
+from pipeline.config import InputConfig, StorageConfig
+from pipeline.output import LOCK_FILE, STAGING_DIR, committed_files, read_manifests
+from pipeline.records import row_messages
+from pipeline.storage import Location, locate
+
+MOMENTS = ("random time", "staging folder appears", "manifest appears")
+
+
+def demo_rows() -> list[dict]:
+    """The demo corpus's rows that score."""
+    rows = []
+    for line in DEMO_CORPUS.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            row_messages(row, InputConfig(paths=["-"]))
+        except (ValueError, AttributeError):  # RowError is a ValueError
+            continue
+        rows.append(row)
+    return rows
+
+
+def add_file(corpus: Path, round_number: int, rows_per_round: int, base: list[dict]) -> None:
+    with open(corpus / f"round-{round_number:03d}.jsonl", "w") as f:
+        for k in range(rows_per_round):
+            f.write(json.dumps({**base[k % len(base)], "id": f"r{round_number:03d}-{k:04d}"}) + "\n")
+
+
+def start_job(config: Path, log: Path, overrides: list[str], env: dict) -> subprocess.Popen:
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobs.score", "--config", str(config), *overrides],
+            stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+
+
+def kill_group(job: subprocess.Popen) -> None:
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    job.wait()
+
+
+def listing(root: Location) -> list[str]:
+    root.fs.invalidate_cache()
+    if not root.fs.exists(root.path):
+        return []
+    return [os.path.relpath(p, root.path) for p in root.fs.find(root.path)]
+
+
+def wait_for_moment(job: subprocess.Popen, root: Location, moment: str, run_seconds: float, rng: random.Random) -> bool:
+    """Wait until `moment` (or the job's end: False)."""
+    manifests_before = sum(f.startswith("_runs/") for f in listing(root))
+    deadline = time.monotonic() + rng.uniform(0.5, run_seconds)
+    while job.poll() is None:
+        files = listing(root) if moment != "random time" else []
+        if moment == "random time" and time.monotonic() >= deadline:
+            return True
+        if moment == "staging folder appears" and any(f.startswith(f"{STAGING_DIR}/") for f in files):
+            return True
+        if moment == "manifest appears" and sum(f.startswith("_runs/") for f in files) > manifests_before:
+            return True
+        time.sleep(0.01 if moment != "random time" else 0.05)
+    return False
+
+
+def check_output(root: Location, scratch: Path, expected_rows: int) -> dict:
+    """Rows once in a plain glob read, and debris (files no manifest lists, staging, lock)."""
+    committed = set(committed_files(root))
+    files = listing(root)
+    debris = [f for f in files if f not in committed and not f.startswith("_runs/")]
+    if root.scheme == "s3":
+        local = scratch / f"fetched-{time.monotonic_ns()}"
+        root.fs.get(root.path + "/", str(local), recursive=True)
+        glob = f"{local}/student=*/**/*.parquet"
+    else:
+        glob = f"{root.path}/student=*/**/*.parquet"
+    n, distinct = duckdb.sql(f"SELECT count(*), count(DISTINCT (sample_id, student)) FROM read_parquet('{glob}')").fetchone()
+    return {"rows": n, "distinct": distinct, "expected": expected_rows, "debris": len(debris), "debris_files": debris[:5]}
+
+
+def soak(where: str, kills: int, rows_per_round: int, student: str, seed: int, endpoint: str | None) -> dict:
+    rng = random.Random(seed)
+    base = demo_rows()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with tempfile.TemporaryDirectory(prefix=f"rsr-soak-{where}-") as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "corpus"
+        corpus.mkdir()
+        if where == "s3":
+            import s3fs
+
+            bucket = f"soak-{seed}-{time.monotonic_ns() % 10**8}"
+            s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
+            output = f"s3://{bucket}/rsr"
+        else:
+            output = str(tmp / "rsr")
+        config = tmp / "job.yaml"
+        config.write_text(yaml.safe_dump({
+            "input": {"paths": [str(corpus)], "passthrough": ["source"]},
+            "students": [{"name": "demo", "path": student}],
+            "output": {"path": output, "partition_by": ["source"]},
+            "storage": {"endpoint_url": endpoint},
+        }))  # fmt: skip
+        root = locate(output, StorageConfig(endpoint_url=endpoint))
+        log = tmp / "jobs.log"
+        killed_at, reruns_ok, run_seconds = {m: 0 for m in MOMENTS}, 0, 20.0
+        chaos = ["output.checkpoint_rows=3", "scoring.rows_per_batch=3"]
+        for round_number in range(kills):
+            add_file(corpus, round_number, rows_per_round, base)
+            moment = MOMENTS[round_number % len(MOMENTS)]
+            started = time.monotonic()
+            job = start_job(config, log, chaos, env)
+            if wait_for_moment(job, root, moment, run_seconds, rng):
+                kill_group(job)
+                killed_at[moment] += 1
+            else:
+                run_seconds = time.monotonic() - started  # the job won the race: aim earlier next time
+            rerun = start_job(config, log, [], env)
+            reruns_ok += rerun.wait() == 0
+        last = start_job(config, log, [], env)
+        last_ok = last.wait() == 0
+        result = check_output(root, tmp, kills * rows_per_round)
+        counts = read_manifests(root)[-1].get("counts", [{}])[0]
+        reconciled = counts.get("read") == counts.get("scored", 0) + counts.get("rejected", 0) + counts.get("skipped", 0)
+
+        # Two runs started together on new rows: one scores, the other refuses; neither corrupts.
+        add_file(corpus, kills, rows_per_round, base)
+        pair = [start_job(config, tmp / f"pair-{k}.log", [], env) for k in range(2)]
+        codes = sorted(job.wait() for job in pair)
+        refused = sum("holds" in (tmp / f"pair-{k}.log").read_text() for k in range(2))
+        final = start_job(config, log, [], env)
+        final.wait()
+        after_pair = check_output(root, tmp, (kills + 1) * rows_per_round)
+        lock_left = root.fs.exists(root.join(LOCK_FILE).path)
+        return {
+            "where": where, "kills": sum(killed_at.values()), "killed_at": killed_at, "reruns_ok": reruns_ok + last_ok,
+            "rows": result["rows"], "distinct": result["distinct"], "expected": result["expected"],
+            "counts_reconcile": reconciled, "debris": result["debris"], "debris_files": result["debris_files"],
+            "pair_exit_codes": codes, "pair_refused_with_lock_message": refused,
+            "after_pair_rows_once": after_pair["rows"] == after_pair["distinct"] == after_pair["expected"],
+            "after_pair_debris": after_pair["debris"], "lock_left": lock_left,
+        }  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=20, help="kills (each followed by a rerun) per place")
+    parser.add_argument("--rows-per-round", type=int, default=30)
+    parser.add_argument("--where", choices=["local", "s3", "both"], default="both")
+    parser.add_argument("--student", default="out/demo-student", help="python -m jobs.make_demo_student builds it")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "soak")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "soak")
+    student = str(Path(args.student).resolve())
+    results, server = [], None
+    try:
+        for where in (["local", "s3"] if args.where == "both" else [args.where]):
+            endpoint = None
+            if where == "s3":
+                port = free_port()
+                server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                endpoint = f"http://127.0.0.1:{port}"
+                while socket.socket().connect_ex(("127.0.0.1", port)):
+                    time.sleep(0.1)
+            results.append(soak(where, args.kills, args.rows_per_round, student, args.seed, endpoint))
+            print(json.dumps(results[-1]), flush=True)
+    finally:
+        if server:
+            server.terminate()
+    print(f"\n{'where':<7}{'kills':>6}{'reruns ok':>10}{'rows once':>10}{'reconcile':>10}{'debris':>7}{'pair: one refused':>19}")
+    ok = True
+    for r in results:
+        rows_once = r["rows"] == r["distinct"] == r["expected"] and r["after_pair_rows_once"]
+        pair_ok = r["pair_exit_codes"] == [0, 1] and r["pair_refused_with_lock_message"] == 1
+        debris = r["debris"] + r["after_pair_debris"] + r["lock_left"]
+        ok &= rows_once and r["counts_reconcile"] and not debris and pair_ok and r["reruns_ok"] == args.kills + 1
+        print(f"{r['where']:<7}{r['kills']:>6}{r['reruns_ok']:>10}{str(rows_once):>10}{str(r['counts_reconcile']):>10}{debris:>7}{str(pair_ok):>19}")
+    print("soak: all checks passed" if ok else "soak: FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
