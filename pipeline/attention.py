@@ -22,7 +22,7 @@ def cpu_row_eager(module, query, key, value, attention_mask, dropout=0.0, scalin
     batch, heads, q_len, head_dim = query.shape
     kv_len = key.shape[-2]
     rows_per_step = MAX_SCORES // (heads * q_len * kv_len)
-    if query.device.type != "cpu" or rows_per_step == 0:
+    if rows_per_step == 0:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )

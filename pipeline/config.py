@@ -54,7 +54,7 @@ class ScoringConfig:
     rank_clip: int = 100
     max_model_len: int = 32768
     token_budget: str = "auto"  # padded tokens per forward pass: auto (2048 on CPU, from free memory on GPU) or a number
-    logits_chunk_tokens: int = 256  # response positions projected to the vocabulary at a time
+    logits_chunk_tokens: str = "auto"  # response positions projected to the vocabulary at a time: auto (256 on CPU, from free memory on GPU) or a number
     on_too_long: str = "truncate"  # truncate (and flag) | reject rows longer than max_model_len
     reasoning: str = "template"  # template: score what the template renders | keep: every turn's reasoning as given
     metrics: Any = field(default_factory=lambda: ["rsr"])  # a list of rsr, entropy, top1, rank, logprob_std; or all
@@ -71,6 +71,11 @@ def metric_names(scoring: ScoringConfig) -> tuple[str, ...]:
 def token_budget(scoring: ScoringConfig) -> Optional[int]:
     """The configured token budget, None for auto (resolved where the student is loaded)."""
     return None if scoring.token_budget == "auto" else int(scoring.token_budget)
+
+
+def logits_chunk_tokens(scoring: ScoringConfig) -> Optional[int]:
+    """The configured logits chunk, None for auto (resolved where the student is loaded)."""
+    return None if scoring.logits_chunk_tokens == "auto" else int(scoring.logits_chunk_tokens)
 
 
 @dataclass
@@ -159,7 +164,10 @@ def validate(job: JobConfig) -> None:
         s.token_budget == "auto" or (s.token_budget.isdigit() and int(s.token_budget) >= 1),
         f"scoring.token_budget must be auto or a number >= 1, got {s.token_budget!r}",
     )
-    require(s.logits_chunk_tokens >= 1, f"scoring.logits_chunk_tokens must be >= 1, got {s.logits_chunk_tokens}")
+    require(
+        s.logits_chunk_tokens == "auto" or (s.logits_chunk_tokens.isdigit() and int(s.logits_chunk_tokens) >= 1),
+        f"scoring.logits_chunk_tokens must be auto or a number >= 1, got {s.logits_chunk_tokens!r}",
+    )
     require(s.rows_per_batch >= 1, f"scoring.rows_per_batch must be >= 1, got {s.rows_per_batch}")
     require(s.prompt_cache_tokens >= 0, f"scoring.prompt_cache_tokens must be >= 0, got {s.prompt_cache_tokens}")
     require(s.on_too_long in TOO_LONG_POLICIES, f"scoring.on_too_long must be one of {TOO_LONG_POLICIES}")

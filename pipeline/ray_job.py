@@ -29,7 +29,7 @@ from ray.data.context import ShuffleStrategy
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline import errors
-from pipeline.config import InputConfig, JobConfig, StudentConfig, metric_names, token_budget
+from pipeline.config import InputConfig, JobConfig, StudentConfig, logits_chunk_tokens, metric_names, token_budget
 from pipeline.errors import RowError
 from pipeline.output import reject_key, scored_key
 from pipeline.records import fallback_sample_id, parse_row, read_records
@@ -252,6 +252,7 @@ class ScoreActor:
         self.index = index
         self.student = Student.load(student.path, dtype=student.dtype, options=options)
         self.columns = stat_columns(options.metrics)
+        print(f"student {student.name}: {self.student.policy.describe()}", flush=True)  # once per actor, on the driver's console
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         i = self.index
@@ -259,9 +260,15 @@ class ScoreActor:
         todo = [row for row, row_ids in enumerate(ids) if row_ids is not None]
         stats = self.student.score([EncodedConversation(ids[row], positions[row], False) for row in todo])
         columns = {name: [None] * len(ids) for name in self.columns}
+        reasons, details = batch[f"reject_reason_{i}"].to_pylist(), batch[f"reject_detail_{i}"].to_pylist()
         for row, row_stats in zip(todo, stats):
+            if "reject_reason" in row_stats:  # too long for the device
+                reasons[row], details[row] = row_stats["reject_reason"], row_stats["reject_detail"]
+                continue
             for name in self.columns:
                 columns[name][row] = row_stats[name]
+        for name, values in ((f"reject_reason_{i}", reasons), (f"reject_detail_{i}", details)):
+            batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
         batch = batch.drop_columns([f"ids_{i}", f"positions_{i}"])  # the tokens are not needed downstream
         types = {"resp_token_length": pa.int64()}
         for name in self.columns:
@@ -323,7 +330,7 @@ def build_dataset(
     options = ScoringOptions(
         rank_clip=cfg.scoring.rank_clip,
         token_budget=token_budget(cfg.scoring),
-        logits_chunk_tokens=cfg.scoring.logits_chunk_tokens,
+        logits_chunk_tokens=logits_chunk_tokens(cfg.scoring),
         prompt_cache_tokens=cfg.scoring.prompt_cache_tokens,
         metrics=metric_names(cfg.scoring),
     )

@@ -4,9 +4,9 @@ one pass of the model body, the vocabulary projection only at positions that pre
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,82 +15,24 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from pipeline import errors
+from pipeline.device import DevicePolicy
 from pipeline.rsr import project_and_score, trajectory_stats
 from pipeline.spans import EncodedConversation, load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Padded tokens per forward pass on CPU: 1024-2048 are fastest on SmolLM2-135M shapes (4096 is 20%
-# slower: activations leave the cache); README "Defaults and the numbers behind them".
-CPU_TOKEN_BUDGET = 2048
-# On GPU, the budget fills this fraction of the memory left free after loading the student with one
-# layer's activations (the rest: logits chunks, attention workspace, allocator slack).
-GPU_ACTIVATION_FRACTION = 0.5
-GPU_TOKEN_BUDGET_RANGE = (8192, 262144)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ScoringOptions:
     rank_clip: int = 100
-    token_budget: int | None = None  # padded tokens (rows x longest row) per forward pass; None: auto_token_budget
-    logits_chunk_tokens: int = 256  # response positions projected to the vocabulary at a time
+    token_budget: int | None = None  # padded tokens (rows x longest row) per forward pass; None: the device policy's
+    logits_chunk_tokens: int | None = None  # response positions projected to the vocabulary at a time; None: the policy's
     metrics: tuple[str, ...] = ("rsr",)  # pipeline.rsr.METRICS: companion columns beside RSR's
     per_token: bool = False  # also return the per-token clipped ranks and surprisals (debugging)
     share_prompts: bool = True  # run a prompt shared by several trajectories through the body once
     min_shared_prompt: int = 16  # shorter shared prompts are not worth a separate pass
     prompt_cache_tokens: int = 16384  # shared-prompt tokens whose keys and values are held at a time
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def attention_for(device: str) -> str:
-    """SDPA on GPU; on CPU, explicit attention a few rows at a time (see pipeline.attention)."""
-    if device.startswith("cuda"):
-        return "sdpa"
-    from pipeline import attention
-
-    return attention.NAME
-
-
-def reuse_freed_cpu_memory() -> None:
-    """Let glibc serve tensors up to 32 MB from its heap and keep up to 256 MB of freed heap for reuse.
-
-    By default it hands each large tensor fresh pages from the kernel and returns them on free, so every
-    forward pass pays page faults on all its activations (measured here: the first pass over 120 GSM8K
-    rows 27% slower, later ones 6%; peak memory +4%). Affects the whole process: call it in processes
-    that score. No-op where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    libc.mallopt(m_mmap_threshold, 32 * 2**20)
-    libc.mallopt(m_trim_threshold, 256 * 2**20)
-
-
-def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
-    """bfloat16 on GPU and float32 on CPU unless set."""
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def auto_token_budget(model, device: str) -> int:
-    """`scoring.token_budget: auto`: CPU_TOKEN_BUDGET on CPU; on GPU, as many tokens as fit one layer's
-    activations (hidden states, q/k/v/o and the MLP's gate, up and product) in GPU_ACTIVATION_FRACTION
-    of the free memory, within GPU_TOKEN_BUDGET_RANGE."""
-    if not device.startswith("cuda"):
-        return CPU_TOKEN_BUDGET
-    config = model.config.get_text_config(decoder=True)
-    bytes_per_token = model.dtype.itemsize * (6 * config.hidden_size + 3 * config.intermediate_size)
-    free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
-    budget = int(GPU_ACTIVATION_FRACTION * free_bytes / bytes_per_token) // 1024 * 1024
-    low, high = GPU_TOKEN_BUDGET_RANGE
-    return max(low, min(budget, high))
 
 
 def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -154,28 +96,30 @@ def model_revision(path: str) -> str:
 
 
 class Student:
-    """A causal LM split into its body and its vocabulary projection, ready to score conversations."""
+    """A causal LM split into its body and its vocabulary projection, ready to score conversations on
+    the device its `DevicePolicy` chose."""
 
-    def __init__(self, model, tokenizer, options: ScoringOptions = ScoringOptions(), device: str | None = None):
-        self.device = device or default_device()
-        if self.device == "cpu":
-            reuse_freed_cpu_memory()
-        self.model = model.to(self.device).eval()
+    def __init__(self, model, tokenizer, options: ScoringOptions = ScoringOptions(), device: str | None = None, policy: DevicePolicy | None = None):
+        policy = policy or DevicePolicy.choose(device, token_budget=options.token_budget, logits_chunk_tokens=options.logits_chunk_tokens)
+        policy.prepare_process()
+        self.model = model.to(policy.device).eval()
+        self.policy = policy.sized_for(self.model)
         self.tokenizer = tokenizer
-        if options.token_budget is None:
-            options = dataclasses.replace(options, token_budget=auto_token_budget(self.model, self.device))
         self.options = options
         self.body = getattr(model, model.base_model_prefix)
         head = model.get_output_embeddings()
         self.head_weight, self.head_bias = head.weight, head.bias
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
+    @property
+    def device(self) -> str:
+        return self.policy.device
+
     @classmethod
     def load(cls, path: str, dtype: str | None = None, device: str | None = None, options=ScoringOptions()):
-        device = device or default_device()
-        attention = attention_for(device)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), attn_implementation=attention)
-        return cls(model, load_tokenizer(path), options, device)
+        policy = DevicePolicy.choose(device, dtype, options.token_budget, options.logits_chunk_tokens)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=policy.dtype, attn_implementation=policy.attention)
+        return cls(model, load_tokenizer(path), options, policy=policy)
 
     @torch.inference_mode()
     def score(self, conversations: Sequence[EncodedConversation]) -> list[dict]:
@@ -194,12 +138,34 @@ class Student:
         results: list[dict] = [{}] * len(conversations)
         for window in self._prompt_windows(prompts):
             prompt_states = self._prompt_states(list(dict.fromkeys(prompts[i] for i in window if prompts[i])))
-            remaining = [conversations[i].response_positions[-1] - len(prompts[i]) for i in window]
-            for batch in plan_batches(remaining, self.options.token_budget):
-                rows = [(conversations[window[j]], prompts[window[j]]) for j in batch]
-                for j, stats in zip(batch, self._score_batch(rows, prompt_states)):
+            shared = {i: prompts[i] if prompts[i] in prompt_states else () for i in window}  # a prompt too long to hold: unshared
+            remaining = [conversations[i].response_positions[-1] - len(shared[i]) for i in window]
+            for batch in plan_batches(remaining, self.policy.token_budget):
+                rows = [(conversations[window[j]], shared[window[j]]) for j in batch]
+                for j, stats in zip(batch, self._score_fitting(rows, prompt_states)):
                     results[window[j]] = stats
         return results
+
+    def _score_fitting(self, rows: Sequence[tuple[EncodedConversation, tuple]], prompt_states: dict) -> list[dict]:
+        """`_score_batch`, halving a batch that runs out of device memory (longest rows first) and lowering
+        the token budget for the rest of the run; a single row that does not fit gets a
+        `too_long_for_device` result instead of stats."""
+        try:
+            return self._score_batch(rows, prompt_states)
+        except torch.OutOfMemoryError:
+            pass  # out of the handler first, so that the failed pass's tensors are freed
+        tokens = [c.response_positions[-1] - len(prompt) for c, prompt in rows]
+        if len(rows) == 1:
+            detail = f"{tokens[0]} tokens after any shared prompt do not fit one pass ({self.policy.free_memory()})"
+            return [{"reject_reason": errors.TOO_LONG_FOR_DEVICE, "reject_detail": detail}]
+        self._lower_token_budget(len(rows) * max(tokens) // 2)
+        half = len(rows) // 2
+        return self._score_fitting(rows[:half], prompt_states) + self._score_fitting(rows[half:], prompt_states)
+
+    def _lower_token_budget(self, budget: int) -> None:
+        if budget < self.policy.token_budget:
+            logger.warning("out of device memory: token budget %d -> %d for the rest of the run", self.policy.token_budget, budget)
+            self.policy = dataclasses.replace(self.policy, token_budget=max(1, budget))
 
     def _prompt_windows(self, prompts: Sequence[tuple]) -> list[list[int]]:
         """Indices in windows whose distinct shared prompts hold at most `prompt_cache_tokens` tokens
@@ -219,9 +185,18 @@ class Student:
     def _prompt_states(self, distinct: Sequence[tuple]) -> dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per distinct prompt, each layer's keys and values [kv_heads, length, head_dim], from batched body passes."""
         states = {}
-        for batch in plan_batches([len(p) for p in distinct], self.options.token_budget):
-            input_ids, attention_mask = self._right_padded([distinct[i] for i in batch])
-            cache = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).cache
+        pending = plan_batches([len(p) for p in distinct], self.policy.token_budget)
+        while pending:
+            batch = pending.pop(0)
+            try:
+                input_ids, attention_mask = self._right_padded([distinct[i] for i in batch])
+                cache = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).cache
+            except torch.OutOfMemoryError:  # halve; a prompt that alone does not fit is left unshared
+                cache = None
+            if cache is None:
+                if len(batch) > 1:
+                    pending[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+                continue
             for row, i in enumerate(batch):
                 n = len(distinct[i])
                 states[distinct[i]] = [(keys[row, :, :n], values[row, :, :n]) for keys, values, *_ in cache]
@@ -262,10 +237,8 @@ class Student:
         width = max(prompts)
         inputs = [c.input_ids[p : c.response_positions[-1]] for (c, _), p in zip(batch, prompts)]
         input_ids, input_mask = self._right_padded(inputs)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
-        for b, prompt in enumerate(prompts):
-            attention_mask[b, :prompt] = 1
-        attention_mask = torch.cat([attention_mask, input_mask], dim=1)
+        prompt_mask = (torch.arange(width)[None, :] < torch.tensor(prompts)[:, None]).to(self.device, torch.long)
+        attention_mask = torch.cat([prompt_mask, input_mask], dim=1)
         position_ids = torch.tensor(prompts, device=self.device)[:, None] + torch.arange(input_ids.shape[1], device=self.device)
         rows, positions, targets = [], [], []
         for b, ((conversation, _), prompt) in enumerate(zip(batch, prompts)):
@@ -274,11 +247,11 @@ class Student:
             targets.append(torch.tensor([conversation.input_ids[q] for q in conversation.response_positions]))
         rows, positions, targets = (torch.cat(t).to(self.device) for t in (rows, positions, targets))
 
-        body_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        body_inputs = {"input_ids": input_ids, "position_ids": position_ids}
         if width:
             row_states = [prompt_states.get(prompt) for _, prompt in batch]
-            body_inputs.update(cache=self._gathered_cache(row_states, width), use_cache=True)
-        else:
+            body_inputs.update(attention_mask=attention_mask, cache=self._gathered_cache(row_states, width), use_cache=True)
+        else:  # right padding: causality alone keeps every real token from the pads (the fused causal kernel, no mask)
             body_inputs.update(use_cache=False)
         hidden = self.body(**body_inputs).last_hidden_state
         # Only the positions that predict response tokens are projected to the vocabulary.
@@ -288,8 +261,9 @@ class Student:
             self.head_weight,
             self.head_bias,
             targets,
-            self.options.logits_chunk_tokens,
+            self.policy.logits_chunk_tokens,
             with_entropy="entropy" in metrics,
+            statistics_rows=self.policy.statistics_rows,
         )
         ranks, surprisals = ranks.cpu(), surprisals.cpu()
         entropies = entropies.cpu() if entropies is not None else None

@@ -9,7 +9,8 @@ import yaml
 
 from pipeline.config import load_config, token_budget
 from pipeline.ray_job import default_torch_threads
-from pipeline.student import CPU_TOKEN_BUDGET, ScoringOptions, Student
+from pipeline.device import CPU_TOKEN_BUDGET
+from pipeline.student import ScoringOptions, Student
 from tests.conftest import REPO
 
 
@@ -29,7 +30,7 @@ def test_resolved_defaults_on_a_cpu_only_runtime(ray_runtime, tmp_path, student_
 
     # Token budget: auto is the measured CPU best once the student is on the CPU.
     student = Student.load(str(student_dirs["chatml"]), device="cpu", options=ScoringOptions(token_budget=token_budget(cfg.scoring)))
-    assert student.options.token_budget == CPU_TOKEN_BUDGET == 2048
+    assert student.policy.token_budget == CPU_TOKEN_BUDGET == 2048
 
 
 def test_the_demo_is_quiet_on_a_non_tty(tmp_path, student_dirs, corpus_path):
