@@ -5,6 +5,7 @@ The key layout is a contract for users and automation: extend it, never rename o
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pipeline.rsr import METRICS
 from pipeline.spans import BUILTIN_TEMPLATES, REASONING_MODES
 
-FORMATS = ("auto", "jsonl", "json", "parquet")
+FORMATS = ("auto", "jsonl", "json", "parquet", "arrow")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OUTPUT_MODES = ("auto", "incremental", "overwrite")
 TOO_LONG_POLICIES = ("truncate", "reject")
@@ -28,17 +29,64 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ResponseGroup:
+    """One teacher's columns in a row that holds several teachers' responses."""
+
+    response: str = MISSING
+    reasoning: Optional[str] = None
+
+
+@dataclass
+class SourceConfig:
+    """A part of the corpus with a shape of its own (`input.sources`); unset keys take the input section's."""
+
+    paths: list[str] = MISSING
+    format: Optional[str] = None
+    id_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    prompt_field: Optional[str] = None
+    response_field: Optional[str] = None
+    reasoning_field: Optional[str] = None
+    system_field: Optional[str] = None
+    passthrough: Optional[list[str]] = None
+    candidates_field: Optional[str] = None
+    candidate_passthrough: Optional[list[str]] = None
+    response_groups: Optional[dict[str, ResponseGroup]] = None
+    path_fields: Optional[dict[str, str]] = None
+
+
+@dataclass
 class InputConfig:
-    paths: list[str] = MISSING  # files, directories, globs; local or s3://
-    format: str = "auto"  # auto (by extension) | jsonl | json | parquet
+    paths: list[str] = field(default_factory=list)  # files, directories, globs; local or s3://
+    format: str = "auto"  # auto (by extension) | jsonl | json | parquet | arrow
     id_field: str = "id"
     messages_field: str = "messages"  # a list of {role, content} or ShareGPT {from, value} turns
     # Rows without messages_field: a prompt and a response column (and optional reasoning and system).
     prompt_field: Optional[str] = None
     response_field: Optional[str] = None
     reasoning_field: Optional[str] = None
-    system_field: Optional[str] = None
+    system_field: Optional[str] = None  # a row-level system prompt, for every shape (ShareGPT rows: `system` when unset)
     passthrough: list[str] = field(default_factory=list)  # row fields copied to the output
+    # Several trajectories per row: a list column of candidate responses (strings or message lists) after
+    # the row's prompt, with list columns aligned with it; or several teachers' response columns.
+    candidates_field: Optional[str] = None
+    candidate_passthrough: list[str] = field(default_factory=list)
+    response_groups: dict[str, ResponseGroup] = field(default_factory=dict)
+    # Columns from each file's path below the input path that holds it: {teacher: "{teacher}/*.json"}.
+    path_fields: dict[str, str] = field(default_factory=dict)
+    # More corpus parts, each with its own paths and shape (the keys above that it sets).
+    sources: list[SourceConfig] = field(default_factory=list)
+
+
+def input_sources(input_cfg: InputConfig) -> list[InputConfig]:
+    """The corpus parts, each with its whole shape: `input.paths` with the input section's keys, then
+    each of `input.sources` with the keys it sets over them."""
+    base = dataclasses.replace(input_cfg, sources=[])
+    parts = [base] if input_cfg.paths else []
+    for source in input_cfg.sources:
+        overrides = {f.name: getattr(source, f.name) for f in dataclasses.fields(source) if getattr(source, f.name) is not None}
+        parts.append(dataclasses.replace(base, **overrides))
+    return parts
 
 
 @dataclass
@@ -60,6 +108,23 @@ class ScoringConfig:
     metrics: Any = field(default_factory=lambda: ["rsr"])  # a list of rsr, entropy, top1, rank, logprob_std; or all
     rows_per_batch: int = 512  # rows handed to a scoring actor at a time (sorted by length inside)
     prompt_cache_tokens: int = 16384  # prompt tokens shared by several rows whose keys/values are held at once
+
+
+def shape_columns(input_cfg: InputConfig) -> dict[str, str]:
+    """The columns the corpus shapes add to each trajectory, with their Arrow type names."""
+    columns = {}
+    for part in input_sources(input_cfg):
+        columns.update({name: "string" for name in part.path_fields})
+        columns.update({"candidate_index": "int64"} if part.candidates_field else {})
+        columns.update({"teacher": "string"} if part.response_groups else {})
+    return columns
+
+
+def row_columns(input_cfg: InputConfig) -> list[str]:
+    """The columns copied to every score and reject row: passthrough, aligned candidate columns and the
+    shape's columns, over every corpus part."""
+    names = [name for part in input_sources(input_cfg) for name in (*part.passthrough, *part.candidate_passthrough)]
+    return list(dict.fromkeys([*names, *shape_columns(input_cfg)]))
 
 
 def metric_names(scoring: ScoringConfig) -> tuple[str, ...]:
@@ -137,6 +202,24 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
     return job
 
 
+def validate_shape(i: InputConfig, key: str, require) -> None:
+    """The checks of one corpus part's shape; `key` prefixes the keys named in messages ("input.")."""
+    require(i.format in FORMATS, f"{key}format must be one of {FORMATS}, got {i.format!r}")
+    response_sources = [name for name, set_ in
+                        (("response_field", i.response_field), ("candidates_field", i.candidates_field), ("response_groups", i.response_groups)) if set_]  # fmt: skip
+    require(len(response_sources) <= 1, f"{key}{f' and {key}'.join(response_sources)} are exclusive: one source of responses")
+    require(
+        bool(i.prompt_field) == bool(i.response_field) or (i.prompt_field and response_sources),
+        f"{key}prompt_field and {key}response_field go together (or {key}prompt_field with {key}candidates_field or {key}response_groups)",
+    )
+    require(not i.reasoning_field or i.response_field, f"{key}reasoning_field needs {key}response_field")
+    require(not i.candidate_passthrough or i.candidates_field, f"{key}candidate_passthrough needs {key}candidates_field")
+    for name, pattern in i.path_fields.items():
+        require("{" + name + "}" in pattern, f"{key}path_fields.{name}: the pattern {pattern!r} must name {{{name}}}")
+    columns = [*i.passthrough, *i.candidate_passthrough, *shape_columns(i)]
+    require(len(set(columns)) == len(columns), f"{key}: row columns repeat a name: {columns}")
+
+
 def validate(job: JobConfig) -> None:
     problems = []
 
@@ -144,8 +227,7 @@ def validate(job: JobConfig) -> None:
         if not condition:
             problems.append(message)
 
-    require(job.input.paths, "input.paths is empty: name at least one file, directory or glob")
-    require(job.input.format in FORMATS, f"input.format must be one of {FORMATS}, got {job.input.format!r}")
+    require(job.input.paths or job.input.sources, "input.paths is empty: name at least one file, directory or glob")
     require(job.students, "students is empty: name at least one student (name, path)")
     names = [s.name for s in job.students]
     require(len(set(names)) == len(names), f"student names must be unique, got {names}")
@@ -174,14 +256,8 @@ def validate(job: JobConfig) -> None:
     metrics_ok = s.metrics == "all" or (isinstance(s.metrics, list) and set(s.metrics) <= set(METRICS))
     require(metrics_ok, f"scoring.metrics must be all or a list of {list(METRICS)}, got {s.metrics!r}")
     require(s.reasoning in REASONING_MODES, f"scoring.reasoning must be one of {REASONING_MODES}, got {s.reasoning!r}")
-    i = job.input
-    require(
-        bool(i.prompt_field) == bool(i.response_field), "input.prompt_field and input.response_field go together"
-    )
-    require(
-        i.prompt_field or not (i.reasoning_field or i.system_field),
-        "input.reasoning_field and input.system_field need input.prompt_field and input.response_field",
-    )
+    for k, part in enumerate(input_sources(job.input)):
+        validate_shape(part, "input." if k == 0 and job.input.paths else f"input.sources.{k - bool(job.input.paths)}.", require)
     c = job.compute
     require(c.actors_per_student >= 1, f"compute.actors_per_student must be >= 1, got {c.actors_per_student}")
     require(c.gpus_per_actor is None or c.gpus_per_actor >= 0, "compute.gpus_per_actor must be >= 0")
@@ -194,7 +270,10 @@ def validate(job: JobConfig) -> None:
         "output.lock_heartbeat_seconds must be > 0 and well under output.lock_stale_minutes",
     )
     require(job.output.mode in OUTPUT_MODES, f"output.mode must be one of {OUTPUT_MODES}, got {job.output.mode!r}")
-    missing_partitions = [p for p in job.output.partition_by if p not in job.input.passthrough]
-    require(not missing_partitions, f"output.partition_by {missing_partitions} must also be in input.passthrough")
+    missing_partitions = [p for p in job.output.partition_by if p not in row_columns(job.input)]
+    require(
+        not missing_partitions,
+        f"output.partition_by {missing_partitions} must also be in input.passthrough or be a column of the corpus shape ({row_columns(job.input)})",
+    )
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from ray.data.datasource import FilenameProvider
 
 from pipeline.aggregate import combine_sums, group_sums, summary_from_sums
-from pipeline.config import ConfigError, JobConfig, StudentConfig, metric_names
+from pipeline.config import ConfigError, JobConfig, StudentConfig, metric_names, row_columns
 from pipeline.errors import RowError
 from pipeline.output import STAGING_DIR, OutputStore, new_run_id, scoring_fingerprint
 from pipeline.ray_job import (
@@ -29,7 +29,7 @@ from pipeline.ray_job import (
 from pipeline.records import count_records
 from pipeline.rsr import stat_columns
 from pipeline.spans import BUILTIN_TEMPLATES, load_tokenizer, turn_markers
-from pipeline.storage import Location, check_output, expand_inputs, locate
+from pipeline.storage import Location, check_output, locate, plan_corpus
 from pipeline.student import model_revision
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,9 @@ COUNT_COLUMNS = ["read", "scored", "rejected", "skipped", "content_dropped"]
 
 
 def score_columns(cfg: JobConfig) -> list[str]:
-    """The score files' columns, passthrough columns after sample_id."""
+    """The score files' columns, the row columns (passthrough, corpus shape) after sample_id."""
     return [
-        "sample_id", *cfg.input.passthrough, "student", "student_revision", "scoring_fingerprint", "reasoning_mode", "dtype",
+        "sample_id", *row_columns(cfg.input), "student", "student_revision", "scoring_fingerprint", "reasoning_mode", "dtype",
         "rank_clip", *stat_columns(metric_names(cfg.scoring)),
         "truncated", "content_dropped", "content_hash", "run_id", "scored_at", "source_file", "row_number",
     ]  # fmt: skip
@@ -299,7 +299,7 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
     """One run: plan (inputs, students, lock, what is committed), score on Ray while committing pieces,
     then commit the run's summary. `quiet`: Ray logs warnings and up; `progress` receives progress lines."""
     started = time.perf_counter()
-    input_location, files, skipped_files = expand_inputs(cfg.input.paths, cfg.storage, cfg.input.format)
+    corpus = plan_corpus(cfg.input, cfg.storage)
     root = locate(cfg.output.path, cfg.storage)
     check_output(root)
     templates = check_students(cfg)
@@ -317,11 +317,11 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         reject_paths = store.paths(store.committed_files("_rejects/")) if mode == "incremental" else []
         known_rejects = committed_reject_keys.remote(reject_paths, store.root)
         run = {"run_id": store.run_id, "scored_at": now, "rank_clip": cfg.scoring.rank_clip}
-        dataset = build_dataset(cfg, files, input_location, students, duplicate_ids(cfg, files, input_location), run, gpus)
+        dataset = build_dataset(cfg, corpus, students, duplicate_ids(cfg, corpus), run, gpus)
 
         tally = Tally(list(cfg.output.partition_by))
         checkpoints = Checkpoints(cfg, store, known_rejects, tally)
-        reporter = Progress(progress, lambda: count_records(input_location.fs, files, cfg.input.format) * len(students))
+        reporter = Progress(progress, lambda: count_records(corpus) * len(students))
         for bundle in dataset.iter_internal_ref_bundles():
             for ref in bundle.block_refs:
                 block = ray.get(ref)
@@ -339,7 +339,7 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
                 "started_at": now.isoformat(),
                 "students": [{k: s[k] for k in ("name", "revision", "fingerprint", "settings")} for s in students],
                 "counts": tally.counts_table().to_pylist(),
-                "input_files": len(files),
+                "input_files": len(corpus.files),
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
             }
             committed = committed + store.commit_run(staging, manifest)
@@ -355,7 +355,7 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         tokens_scored=tally.tokens,
         wall_s=time.perf_counter() - started,
         committed_files=committed,
-        skipped_files=[input_location.url(p) for p in skipped_files],
+        skipped_files=[corpus.location.url(p) for p in corpus.skipped],
         pieces=store.pieces_committed,
         lock_taken_over=store.taken_over,
     )

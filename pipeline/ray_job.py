@@ -3,7 +3,8 @@ and stage the long-format results (one row per trajectory and student) for the c
 
 Stages and the columns they add:
   read      source_file, row_number, text, reject_reason, reject_detail
-  parse     sample_id, content_hash, messages_json, passthrough columns
+  parse     sample_id, content_hash, messages_json, row columns (passthrough, candidate and teacher
+            columns, path fields): one row per trajectory, several per corpus row for candidates and teachers
   dedupe    later rows of a repeated sample_id become duplicate_id rejects (ids from a Ray Data group-by)
   tokenize  per student i: ids_i, positions_i, truncated_i, content_dropped_i, reject_reason_i,
             reject_detail_i, skipped_i
@@ -29,13 +30,15 @@ from ray.data.context import ShuffleStrategy
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline import errors
-from pipeline.config import InputConfig, JobConfig, StudentConfig, logits_chunk_tokens, metric_names, token_budget
+from pipeline.config import (
+    JobConfig, StudentConfig, logits_chunk_tokens, metric_names, row_columns, shape_columns, token_budget
+)  # fmt: skip
 from pipeline.errors import RowError
 from pipeline.output import reject_key, scored_key
 from pipeline.records import fallback_sample_id, parse_row, read_records
 from pipeline.rsr import stat_columns
 from pipeline.spans import EncodedConversation, encode_conversation, load_tokenizer
-from pipeline.storage import Location, format_of, open_corpus_file
+from pipeline.storage import Corpus, Location, format_of, open_corpus_file
 from pipeline.student import ScoringOptions, Student
 
 RECORDS_PER_BLOCK = 1024
@@ -53,20 +56,22 @@ RAW_SCHEMA = pa.schema(
 class CorpusDatasource(FileBasedDatasource):
     """Every line or row of every corpus file as one record, or as a reject saying why it is unreadable."""
 
-    def __init__(self, paths: list[str], location: Location, input_format: str):
-        super().__init__(paths, filesystem=location.arrow_fs())
-        self._location = location
-        self._input_format = input_format
+    def __init__(self, corpus: Corpus):
+        super().__init__(corpus.files, filesystem=corpus.location.arrow_fs())
+        self._corpus = corpus
+
+    def _format(self, path: str) -> str:
+        return format_of(path, self._corpus.format_setting(path))
 
     def _open_input_source(self, filesystem, path, **open_args):
-        if format_of(path, self._input_format) == "parquet":  # Parquet needs random access
+        if self._format(path) == "parquet":  # Parquet needs random access
             return filesystem.open_input_file(path)
-        return open_corpus_file(self._location.fs, path)
+        return open_corpus_file(self._corpus.location.fs, path)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        source_file = self._location.url(path)
+        source_file = self._corpus.location.url(path)
         rows = []
-        for record in read_records(f, format_of(path, self._input_format)):
+        for record in read_records(f, self._format(path)):
             rows.append(
                 {"source_file": source_file, "row_number": record.row_number, "text": record.text,
                  "reject_reason": record.reason, "reject_detail": record.detail}
@@ -78,24 +83,35 @@ class CorpusDatasource(FileBasedDatasource):
             yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
 
 
-def parse_batch(batch: pa.Table, input_cfg: InputConfig) -> pa.Table:
+def parse_batch(batch: pa.Table, corpus: Corpus, columns: list[str], column_types: dict[str, str]) -> pa.Table:
+    """Raw records to trajectories, each file's rows by the shape of its corpus part (several trajectories
+    per row for candidates and teachers), with the run's row `columns` (`config.row_columns`)."""
     rows = []
     for raw in batch.to_pylist():
+        file_values = corpus.path_values.get(raw["source_file"], {})
         if raw["reject_reason"] is None:
-            row = parse_row(raw["text"], raw["source_file"], raw["row_number"], input_cfg)
+            part = corpus.parts[corpus.part_of[raw["source_file"]]]
+            parsed = parse_row(raw["text"], raw["source_file"], raw["row_number"], part, file_values)
         else:
-            row = {"sample_id": fallback_sample_id(raw["source_file"], raw["row_number"]), **dict.fromkeys(input_cfg.passthrough)}
-            row.update(reject_reason=raw["reject_reason"], reject_detail=raw["reject_detail"])
-        rows.append({"source_file": raw["source_file"], "row_number": raw["row_number"], **row})
+            sample_id = fallback_sample_id(raw["source_file"], raw["row_number"])
+            parsed = [{"sample_id": sample_id, **file_values, "reject_reason": raw["reject_reason"], "reject_detail": raw["reject_detail"]}]
+        rows += [{"source_file": raw["source_file"], "row_number": raw["row_number"], **row} for row in parsed]
     schema = pa.schema(
         [("source_file", pa.string()), ("row_number", pa.int64()), ("sample_id", pa.string()),
          ("content_hash", pa.string()), ("messages_json", pa.large_string()),
          ("reject_reason", pa.string()), ("reject_detail", pa.string())]
     )  # fmt: skip
     table = pa.Table.from_pylist(rows, schema=schema)
-    for name in input_cfg.passthrough:  # passthrough types come from the data
-        table = table.append_column(name, pa.array([row[name] for row in rows]))
+    for name in columns:  # passthrough types come from the data
+        kind = pa.type_for_alias(column_types[name]) if name in column_types else None
+        table = table.append_column(name, pa.array([row.get(name) for row in rows], kind))
     return table
+
+
+def parse(ds, cfg: JobConfig, corpus: Corpus):
+    """The parse stage over a dataset of raw records."""
+    kwargs = {"corpus": corpus, "columns": row_columns(cfg.input), "column_types": shape_columns(cfg.input)}
+    return ds.map_batches(parse_batch, fn_kwargs=kwargs, batch_format="pyarrow")
 
 
 def row_order(file_number: int, row_number: int) -> int:
@@ -113,12 +129,11 @@ def _repeated(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.greater(batch["count()"], 1)).select(["sample_id", "min(order)"])
 
 
-def duplicate_ids(cfg: JobConfig, files: list[str], location: Location) -> list[ray.ObjectRef]:
+def duplicate_ids(cfg: JobConfig, corpus: Corpus) -> list[ray.ObjectRef]:
     """References to tables (sample_id, min(order)) of the ids that several valid rows carry, with the
     `row_order` of the first: a distributed group-by in Ray Data, so no process holds every id."""
-    file_numbers = {location.url(path): number for number, path in enumerate(files)}
-    ds = ray.data.read_datasource(CorpusDatasource(files, location, cfg.input.format))
-    ds = ds.map_batches(parse_batch, fn_kwargs={"input_cfg": cfg.input}, batch_format="pyarrow")
+    file_numbers = {url: number for number, url in enumerate(corpus.urls)}
+    ds = parse(ray.data.read_datasource(CorpusDatasource(corpus)), cfg, corpus)
     ds = ds.map_batches(_order_batch, fn_kwargs={"file_numbers": file_numbers}, batch_format="pyarrow")
     # The default hash shuffle starts aggregator actors for 200 partitions: ~30 s of fixed time on a
     # small runtime; the task-based sort shuffle costs well under a second once workers are warm.
@@ -314,19 +329,15 @@ def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str],
     return pa.concat_tables(parts)
 
 
-def build_dataset(
-    cfg: JobConfig, files: list[str], location: Location, students: list[dict], duplicates: list, run: dict, gpus: float
-):
+def build_dataset(cfg: JobConfig, corpus: Corpus, students: list[dict], duplicates: list, run: dict, gpus: float):
     """The lazy Ray dataset of long-format results for `files`.
 
     `students[i]` holds the name, revision, scoring settings, their fingerprint and `done_ref` (keys
     already scored with that fingerprint) of `cfg.students[i]`;
     `duplicates` comes from `duplicate_ids`.
     """
-    ds = ray.data.read_datasource(CorpusDatasource(files, location, cfg.input.format))
-    ds = ds.map_batches(parse_batch, fn_kwargs={"input_cfg": cfg.input}, batch_format="pyarrow")
-    file_urls = [location.url(path) for path in files]
-    ds = ds.map_batches(mark_duplicates, fn_kwargs={"duplicates": duplicates, "file_urls": file_urls}, batch_format="pyarrow")
+    ds = parse(ray.data.read_datasource(CorpusDatasource(corpus)), cfg, corpus)
+    ds = ds.map_batches(mark_duplicates, fn_kwargs={"duplicates": duplicates, "file_urls": corpus.urls}, batch_format="pyarrow")
     options = ScoringOptions(
         rank_clip=cfg.scoring.rank_clip,
         token_budget=token_budget(cfg.scoring),
@@ -357,7 +368,7 @@ def build_dataset(
         explode_batch,
         fn_kwargs={
             "students": [{k: s[k] for k in ("name", "revision", "fingerprint", "settings")} for s in students],
-            "passthrough": cfg.input.passthrough,
+            "passthrough": row_columns(cfg.input),
             "columns": stat_columns(metric_names(cfg.scoring)),
             "run": run,
         },

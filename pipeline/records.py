@@ -11,13 +11,14 @@ import json
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import errors
-from pipeline.config import InputConfig
+from pipeline.config import InputConfig, row_columns
 from pipeline.errors import RowError
 from pipeline.spans import canonical_messages, validate_messages
-from pipeline.storage import format_of, open_corpus_file
+from pipeline.storage import Corpus, format_of, open_corpus_file
 
 BOM = b"\xef\xbb\xbf"
 READ_CHUNK_BYTES = 16 << 20
@@ -79,6 +80,21 @@ def _parquet_records(f: BinaryIO) -> Iterator[RawRecord]:
             yield RawRecord(number, json.dumps(row, ensure_ascii=False, default=str))
 
 
+def _arrow_records(f: BinaryIO) -> Iterator[RawRecord]:
+    """Arrow IPC: the stream format Hugging Face `save_to_disk` writes, else the file format."""
+    try:
+        reader = pa.ipc.open_stream(f)
+    except pa.ArrowInvalid:
+        f.seek(0)
+        reader = pa.ipc.open_file(f)
+    batches = reader if isinstance(reader, pa.ipc.RecordBatchStreamReader) else (reader.get_batch(i) for i in range(reader.num_record_batches))
+    number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            number += 1
+            yield RawRecord(number, json.dumps(row, ensure_ascii=False, default=str))
+
+
 def read_records(f: BinaryIO, fmt: str) -> Iterator[RawRecord]:
     """Records of one corpus file; a file that cannot be parsed at all is one record saying why."""
     produced = False
@@ -87,6 +103,8 @@ def read_records(f: BinaryIO, fmt: str) -> Iterator[RawRecord]:
             records = _jsonl_records(_split_lines(f))
         elif fmt == "json":
             records = _json_records(f.read())
+        elif fmt == "arrow":
+            records = _arrow_records(f)
         else:
             records = _parquet_records(f)
         for record in records:
@@ -121,42 +139,133 @@ def _field(row: dict, name: str, reason: str, what: str, required: bool = True) 
     return value
 
 
-def _prompt_response_messages(row: dict, cfg: InputConfig) -> list[dict]:
-    system = _field(row, cfg.system_field, errors.BAD_SYSTEM, "system", required=False) if cfg.system_field else None
-    prompt = _field(row, cfg.prompt_field, errors.BAD_PROMPT, "prompt")
-    response = _field(row, cfg.response_field, errors.BAD_RESPONSE, "response")
-    assistant = {"role": "assistant", "content": response}
-    if cfg.reasoning_field:
-        reasoning = _field(row, cfg.reasoning_field, errors.NON_STRING_REASONING, "reasoning", required=False)
-        if reasoning:
-            assistant["reasoning_content"] = reasoning
-    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}, assistant]
+def _system_message(row: dict, cfg: InputConfig, sharegpt: bool = False) -> list[dict]:
+    """The row-level system prompt (`input.system_field`; ShareGPT rows: `system` when unset) as a message."""
+    name = cfg.system_field or ("system" if sharegpt else None)
+    system = _field(row, name, errors.BAD_SYSTEM, "system", required=False) if name else None
+    return [{"role": "system", "content": system}] if system else []
 
 
-def row_messages(row: dict, cfg: InputConfig) -> list[dict]:
-    """A corpus row as validated canonical messages, whatever its shape: `messages` (with optional
-    `reasoning_content` or `thinking`), ShareGPT `conversations` of `{from, value}`, or prompt and
-    response columns. Raises RowError naming the problem."""
+def _assistant(response: str, reasoning: str | None) -> dict:
+    return {"role": "assistant", "content": response, **({"reasoning_content": reasoning} if reasoning else {})}
+
+
+def _conversation(row: dict, cfg: InputConfig) -> Any:
+    """The row's messages (ShareGPT turns converted), with the row-level system prompt unless they hold
+    their own; None when the row has no messages. Malformed values are passed on for validation."""
     if cfg.messages_field in row:
         messages = row[cfg.messages_field]
-    elif cfg.prompt_field and cfg.prompt_field in row:
-        return validate_messages(_prompt_response_messages(row, cfg))
     elif "conversations" in row:  # ShareGPT rows, with messages_field left at its default
         messages = row["conversations"]
     else:
+        return None
+    if not isinstance(messages, list):
+        return messages
+    sharegpt = any(isinstance(m, dict) and "from" in m and "role" not in m for m in messages)
+    messages = [_from_sharegpt(m) for m in messages]
+    has_system = any(isinstance(m, dict) and m.get("role") == "system" for m in messages)
+    return messages if has_system else [*_system_message(row, cfg, sharegpt), *messages]
+
+
+def _prompt_messages(row: dict, cfg: InputConfig) -> list[dict]:
+    """The prompt of a row whose responses are elsewhere (candidates, teachers' columns): the prompt
+    column (with the system prompt), else the row's messages up to its final assistant turn."""
+    if cfg.prompt_field:
+        return [*_system_message(row, cfg), {"role": "user", "content": _field(row, cfg.prompt_field, errors.BAD_PROMPT, "prompt")}]
+    messages = _conversation(row, cfg)
+    if messages is None:
+        raise RowError(errors.MISSING_MESSAGES, f"row has neither {cfg.messages_field!r} nor input.prompt_field for its prompt")
+    if not isinstance(messages, list):
+        raise RowError(errors.MESSAGES_NOT_A_LIST, f"messages is a {type(messages).__name__}, not a list")
+    while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    return messages
+
+
+def row_messages(row: dict, cfg: InputConfig) -> list[dict]:
+    """A one-trajectory corpus row as validated canonical messages, whatever its shape: `messages` (with
+    optional `reasoning_content` or `thinking`), ShareGPT `conversations` of `{from, value}`, or prompt
+    and response columns. Raises RowError naming the problem."""
+    if cfg.messages_field not in row and cfg.prompt_field and cfg.prompt_field in row:
+        response = _field(row, cfg.response_field, errors.BAD_RESPONSE, "response")
+        reasoning = _field(row, cfg.reasoning_field, errors.NON_STRING_REASONING, "reasoning", required=False) if cfg.reasoning_field else None
+        messages = [*_prompt_messages(row, cfg), _assistant(response, reasoning)]
+    else:
+        messages = _conversation(row, cfg)
+    if messages is None:
         looked_for = [cfg.messages_field, *([cfg.prompt_field] if cfg.prompt_field else []), "conversations"]
         raise RowError(errors.MISSING_MESSAGES, f"row has none of the fields {looked_for}")
-    if isinstance(messages, list):
-        messages = [_from_sharegpt(m) for m in messages]
     return validate_messages(canonical_messages(messages))
 
 
-def count_records(fs, paths: list[str], configured_format: str) -> int:
+@dataclass(frozen=True)
+class Trajectory:
+    """One trajectory of a row: its sample_id suffix, the columns the corpus shape gives it, and its
+    canonical messages or why it is rejected."""
+
+    suffix: str
+    columns: dict
+    messages: list[dict] | None = None
+    error: RowError | None = None
+
+
+def _validated(messages: list) -> tuple[list[dict] | None, RowError | None]:
+    try:
+        return validate_messages(canonical_messages(messages)), None
+    except RowError as exc:
+        return None, exc
+
+
+def _candidate_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
+    candidates = row.get(cfg.candidates_field)
+    if not isinstance(candidates, list) or not candidates:
+        found = "missing" if candidates is None else f"a {type(candidates).__name__}" if not isinstance(candidates, list) else "empty"
+        raise RowError(errors.BAD_CANDIDATES, f"candidates field {cfg.candidates_field!r} is {found}, not a list of responses")
+    for name in cfg.candidate_passthrough:
+        aligned = row.get(name)
+        if not isinstance(aligned, list) or len(aligned) != len(candidates):
+            length = len(aligned) if isinstance(aligned, list) else type(aligned).__name__
+            raise RowError(errors.MISALIGNED_CANDIDATES, f"{name!r} has {length} items for {len(candidates)} candidates")
+    prompt = _prompt_messages(row, cfg)
+    trajectories = []
+    for k, candidate in enumerate(candidates):
+        columns = {"candidate_index": k, **{name: _passthrough_value(row[name][k]) for name in cfg.candidate_passthrough}}
+        turns = [_assistant(candidate, None)] if isinstance(candidate, str) else candidate if isinstance(candidate, list) else [candidate]
+        messages, error = _validated([*prompt, *(_from_sharegpt(m) for m in turns)])
+        trajectories.append(Trajectory(f"#{k}", columns, messages, error))
+    return trajectories
+
+
+def _group_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
+    prompt = _prompt_messages(row, cfg)
+    trajectories = []
+    for teacher, group in cfg.response_groups.items():
+        try:
+            response = _field(row, group.response, errors.BAD_RESPONSE, f"{teacher} response")
+            reasoning = _field(row, group.reasoning, errors.NON_STRING_REASONING, f"{teacher} reasoning", required=False) if group.reasoning else None
+            messages, error = _validated([*prompt, _assistant(response, reasoning)])
+        except RowError as exc:
+            messages, error = None, exc
+        trajectories.append(Trajectory(f"#{teacher}", {"teacher": teacher}, messages, error))
+    return trajectories
+
+
+def row_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
+    """The trajectories of a corpus row: one per candidate (`input.candidates_field`), one per teacher
+    (`input.response_groups`), else the row itself. Raises RowError when the row as a whole is unusable."""
+    if cfg.candidates_field:
+        return _candidate_trajectories(row, cfg)
+    if cfg.response_groups:
+        return _group_trajectories(row, cfg)
+    return [Trajectory("", {}, row_messages(row, cfg))]
+
+
+def count_records(corpus: Corpus) -> int:
     """How many records (lines, rows, unreadable files) the corpus files hold, read without keeping them."""
     total = 0
-    for path in paths:
-        with open_corpus_file(fs, path) as f:
-            total += sum(1 for _ in read_records(f, format_of(path, configured_format)))
+    for path in corpus.files:
+        with open_corpus_file(corpus.location.fs, path) as f:
+            total += sum(1 for _ in read_records(f, format_of(path, corpus.format_setting(path))))
     return total
 
 
@@ -176,13 +285,15 @@ def fallback_sample_id(source_file: str, row_number: int) -> str:
     return f"{source_file}:{row_number}"
 
 
-def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig) -> dict:
-    """A row's output fields: sample_id and passthrough always; content_hash and messages_json when
-    the row is valid, else reject_reason and reject_detail.
+def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig, path_values: dict | None = None) -> list[dict]:
+    """A row's trajectories as output fields: sample_id and the row columns (`config.row_columns`)
+    always; content_hash and messages_json when valid, else reject_reason and reject_detail. A row that
+    is unusable as a whole is one reject.
 
-    `sample_id` is the row's own string or integer id, else a stable `file:row` id.
+    `sample_id` is the row's own string or integer id, else a stable `file:row` id; a row of several
+    trajectories adds `#<candidate index>` or `#<teacher>`.
     """
-    fields = {"sample_id": fallback_sample_id(source_file, row_number), **dict.fromkeys(cfg.passthrough)}
+    fields = {"sample_id": fallback_sample_id(source_file, row_number), **dict.fromkeys(row_columns(cfg)), **(path_values or {})}
     try:
         try:
             row = json.loads(text)
@@ -194,7 +305,15 @@ def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig) ->
         if isinstance(row_id, (str, int)) and not isinstance(row_id, bool) and row_id != "":
             fields["sample_id"] = str(row_id)
         fields.update({name: _passthrough_value(row.get(name)) for name in cfg.passthrough})
-        messages = row_messages(row, cfg)
+        trajectories = row_trajectories(row, cfg)
     except RowError as exc:
-        return {**fields, "reject_reason": exc.reason, "reject_detail": exc.detail}
-    return {**fields, "content_hash": content_hash(messages), "messages_json": json.dumps(messages, ensure_ascii=False)}
+        return [{**fields, "reject_reason": exc.reason, "reject_detail": exc.detail}]
+    parsed = []
+    for t in trajectories:
+        out = {**fields, **t.columns, "sample_id": fields["sample_id"] + t.suffix}
+        if t.error is not None:
+            out.update(reject_reason=t.error.reason, reject_detail=t.error.detail)
+        else:
+            out.update(content_hash=content_hash(t.messages), messages_json=json.dumps(t.messages, ensure_ascii=False))
+        parsed.append(out)
+    return parsed

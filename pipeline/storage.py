@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import fsspec
 import fsspec.utils
 import pyarrow.fs
 
-from pipeline.config import ConfigError, StorageConfig
+from pipeline.config import ConfigError, InputConfig, StorageConfig, input_sources
 
-EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+# Hugging Face `save_to_disk` folders describe their Arrow shards in these files: not corpus files.
+HF_DATASET_METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")
 # JSONL and JSON files may be compressed; fsspec decompresses them by extension.
 COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 
@@ -111,9 +114,93 @@ def expand_inputs(urls: list[str], storage: StorageConfig, configured_format: st
             raise ConfigError(f"cannot read input path {url}: {exc}") from exc
         if not matches:
             raise ConfigError(f"input path not found or empty: {url}")
+        hf_dataset = any(p.endswith(".arrow") for p in matches)
         for path in matches:
             known = configured_format != "auto" or _known_format(path) is not None
+            if hf_dataset and os.path.basename(path) in HF_DATASET_METADATA:
+                known = False
             (files if known else skipped).append(path)
     if not files:
         raise ConfigError(f"no corpus files (.jsonl, .json, .parquet, JSON compressed as {COMPRESSIONS}) under {urls}")
     return locations[0], sorted(set(files)), skipped
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    """`{name}` matches one path segment, `*` any characters within one, `**` any number of segments."""
+    parts = re.split(r"(\{\w+\}|\*\*/?|\*|\?)", pattern)
+    regex = ""
+    for part in parts:
+        if part.startswith("{"):
+            regex += f"(?P<{part[1:-1]}>[^/]+)"
+        elif part.startswith("**"):
+            regex += "(?:.*/)?" if part.endswith("/") else ".*"
+        elif part == "*":
+            regex += "[^/]*"
+        elif part == "?":
+            regex += "[^/]"
+        else:
+            regex += re.escape(part)
+    return re.compile(regex)
+
+
+def path_field_values(urls: list[str], storage: StorageConfig, files: list[str], patterns: dict[str, str]) -> dict[str, dict]:
+    """Per corpus file (by URL): the values `patterns` ({teacher: "{teacher}/*.json"}, or hive-style
+    "teacher={teacher}/**") take in the file's path below the input path that holds it; None where a
+    pattern does not match."""
+    if not patterns:
+        return {}
+    roots = []
+    for url in urls:
+        location = locate(url, storage)
+        root = location.path.split("*")[0].split("?")[0].split("[")[0]
+        roots.append(root if location.fs.isdir(root) else os.path.dirname(root))
+    regexes = {name: _pattern_regex(pattern) for name, pattern in patterns.items()}
+    location = locate(urls[0], storage)
+    values = {}
+    for path in files:
+        root = max((r for r in roots if path.startswith(r.rstrip("/") + "/")), key=len, default=os.path.dirname(path))
+        relative = path[len(root.rstrip("/")) + 1 :]
+        matches = {name: regex.fullmatch(relative) for name, regex in regexes.items()}
+        values[location.url(path)] = {name: match[name] if match else None for name, match in matches.items()}
+    return values
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A run's corpus files, on one filesystem, each with the corpus part (`config.input_sources`) that
+    names it and the values of that part's path fields."""
+
+    location: Location
+    files: list[str]  # paths on location.fs
+    skipped: list[str]  # files in the input folders that are not corpus files
+    parts: list[InputConfig]
+    part_of: dict[str, int]  # file URL -> index into parts
+    path_values: dict[str, dict]  # file URL -> {path field: value}
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.location.url(path) for path in self.files]
+
+    def format_setting(self, path: str) -> str:
+        """The configured format of the part that names `path` (auto: by extension)."""
+        return self.parts[self.part_of[self.location.url(path)]].format
+
+
+def plan_corpus(input_cfg: InputConfig, storage: StorageConfig) -> Corpus:
+    """Expand every corpus part's paths to files (`expand_inputs`); a file named by two parts is an error."""
+    parts = input_sources(input_cfg)
+    location, files, skipped, part_of, path_values = None, [], [], {}, {}
+    for k, part in enumerate(parts):
+        part_location, part_files, part_skipped = expand_inputs(part.paths, storage, part.format)
+        if location is not None and part_location.scheme != location.scheme:
+            raise ConfigError("the input parts mix local and s3:// paths; run them as separate jobs")
+        location = location or part_location
+        for path in part_files:
+            url = location.url(path)
+            if url in part_of:
+                raise ConfigError(f"{url} is named by two input parts ({part_of[url]} and {k}): each file belongs to one")
+            part_of[url] = k
+        files += part_files
+        skipped += part_skipped
+        path_values.update(path_field_values(part.paths, storage, part_files, part.path_fields))
+    return Corpus(location, sorted(files), skipped, parts, part_of, path_values)
