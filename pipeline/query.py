@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.aggregate import dataset_rsr
-from pipeline.config import InputConfig, StorageConfig
+from pipeline.config import InputConfig, StorageConfig, input_sources
 from pipeline.output import committed_files
 from pipeline.errors import RowError
-from pipeline.records import content_hash, read_records, row_messages
+from pipeline.records import content_hash, read_records, row_trajectories
 from pipeline.rsr import METRIC_COLUMNS
-from pipeline.storage import format_of, locate, open_corpus_file
+from pipeline.storage import format_of, locate, open_corpus_file, plan_corpus
 
 
 def latest_scores(output: str, storage: StorageConfig | None = None) -> pd.DataFrame:
@@ -94,33 +94,42 @@ def teacher_table(scores: pd.DataFrame, teacher_column: str = "source") -> pd.Da
     return result.reset_index(drop=True)
 
 
-def _hash_or_none(row: dict, input_cfg: InputConfig) -> str | None:
+def _trajectories_by_hash(row: dict, part: InputConfig) -> dict[str, list[dict]]:
+    """The row's valid trajectories' canonical messages by content hash."""
     try:
-        return content_hash(row_messages(row, input_cfg))
+        trajectories = row_trajectories(row, part)
     except RowError:
-        return None
+        return {}
+    return {content_hash(t.messages): t.messages for t in trajectories if t.messages is not None}
 
 
 def original_rows(selected: pd.DataFrame, input_cfg: InputConfig, storage: StorageConfig | None = None) -> list[dict]:
     """The corpus rows behind `selected` scores, read back from their source files by row number.
 
-    `input_cfg` is the scoring job's input section (the rows' shape). A row whose messages no longer hash
-    to the scored content_hash (the file changed since) is an error.
+    `input_cfg` is the scoring job's input section (the rows' shapes). A row of several trajectories
+    (candidates, teachers) comes back with the selected trajectory's canonical messages as `messages`.
+    A row none of whose trajectories hashes to the scored content_hash (the file changed since) is an error.
     """
+    storage = storage or StorageConfig()
+    parts = input_sources(input_cfg) or [input_cfg]
+    part_of = plan_corpus(input_cfg, storage).part_of if len(parts) > 1 else {}  # which part names each file
     wanted = defaultdict(set)
     for source_file, row_number in zip(selected["source_file"], selected["row_number"]):
         wanted[source_file].add(int(row_number))
     found = {}
     for source_file, numbers in wanted.items():
-        location = locate(source_file, storage or StorageConfig())
+        location = locate(source_file, storage)
+        part = parts[part_of.get(source_file, 0)]
         with open_corpus_file(location.fs, location.path) as f:
-            for record in read_records(f, format_of(location.path, input_cfg.format)):
+            for record in read_records(f, format_of(location.path, part.format)):
                 if record.row_number in numbers:
-                    found[(source_file, record.row_number)] = json.loads(record.text)
+                    row = json.loads(record.text)
+                    found[(source_file, record.row_number)] = (row, _trajectories_by_hash(row, part), part)
     rows = []
     for source_file, row_number, scored_hash in zip(selected["source_file"], selected["row_number"], selected["content_hash"]):
-        row = found.get((source_file, int(row_number)))
-        if row is None or _hash_or_none(row, input_cfg) != scored_hash:
+        row, trajectories, part = found.get((source_file, int(row_number)), (None, {}, None))
+        if scored_hash not in trajectories:
             raise ValueError(f"{source_file}:{row_number} changed since it was scored; re-run the scoring job")
-        rows.append(row)
+        several = part.candidates_field or part.response_groups
+        rows.append({**row, "messages": trajectories[scored_hash]} if several else row)
     return rows

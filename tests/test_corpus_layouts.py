@@ -181,3 +181,25 @@ def test_arrow_folders_and_path_fields_through_s3(tmp_path, ray_runtime, student
     scores["sample_id"] = [s.replace("s3://layouts/", f"{root}/") for s in scores["sample_id"]]  # fallback ids name the file
     check_scores(scores, local_ids, want)
     assert sorted(scores[scores["sample_id"].str.contains("rsr_data")]["teacher"]) == ["qwq", "r1"]
+
+
+def test_selection_returns_the_selected_candidate_or_teacher(tmp_path, ray_runtime, student_dirs, layouts):
+    from jobs import select as select_job
+
+    root, sources, expected = layouts
+    out = tmp_path / "out"
+    cfg = layout_config(tmp_path, list(sources.values()), str(out), student_dirs["chatml"])
+    run_job(cfg)
+    target = tmp_path / "best.jsonl"
+    args = ["--scores", str(out), "--student", "tiny", "--where", "teacher=gemini", "--top-k", "2", "--config", str(tmp_path / "layouts.yaml")]
+    assert select_job.main([*args, "--out", str(target)]) == 0
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:  # the original s1K row, with the gemini trajectory as its messages
+        assert row["id"].startswith("s1k-") and row["messages"] == expected[f"{row['id']}#gemini"]
+    target = tmp_path / "candidates.jsonl"
+    assert select_job.main([*args[:4], "--group-by", "candidate_index", "--top-k", "1", "--config", args[-1], "--out", str(target)]) == 0
+    candidates = [row for row in map(json.loads, target.read_text().splitlines()) if "generations" in row]
+    assert len(candidates) == 3  # the best of each candidate index, each with its candidate as messages
+    for row in candidates:
+        assert row["messages"] in [expected[f"{row['uuid']}#{k}"] for k in range(3)]
