@@ -137,7 +137,7 @@ def reference_best(model, rows, device: str, repeats: int) -> tuple[float, int]:
     while batch <= len(rows):
         try:
             reference_scores(model, rows[:batch], batch)  # warm-up
-            seconds = best_time(device, lambda: reference_scores(model, rows, batch), repeats)
+            seconds = best_time(device, lambda size=batch: reference_scores(model, rows, size), repeats)
         except torch.OutOfMemoryError:
             break
         finally:
@@ -181,32 +181,54 @@ def main(argv: list[str] | None = None) -> int:
     student = random_student(config, policy)
     weights_gib = sum(p.numel() * p.element_size() for p in student.model.parameters()) / 2**30
     peak_flops = matmul_peak(policy.device, policy.dtype, 1024 if args.tiny else 8192)
-    print(f"{student.policy.describe()}; weights {weights_gib:.2f} GiB; {policy.dtype} matrix peak {peak_flops / 1e12:.1f} TFLOP/s")
+    print(
+        f"{student.policy.describe()}; weights {weights_gib:.2f} GiB; {policy.dtype} matrix peak {peak_flops / 1e12:.1f} TFLOP/s"
+    )
     scale, repeats = (1 / 64, 3) if args.tiny else (1, 2)
     shapes = [
-        (f"{int(2048 * scale)} tokens x 8", synthetic_rows(config.vocab_size, int(2048 * scale), 8, PROMPT_TOKENS // 8 if args.tiny else PROMPT_TOKENS, 0)),
-        (f"{int(8192 * scale)} tokens x 4", synthetic_rows(config.vocab_size, int(8192 * scale), 4, PROMPT_TOKENS // 8 if args.tiny else PROMPT_TOKENS, 1)),
-        (f"{int(32768 * scale)} tokens x 2", synthetic_rows(config.vocab_size, int(32768 * scale), 2, PROMPT_TOKENS // 8 if args.tiny else PROMPT_TOKENS, 2)),
-        (f"shared {int(4096 * scale)} + {int(1024 * scale)} x 8", synthetic_rows(config.vocab_size, int(1024 * scale), 8, int(4096 * scale), 3, shared_prompt=True)),
+        (
+            f"{int(2048 * scale)} tokens x 8",
+            synthetic_rows(config.vocab_size, int(2048 * scale), 8, PROMPT_TOKENS // 8 if args.tiny else PROMPT_TOKENS, 0),
+        ),
+        (
+            f"{int(8192 * scale)} tokens x 4",
+            synthetic_rows(config.vocab_size, int(8192 * scale), 4, PROMPT_TOKENS // 8 if args.tiny else PROMPT_TOKENS, 1),
+        ),
+        (
+            f"{int(32768 * scale)} tokens x 2",
+            synthetic_rows(config.vocab_size, int(32768 * scale), 2, PROMPT_TOKENS // 8 if args.tiny else PROMPT_TOKENS, 2),
+        ),
+        (
+            f"shared {int(4096 * scale)} + {int(1024 * scale)} x 8",
+            synthetic_rows(config.vocab_size, int(1024 * scale), 8, int(4096 * scale), 3, shared_prompt=True),
+        ),
     ]
-    header = f"{'shape':<26}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'weights':>9}{'ref tokens/s':>14}{'ref batch':>10}{'ratio':>7}"
+    header = (
+        f"{'shape':<26}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'weights':>9}{'ref tokens/s':>14}{'ref batch':>10}{'ratio':>7}"
+    )
     print(header)
     ratios, mfus = [], []
     for name, rows in shapes:
         tokens = sum(len(r.response_positions) for r in rows)
         student.score(rows[:1])  # warm-up
-        seconds, peak = peak_memory(policy.device, lambda: student.score(rows), repeats)
+        seconds, peak = peak_memory(policy.device, lambda batch=rows: student.score(batch), repeats)
         mfu = model_flops(config, rows) / seconds / peak_flops
         reference_seconds, reference_batch = reference_best(student.model, rows, policy.device, repeats)
         ratio = reference_seconds / seconds
         ratios.append(ratio)
         mfus.append(mfu)
         reference_rate = f"{tokens / reference_seconds:,.0f}" if reference_batch else "out of memory"
-        print(f"{name:<26}{tokens / seconds:>11,.0f}{mfu:>7.1%}{peak:>10.2f}{weights_gib:>9.2f}{reference_rate:>14}{reference_batch:>10}{ratio:>6.2f}x")
+        print(
+            f"{name:<26}{tokens / seconds:>11,.0f}{mfu:>7.1%}{peak:>10.2f}{weights_gib:>9.2f}{reference_rate:>14}{reference_batch:>10}{ratio:>6.2f}x"
+        )
     max_difference = parity(policy.device)
     ok = max_difference <= PARITY_LIMIT
-    print(f"float32 parity on the tiny shape: max |dRSR| = {max_difference:.2e} ({'ok' if ok else 'FAILED'}, limit {PARITY_LIMIT:g})")
-    print(f"summary: {policy.device}, MFU {min(mfus):.1%}-{max(mfus):.1%}, {min(ratios):.2f}x-{max(ratios):.2f}x the reference at its best batch, parity {'ok' if ok else 'FAILED'}")
+    print(
+        f"float32 parity on the tiny shape: max |dRSR| = {max_difference:.2e} ({'ok' if ok else 'FAILED'}, limit {PARITY_LIMIT:g})"
+    )
+    print(
+        f"summary: {policy.device}, MFU {min(mfus):.1%}-{max(mfus):.1%}, {min(ratios):.2f}x-{max(ratios):.2f}x the reference at its best batch, parity {'ok' if ok else 'FAILED'}"
+    )
     return 0 if ok else 1
 
 

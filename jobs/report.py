@@ -1,6 +1,6 @@
 """Write the teacher-selection table and an HTML report with RSR distributions per teacher.
 
-  python -m jobs.report --scores out/rsr --out out/report     # -> teachers.csv, teachers.parquet, report.html
+python -m jobs.report --scores out/rsr --out out/report     # -> teachers.csv, teachers.parquet, report.html
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import os
 import sys
 from importlib import resources
 
-from pipeline.output import OutputLocked
 from pipeline.config import ConfigError, load_config
+from pipeline.output import OutputLocked
 from pipeline.storage import StorageError
 
 DEFAULT_CONFIG = "jobs/configs/demo.yaml"

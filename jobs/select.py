@@ -1,6 +1,6 @@
 """Select trajectories by a student's RSR and write the original rows for fine-tuning.
 
-  python -m jobs.select --scores out/rsr --student NAME --group-by problem_id --top-k 1 --out sel.jsonl
+python -m jobs.select --scores out/rsr --student NAME --group-by problem_id --top-k 1 --out sel.jsonl
 """
 
 from __future__ import annotations
@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by", default="rank_surprisal_ratio", help="the score column to rank by (any metric column)")
     parser.add_argument("--where", nargs="*", default=[], metavar="COLUMN=VALUE",
                         help="keep only rows whose column equals the value first, e.g. is_correct=true")  # fmt: skip
-    parser.add_argument("--direction", choices=["ascending", "descending"], default="ascending",
-                        help="ascending: lowest RSR first, the paper's choice (default)")
+    parser.add_argument(
+        "--direction",
+        choices=["ascending", "descending"],
+        default="ascending",
+        help="ascending: lowest RSR first, the paper's choice (default)",
+    )
     parser.add_argument("--config", help="the scoring job's YAML: its input section says the rows' shape")
     parser.add_argument("--messages-field", default=None, help="without --config: the rows' messages field")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint")

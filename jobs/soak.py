@@ -196,11 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     student = str(Path(args.student).resolve())
     results, server = [], None
     try:
-        for where in (["local", "s3"] if args.where == "both" else [args.where]):
+        for where in ["local", "s3"] if args.where == "both" else [args.where]:
             endpoint = None
             if where == "s3":
                 port = free_port()
-                server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                server = subprocess.Popen(
+                    ["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
                 endpoint = f"http://127.0.0.1:{port}"
                 while socket.socket().connect_ex(("127.0.0.1", port)):
                     time.sleep(0.1)
@@ -216,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         pair_ok = r["pair_exit_codes"] == [0, 1] and r["pair_refused_with_lock_message"] == 1
         debris = r["debris"] + r["after_pair_debris"] + r["lock_left"]
         ok &= rows_once and r["counts_reconcile"] and not debris and pair_ok and r["reruns_ok"] == args.kills + 1
-        print(f"{r['where']:<7}{r['kills']:>6}{r['reruns_ok']:>10}{str(rows_once):>10}{str(r['counts_reconcile']):>10}{debris:>7}{str(pair_ok):>19}")
+        print(
+            f"{r['where']:<7}{r['kills']:>6}{r['reruns_ok']:>10}{str(rows_once):>10}{str(r['counts_reconcile']):>10}{debris:>7}{str(pair_ok):>19}"
+        )
     print("soak: all checks passed" if ok else "soak: FAILED")
     return 0 if ok else 1
 

@@ -9,7 +9,7 @@ keeping its rows; `summary_from_sums` turns them into the summary table.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -33,7 +33,9 @@ def cpu_row_eager(module, query, key, value, attention_mask, dropout=0.0, scalin
     if attention_mask is None:  # the mask function left causality to the kernel: queries are the last q_len keys
         mask = torch.full((1, 1, q_len, kv_len), float("-inf"), dtype=query.dtype, device=query.device).triu_(kv_len - q_len + 1)
     else:
-        mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~attention_mask, float("-inf"))
+        mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~attention_mask, float("-inf")
+        )
     output = torch.empty(batch, q_len, heads, head_dim, dtype=query.dtype, device=query.device)
     for start in range(0, batch, rows_per_step):
         rows = slice(start, start + rows_per_step)

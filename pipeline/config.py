@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -102,7 +103,9 @@ class ScoringConfig:
     rank_clip: int = 100
     max_model_len: int = 32768
     token_budget: str = "auto"  # padded tokens per forward pass: auto (2048 on CPU, from free memory on GPU) or a number
-    logits_chunk_tokens: str = "auto"  # response positions projected to the vocabulary at a time: auto (256 on CPU, from free memory on GPU) or a number
+    logits_chunk_tokens: str = (
+        "auto"  # response positions projected to the vocabulary at a time: auto (256 on CPU, from free memory on GPU) or a number
+    )
     on_too_long: str = "truncate"  # truncate (and flag) | reject rows longer than max_model_len
     reasoning: str = "template"  # template: score what the template renders | keep: every turn's reasoning as given
     metrics: Any = field(default_factory=lambda: ["rsr"])  # a list of rsr, entropy, top1, rank, logprob_std; or all

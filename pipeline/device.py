@@ -46,8 +46,12 @@ class DevicePolicy:
 
     @classmethod
     def choose(
-        cls, device: str | None = None, dtype: str | None = None, token_budget: int | None = None, logits_chunk_tokens: int | None = None
-    ) -> "DevicePolicy":
+        cls,
+        device: str | None = None,
+        dtype: str | None = None,
+        token_budget: int | None = None,
+        logits_chunk_tokens: int | None = None,
+    ) -> DevicePolicy:
         """The policy for `device` (default: CUDA when visible, else CPU) before the student is loaded;
         settings given explicitly win. `sized_for` then fills in what depends on the loaded student."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,7 +70,7 @@ class DevicePolicy:
             reuse_cpu_heap=not cuda,
         )
 
-    def sized_for(self, model) -> "DevicePolicy":
+    def sized_for(self, model) -> DevicePolicy:
         """Fill in the sizes left open (0) from the loaded student and the memory left free on its GPU."""
         if not self.is_cuda:
             return self

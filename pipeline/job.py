@@ -8,9 +8,9 @@ import os
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,7 +24,12 @@ from pipeline.config import ConfigError, JobConfig, StudentConfig, metric_names,
 from pipeline.errors import RowError
 from pipeline.output import STAGING_DIR, OutputStore, new_run_id, scoring_fingerprint
 from pipeline.ray_job import (
-    build_dataset, cached_get, committed_reject_keys, duplicate_ids, reject_keys, scored_keys
+    build_dataset,
+    cached_get,
+    committed_reject_keys,
+    duplicate_ids,
+    reject_keys,
+    scored_keys,
 )  # fmt: skip
 from pipeline.records import count_records
 from pipeline.rsr import stat_columns
@@ -161,7 +166,12 @@ class Tally:
             counts["read"] += row["status_count"]
             counts[row["status"]] += row["status_count"]
         scored = block.filter(pc.equal(block["status"], "scored"))
-        for row in scored.filter(pc.fill_null(scored["content_dropped"], False)).group_by("student").aggregate([("student", "count")]).to_pylist():
+        for row in (
+            scored.filter(pc.fill_null(scored["content_dropped"], False))
+            .group_by("student")
+            .aggregate([("student", "count")])
+            .to_pylist()
+        ):
             self.counts[row["student"]]["content_dropped"] += row["student_count"]
         if scored.num_rows:
             self.tokens += pc.sum(scored["resp_token_length"]).as_py()
@@ -176,7 +186,9 @@ class Tally:
         return pa.Table.from_pylist([{"student": s, **self.counts[s]} for s in sorted(self.counts)])
 
     def summary(self, by: tuple) -> pa.Table:
-        return summary_from_sums(self.sums[by], by) if by in self.sums else pa.table({key: pa.array([], pa.string()) for key in by})
+        return (
+            summary_from_sums(self.sums[by], by) if by in self.sums else pa.table({key: pa.array([], pa.string()) for key in by})
+        )
 
 
 class Checkpoints:
@@ -226,7 +238,9 @@ class Checkpoints:
             wrote = True
         if sum(c["rejected"] for c in counts):
             rejects = staging.join("_rejects", f"run_id={self.store.run_id}")
-            piece.map_batches(_rejects_batch, fn_kwargs={"known": [self.known_rejects]}, batch_format="pyarrow").write_parquet(rejects.path, **write_args)
+            piece.map_batches(_rejects_batch, fn_kwargs={"known": [self.known_rejects]}, batch_format="pyarrow").write_parquet(
+                rejects.path, **write_args
+            )
             wrote = staging.fs.exists(rejects.path) or wrote
         if wrote:
             self.committed += self.store.commit_piece({"counts": counts})
@@ -258,7 +272,9 @@ def _students(cfg: JobConfig, store: OutputStore, mode: str, templates: list[str
         fingerprint = scoring_fingerprint(settings)
         paths = store.paths(store.committed_files(f"student={s.name}/")) if mode == "incremental" else []
         done_ref = scored_keys.remote(paths, store.root, fingerprint)
-        students.append({"name": s.name, "revision": revision, "fingerprint": fingerprint, "settings": settings, "done_ref": done_ref})
+        students.append(
+            {"name": s.name, "revision": revision, "fingerprint": fingerprint, "settings": settings, "done_ref": done_ref}
+        )
     return students
 
 
@@ -303,7 +319,7 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
     root = locate(cfg.output.path, cfg.storage)
     check_output(root)
     templates = check_students(cfg)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     lock = {"stale_after_s": cfg.output.lock_stale_minutes * 60, "beat_every_s": cfg.output.lock_heartbeat_seconds}
     with OutputStore(root, new_run_id(now), **lock) as store:
         if store.taken_over:

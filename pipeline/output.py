@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipeline.storage import Location
 
@@ -31,7 +31,7 @@ RUNS_DIR, STAGING_DIR, LOCK_FILE = "_runs", "_staging", "_lock.json"
 
 
 def new_run_id(now: datetime | None = None) -> str:
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
@@ -55,7 +55,7 @@ class OutputLocked(RuntimeError):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _process_alive(pid: int) -> bool:
@@ -322,7 +322,7 @@ class OutputStore:
         self.pieces_committed = 0
         self.taken_over: str | None = None
 
-    def __enter__(self) -> "OutputStore":
+    def __enter__(self) -> OutputStore:
         self.taken_over = self.lock.acquire()
         try:
             self.manifests = read_manifests(self.root)
@@ -376,7 +376,9 @@ class OutputStore:
 
     def commit_run(self, staging: Location, manifest: dict) -> list[str]:
         """The run's own manifest (summaries, totals, `completed`), after its last piece."""
-        return self._commit(staging, {**manifest, "run_id": self.run_id, "pieces": self.pieces_committed, "completed": True}, self.run_id)
+        return self._commit(
+            staging, {**manifest, "run_id": self.run_id, "pieces": self.pieces_committed, "completed": True}, self.run_id
+        )
 
     def _commit(self, staging: Location, manifest: dict, name: str) -> list[str]:
         fs = self.root.fs

@@ -12,8 +12,8 @@ import pyarrow.dataset as pads
 
 from pipeline.aggregate import dataset_rsr
 from pipeline.config import InputConfig, StorageConfig, input_sources
-from pipeline.output import committed_files
 from pipeline.errors import RowError
+from pipeline.output import committed_files
 from pipeline.records import content_hash, read_records, row_trajectories
 from pipeline.rsr import METRIC_COLUMNS
 from pipeline.storage import format_of, locate, open_corpus_file, plan_corpus
@@ -41,7 +41,9 @@ def fingerprint_mixes(scores: pd.DataFrame) -> list[str]:
     for student, counts in fingerprints.groupby(scores["student"]).value_counts().groupby(level=0):
         if len(counts) > 1:
             mix = ", ".join(f"{fingerprint}: {n} rows" for (_, fingerprint), n in counts.items())
-            warnings.append(f"student {student}: scores made with {len(counts)} scoring settings ({mix}); compare rows of one fingerprint")
+            warnings.append(
+                f"student {student}: scores made with {len(counts)} scoring settings ({mix}); compare rows of one fingerprint"
+            )
     return warnings
 
 

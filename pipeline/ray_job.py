@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,7 +31,13 @@ from ray.data.datasource import FileBasedDatasource
 
 from pipeline import errors
 from pipeline.config import (
-    JobConfig, StudentConfig, logits_chunk_tokens, metric_names, row_columns, shape_columns, token_budget
+    JobConfig,
+    StudentConfig,
+    logits_chunk_tokens,
+    metric_names,
+    row_columns,
+    shape_columns,
+    token_budget,
 )  # fmt: skip
 from pipeline.errors import RowError
 from pipeline.output import reject_key, scored_key
@@ -94,7 +100,14 @@ def parse_batch(batch: pa.Table, corpus: Corpus, columns: list[str], column_type
             parsed = parse_row(raw["text"], raw["source_file"], raw["row_number"], part, file_values)
         else:
             sample_id = fallback_sample_id(raw["source_file"], raw["row_number"])
-            parsed = [{"sample_id": sample_id, **file_values, "reject_reason": raw["reject_reason"], "reject_detail": raw["reject_detail"]}]
+            parsed = [
+                {
+                    "sample_id": sample_id,
+                    **file_values,
+                    "reject_reason": raw["reject_reason"],
+                    "reject_detail": raw["reject_detail"],
+                }
+            ]
         rows += [{"source_file": raw["source_file"], "row_number": raw["row_number"], **row} for row in parsed]
     schema = pa.schema(
         [("source_file", pa.string()), ("row_number", pa.int64()), ("sample_id", pa.string()),
@@ -260,7 +273,15 @@ def default_torch_threads(cpus_per_actor: float, scoring_actors: int) -> int:
 class ScoreActor:
     """Holds one student for its lifetime; scores the rows its tokenize stage encoded."""
 
-    def __init__(self, index: int, student: StudentConfig, options: ScoringOptions, threads: int | None, cpus_per_actor: float, scoring_actors: int):
+    def __init__(
+        self,
+        index: int,
+        student: StudentConfig,
+        options: ScoringOptions,
+        threads: int | None,
+        cpus_per_actor: float,
+        scoring_actors: int,
+    ):
         import torch
 
         torch.set_num_threads(threads or default_torch_threads(cpus_per_actor, scoring_actors))
@@ -298,9 +319,7 @@ def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str],
     for i, student in enumerate(students):
         reason = pc.coalesce(batch["reject_reason"], batch[f"reject_reason_{i}"])
         detail = pc.coalesce(batch["reject_detail"], batch[f"reject_detail_{i}"])
-        status = pc.if_else(
-            pc.is_valid(reason), "rejected", pc.if_else(batch[f"skipped_{i}"], "skipped", "scored")
-        )
+        status = pc.if_else(pc.is_valid(reason), "rejected", pc.if_else(batch[f"skipped_{i}"], "skipped", "scored"))
         parts.append(
             pa.table(
                 {
@@ -357,7 +376,11 @@ def build_dataset(cfg: JobConfig, corpus: Corpus, students: list[dict], duplicat
         )  # fmt: skip
         ds = ds.map_batches(
             ScoreActor,
-            fn_constructor_kwargs={"index": i, "student": dataclasses.replace(student, dtype=students[i]["settings"]["dtype"]), **actor_args},
+            fn_constructor_kwargs={
+                "index": i,
+                "student": dataclasses.replace(student, dtype=students[i]["settings"]["dtype"]),
+                **actor_args,
+            },
             compute=ray.data.ActorPoolStrategy(size=cfg.compute.actors_per_student),
             num_cpus=cfg.compute.cpus_per_actor,
             num_gpus=gpus,

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,7 +88,11 @@ def _arrow_records(f: BinaryIO) -> Iterator[RawRecord]:
     except pa.ArrowInvalid:
         f.seek(0)
         reader = pa.ipc.open_file(f)
-    batches = reader if isinstance(reader, pa.ipc.RecordBatchStreamReader) else (reader.get_batch(i) for i in range(reader.num_record_batches))
+    batches = (
+        reader
+        if isinstance(reader, pa.ipc.RecordBatchStreamReader)
+        else (reader.get_batch(i) for i in range(reader.num_record_batches))
+    )
     number = 0
     for batch in batches:
         for row in batch.to_pylist():
@@ -171,7 +176,10 @@ def _prompt_messages(row: dict, cfg: InputConfig) -> list[dict]:
     """The prompt of a row whose responses are elsewhere (candidates, teachers' columns): the prompt
     column (with the system prompt), else the row's messages up to its final assistant turn."""
     if cfg.prompt_field:
-        return [*_system_message(row, cfg), {"role": "user", "content": _field(row, cfg.prompt_field, errors.BAD_PROMPT, "prompt")}]
+        return [
+            *_system_message(row, cfg),
+            {"role": "user", "content": _field(row, cfg.prompt_field, errors.BAD_PROMPT, "prompt")},
+        ]
     messages = _conversation(row, cfg)
     if messages is None:
         raise RowError(errors.MISSING_MESSAGES, f"row has neither {cfg.messages_field!r} nor input.prompt_field for its prompt")
@@ -188,7 +196,11 @@ def row_messages(row: dict, cfg: InputConfig) -> list[dict]:
     and response columns. Raises RowError naming the problem."""
     if cfg.messages_field not in row and cfg.prompt_field and cfg.prompt_field in row:
         response = _field(row, cfg.response_field, errors.BAD_RESPONSE, "response")
-        reasoning = _field(row, cfg.reasoning_field, errors.NON_STRING_REASONING, "reasoning", required=False) if cfg.reasoning_field else None
+        reasoning = (
+            _field(row, cfg.reasoning_field, errors.NON_STRING_REASONING, "reasoning", required=False)
+            if cfg.reasoning_field
+            else None
+        )
         messages = [*_prompt_messages(row, cfg), _assistant(response, reasoning)]
     else:
         messages = _conversation(row, cfg)
@@ -219,7 +231,9 @@ def _validated(messages: list) -> tuple[list[dict] | None, RowError | None]:
 def _candidate_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
     candidates = row.get(cfg.candidates_field)
     if not isinstance(candidates, list) or not candidates:
-        found = "missing" if candidates is None else f"a {type(candidates).__name__}" if not isinstance(candidates, list) else "empty"
+        found = (
+            "missing" if candidates is None else f"a {type(candidates).__name__}" if not isinstance(candidates, list) else "empty"
+        )
         raise RowError(errors.BAD_CANDIDATES, f"candidates field {cfg.candidates_field!r} is {found}, not a list of responses")
     for name in cfg.candidate_passthrough:
         aligned = row.get(name)
@@ -230,7 +244,13 @@ def _candidate_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
     trajectories = []
     for k, candidate in enumerate(candidates):
         columns = {"candidate_index": k, **{name: _passthrough_value(row[name][k]) for name in cfg.candidate_passthrough}}
-        turns = [_assistant(candidate, None)] if isinstance(candidate, str) else candidate if isinstance(candidate, list) else [candidate]
+        turns = (
+            [_assistant(candidate, None)]
+            if isinstance(candidate, str)
+            else candidate
+            if isinstance(candidate, list)
+            else [candidate]
+        )
         messages, error = _validated([*prompt, *(_from_sharegpt(m) for m in turns)])
         trajectories.append(Trajectory(f"#{k}", columns, messages, error))
     return trajectories
@@ -242,7 +262,11 @@ def _group_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
     for teacher, group in cfg.response_groups.items():
         try:
             response = _field(row, group.response, errors.BAD_RESPONSE, f"{teacher} response")
-            reasoning = _field(row, group.reasoning, errors.NON_STRING_REASONING, f"{teacher} reasoning", required=False) if group.reasoning else None
+            reasoning = (
+                _field(row, group.reasoning, errors.NON_STRING_REASONING, f"{teacher} reasoning", required=False)
+                if group.reasoning
+                else None
+            )
             messages, error = _validated([*prompt, _assistant(response, reasoning)])
         except RowError as exc:
             messages, error = None, exc

@@ -21,7 +21,7 @@ whatever the batch or sequence length.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -33,8 +33,9 @@ from __future__ import annotations
 import bisect
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from pipeline import errors
 from pipeline.errors import RowError
@@ -214,14 +215,10 @@ def validate_messages(messages: Any) -> list[dict]:
         if content is None and role == "assistant" and message.get("tool_calls"):
             content = ""  # a tool call alone: its content may be null
         if not isinstance(content, str):
-            raise RowError(
-                errors.NON_STRING_CONTENT, f"message {i} ({role}) content is {type(content).__name__}, not a string"
-            )
+            raise RowError(errors.NON_STRING_CONTENT, f"message {i} ({role}) content is {type(content).__name__}, not a string")
         reasoning = message.get("reasoning_content")
         if reasoning is not None and not isinstance(reasoning, str):
-            raise RowError(
-                errors.NON_STRING_REASONING, f"message {i} reasoning is {type(reasoning).__name__}, not a string"
-            )
+            raise RowError(errors.NON_STRING_REASONING, f"message {i} reasoning is {type(reasoning).__name__}, not a string")
         if "tool_calls" in message:
             _check_tool_calls(message["tool_calls"], i)
         if role == "assistant":
@@ -331,7 +328,14 @@ def _probe_markers(tokenizer) -> TurnMarkers:
     answer = {"role": "assistant", "content": PROBE_REPLY}
     answered = _render(tokenizer, [*question, answer], add_generation_prompt=False)
     # The conversation so far, without what a render that asks for no generation appends at the end.
-    closer = next((t for t in ["", *_special_tokens(tokenizer)] if before.endswith(t) and prompted.startswith(before[: len(before) - len(t)])), None)
+    closer = next(
+        (
+            t
+            for t in ["", *_special_tokens(tokenizer)]
+            if before.endswith(t) and prompted.startswith(before[: len(before) - len(t)])
+        ),
+        None,
+    )
     context = before[: len(before) - len(closer)] if closer is not None else None
     if context is None or not answered.startswith(context) or PROBE_REPLY not in answered[len(context) :]:
         raise RowError(errors.TEMPLATE_ERROR, "cannot read the assistant turn format off the chat template")
@@ -354,7 +358,10 @@ def _probe_markers(tokenizer) -> TurnMarkers:
     reasoned = [*question, {**answer, "reasoning_content": PROBE_REASONING}]
     ends, earlier_end = [], final_end or ""
     if final_end:  # else whitespace closes turns
-        earlier_end = _end_after(tokenizer, [*question, {**answer, "content": PROBE_EARLIER_REPLY}, *question, answer], PROBE_EARLIER_REPLY) or final_end
+        earlier_end = (
+            _end_after(tokenizer, [*question, {**answer, "content": PROBE_EARLIER_REPLY}, *question, answer], PROBE_EARLIER_REPLY)
+            or final_end
+        )
         ends = [final_end, earlier_end, _end_after(tokenizer, reasoned, PROBE_REASONING)]
         ends.append(_tool_call_end(tokenizer, question, [e for e in ends if e]))
     rendered_reasoning = _optional_render(tokenizer, reasoned)
@@ -514,7 +521,9 @@ def _kept_turn(tokenizer, messages: Sequence[dict], i: int, markers: TurnMarkers
         raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: the generation prompt is not appended to the conversation")
     prompt = context[len(so_far) :]
     body_start = len(so_far) + len(markers.header) if prompt.startswith(markers.header) else len(context)
-    previous_end = _turns(tokenizer, messages[:i], context, markers)[-1].end if any(m["role"] == "assistant" for m in messages[:i]) else 0
+    previous_end = (
+        _turns(tokenizer, messages[:i], context, markers)[-1].end if any(m["role"] == "assistant" for m in messages[:i]) else 0
+    )
     opened_think = THINK_OPEN in context[body_start:]
     text = context + _kept_body(messages[i], opened_think)
     return text + (markers.end or markers.after_body), [(body_start, len(text))], previous_end

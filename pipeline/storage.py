@@ -31,7 +31,7 @@ class Location:
         path = self.path if path is None else path
         return f"s3://{path}" if self.scheme == "s3" else path
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         return Location(self.fs, "/".join([self.path.rstrip("/"), *parts]), self.scheme)
 
     def arrow_fs(self) -> pyarrow.fs.FileSystem:

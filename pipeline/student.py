@@ -8,9 +8,9 @@ import dataclasses
 import hashlib
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -99,8 +99,17 @@ class Student:
     """A causal LM split into its body and its vocabulary projection, ready to score conversations on
     the device its `DevicePolicy` chose."""
 
-    def __init__(self, model, tokenizer, options: ScoringOptions = ScoringOptions(), device: str | None = None, policy: DevicePolicy | None = None):
-        policy = policy or DevicePolicy.choose(device, token_budget=options.token_budget, logits_chunk_tokens=options.logits_chunk_tokens)
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        options: ScoringOptions = ScoringOptions(),
+        device: str | None = None,
+        policy: DevicePolicy | None = None,
+    ):
+        policy = policy or DevicePolicy.choose(
+            device, token_budget=options.token_budget, logits_chunk_tokens=options.logits_chunk_tokens
+        )
         policy.prepare_process()
         self.model = model.to(policy.device).eval()
         self.policy = policy.sized_for(self.model)
@@ -164,7 +173,9 @@ class Student:
 
     def _lower_token_budget(self, budget: int) -> None:
         if budget < self.policy.token_budget:
-            logger.warning("out of device memory: token budget %d -> %d for the rest of the run", self.policy.token_budget, budget)
+            logger.warning(
+                "out of device memory: token budget %d -> %d for the rest of the run", self.policy.token_budget, budget
+            )
             self.policy = dataclasses.replace(self.policy, token_budget=max(1, budget))
 
     def _prompt_windows(self, prompts: Sequence[tuple]) -> list[list[int]]:
@@ -216,7 +227,7 @@ class Student:
         (masked out) up to `width`; rows without a shared prompt are all zeros."""
         first = next(states for states in row_states if states)
         layers = []
-        for layer, (keys, values) in enumerate(first):
+        for layer, (keys, _) in enumerate(first):
             gathered = [keys.new_zeros((len(row_states), keys.shape[0], width, keys.shape[2])) for _ in range(2)]
             for row, states in enumerate(row_states):
                 if states:

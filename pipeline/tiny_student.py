@@ -5,8 +5,8 @@ template, and a Llama model of a chosen shape. For plumbing demos and tests: its
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -112,10 +112,10 @@ def s3_endpoint():
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             break
-        except OSError:
+        except OSError as exc:
             if time.time() > deadline:
                 server.kill()
-                raise RuntimeError("moto_server did not start")
+                raise RuntimeError("moto_server did not start") from exc
             time.sleep(0.2)
     yield endpoint
     server.terminate()

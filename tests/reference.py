@@ -47,10 +47,12 @@ def reference_scores(model, tokenizer, items, batch_size=4, rank_clip=100):
             nll = torch.logsumexp(lg, -1) - tgt
             top = torch.topk(lg, k=min(rank_clip, lg.shape[-1]), dim=-1).values
             rank = torch.clamp(1 + (top > tgt[:, None]).sum(-1), max=rank_clip).double()
-            out.append({
-                "resp_token_length": len(pos),
-                "avg_rank_clip": rank.mean().item(),
-                "avg_surprisal": nll.double().mean().item(),
-                "rank_surprisal_ratio": rank.sum().item() / max(nll.double().sum().item(), 1e-12),
-            })
+            out.append(
+                {
+                    "resp_token_length": len(pos),
+                    "avg_rank_clip": rank.mean().item(),
+                    "avg_surprisal": nll.double().mean().item(),
+                    "rank_surprisal_ratio": rank.sum().item() / max(nll.double().sum().item(), 1e-12),
+                }
+            )
     return out

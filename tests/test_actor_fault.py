@@ -5,7 +5,6 @@ import os
 import signal
 import threading
 import time
-
 from pathlib import Path
 
 from pipeline.job import run_job

@@ -70,9 +70,11 @@ def bad_corpus(tmp_path_factory):
 
 def outcomes(out) -> dict:
     scores = duckdb.sql(f"SELECT source_file, row_number, truncated FROM read_parquet('{out}/student=*/**/*.parquet')")
-    rejects = duckdb.sql(f"SELECT source_file, row_number, reject_reason, reject_detail FROM read_parquet('{out}/_rejects/**/*.parquet')")
+    rejects = duckdb.sql(
+        f"SELECT source_file, row_number, reject_reason, reject_detail FROM read_parquet('{out}/_rejects/**/*.parquet')"
+    )
     found = {}
-    for source_file, row_number, truncated in scores.fetchall():
+    for source_file, row_number, _ in scores.fetchall():
         found[(source_file.rsplit("/", 1)[-1], row_number)] = "scored"
     for source_file, row_number, reason, detail in rejects.fetchall():
         key = (source_file.rsplit("/", 1)[-1], row_number)

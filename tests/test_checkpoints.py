@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 import pytest
@@ -40,7 +40,9 @@ def kill_after_first_checkpoint(config_path, root, env, log_path) -> None:
     try:
         while not (root.fs.exists(first_piece) and any(p.endswith("-p0001.json") for p in root.fs.ls(first_piece, detail=False))):
             if driver.poll() is not None:
-                pytest.fail(f"the job ended (exit {driver.returncode}) before its first checkpoint:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(
+                    f"the job ended (exit {driver.returncode}) before its first checkpoint:\n{log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.05)
             root.fs.invalidate_cache()
         driver.send_signal(signal.SIGKILL)
@@ -93,7 +95,9 @@ def test_a_killed_driver_loses_at_most_one_checkpoint(where, ray_runtime, tmp_pa
         glob = f"{local}/student=*/**/*.parquet"
     else:
         glob = f"{output}/student=*/**/*.parquet"
-    scored_before = duckdb.sql(f"SELECT count(*) FROM read_parquet({json.dumps(files)}) WHERE run_id != '{resumed.run_id}'").fetchall()[0][0]
+    scored_before = duckdb.sql(
+        f"SELECT count(*) FROM read_parquet({json.dumps(files)}) WHERE run_id != '{resumed.run_id}'"
+    ).fetchall()[0][0]
     assert 0 < scored_before < N_ROWS  # killed mid-run with at least one piece committed
     assert counts == {"student": "tiny", "read": N_ROWS, "scored": N_ROWS - scored_before, "rejected": 0,
                       "skipped": scored_before, "content_dropped": 0}  # fmt: skip
@@ -132,14 +136,16 @@ def test_a_live_lock_refuses_a_second_run_and_a_dead_one_is_taken_over(ray_runti
         holder.release()
     assert not lock_path.exists()
 
-    old_beat = (datetime.now(timezone.utc) - timedelta(minutes=10)).isoformat()
+    old_beat = (datetime.now(UTC) - timedelta(minutes=10)).isoformat()
     lock_path.write_text(json.dumps({"run_id": "crashed-elsewhere", "host": "another-host", "pid": 1, "beat": old_beat}))
     result = run_job(cfg)
     assert "crashed-elsewhere" in result.lock_taken_over and "10.0 min ago" in result.lock_taken_over
     assert not lock_path.exists()
 
-    fresh_beat = datetime.now(timezone.utc).isoformat()
-    lock_path.write_text(json.dumps({"run_id": "killed-here", "host": socket.gethostname(), "pid": dead_pid(), "beat": fresh_beat}))
+    fresh_beat = datetime.now(UTC).isoformat()
+    lock_path.write_text(
+        json.dumps({"run_id": "killed-here", "host": socket.gethostname(), "pid": dead_pid(), "beat": fresh_beat})
+    )
     result = run_job(cfg)
     assert "killed-here" in result.lock_taken_over and "is gone" in result.lock_taken_over
 

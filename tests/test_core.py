@@ -177,15 +177,23 @@ def test_per_token_arrays_match_the_averages(student_dirs, corpus):
 
 
 def test_dataset_rsr_groups():
-    scores = pa.table({
-        "source": ["a", "a", "b"],
-        "resp_token_length": [10, 20, 5],
-        "avg_rank_clip": [2.0, 4.0, 3.0],
-        "avg_surprisal": [1.0, 1.0, 0.5],
-    })
+    scores = pa.table(
+        {
+            "source": ["a", "a", "b"],
+            "resp_token_length": [10, 20, 5],
+            "avg_rank_clip": [2.0, 4.0, 3.0],
+            "avg_surprisal": [1.0, 1.0, 0.5],
+        }
+    )
     table = dataset_rsr(scores, by=["source"]).sort_by("source").to_pylist()
-    assert table[0] == {"source": "a", "n_trajectories": 2, "resp_tokens": 30, "mean_avg_rank_clip": 3.0,
-                        "mean_avg_surprisal": 1.0, "rsr": 3.0}
+    assert table[0] == {
+        "source": "a",
+        "n_trajectories": 2,
+        "resp_tokens": 30,
+        "mean_avg_rank_clip": 3.0,
+        "mean_avg_surprisal": 1.0,
+        "rsr": 3.0,
+    }
     assert table[1]["rsr"] == pytest.approx(6.0)
     overall = dataset_rsr(scores).to_pylist()[0]
     assert overall["rsr"] == pytest.approx(9.0 / 2.5) and overall["n_trajectories"] == 3
@@ -233,7 +241,9 @@ def test_cpu_attention_matches_sdpa(student_dirs, corpus, monkeypatch, max_score
     encoded += [encode_conversation(tokenizer, messages) for messages in shared_prompt_rows]
     scores = {}
     for implementation in ("sdpa", attention.NAME):
-        model = AutoModelForCausalLM.from_pretrained(student_dirs["llama3"], dtype=torch.float32, attn_implementation=implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            student_dirs["llama3"], dtype=torch.float32, attn_implementation=implementation
+        )
         scores[implementation] = Student(model, tokenizer, ScoringOptions(token_budget=700), device="cpu").score(encoded)
     if max_scores:
         assert fused_calls, "no row was long enough to reach the fused kernel"

@@ -46,7 +46,7 @@ def layouts(tmp_path_factory, corpus):
 
     # OpenR1-Math: a prompt column and 3 candidates per row with aligned list columns; a Hub-style tree.
     openr1 = []
-    for k, (rid, question, answer) in enumerate(pairs[:4]):
+    for k, (_, question, answer) in enumerate(pairs[:4]):
         generations = [f"<think>\nStep {j}.\n</think>\n\n{answer} ({j})" for j in range(3)]
         correct = [j % 2 == 0 for j in range(3)][: 2 if k == 3 else 3]  # the last row's list is misaligned
         openr1.append({"uuid": f"r1-{k}", "problem": question, "generations": generations,
@@ -58,12 +58,15 @@ def layouts(tmp_path_factory, corpus):
 
     # s1K-1.1: two teachers' thinking and attempt columns in one row.
     s1k = []
-    for k, (rid, question, answer) in enumerate(pairs[4:7]):
+    for k, (_, question, answer) in enumerate(pairs[4:7]):
         row = {"id": f"s1k-{k}", "question": question}
         for teacher in TEACHERS:
             row[f"{teacher}_thinking_trajectory"] = f"{teacher} thinks about {k}."
             row[f"{teacher}_attempt"] = f"{answer} says {teacher}"
-            expected[f"s1k-{k}#{teacher}"] = [user(question), assistant(row[f"{teacher}_attempt"], row[f"{teacher}_thinking_trajectory"])]
+            expected[f"s1k-{k}#{teacher}"] = [
+                user(question),
+                assistant(row[f"{teacher}_attempt"], row[f"{teacher}_thinking_trajectory"]),
+            ]
         s1k.append(row)
     (root / "s1k").mkdir()
     pq.write_table(pa.Table.from_pylist(s1k), root / "s1k" / "train.parquet")
@@ -151,7 +154,12 @@ def test_one_job_scores_every_layout_as_the_same_trajectories_given_as_messages(
     assert by_id.loc["s1k-2#gemini", "teacher"] == "gemini"  # a teacher column from the groups ...
     rsr_rows = by_id[by_id.index.str.contains("rsr_data")]
     assert sorted(rsr_rows["teacher"]) == ["qwq", "r1"]  # ... and from the path, both usable in partition_by
-    assert {p.name for p in (out / "student=tiny").iterdir()} >= {"teacher=qwq", "teacher=r1", "teacher=deepseek", "teacher=gemini"}
+    assert {p.name for p in (out / "student=tiny").iterdir()} >= {
+        "teacher=qwq",
+        "teacher=r1",
+        "teacher=deepseek",
+        "teacher=gemini",
+    }
     rejects = duckdb.sql(f"SELECT sample_id, reject_reason FROM read_parquet('{out}/_rejects/**/*.parquet')").fetchall()
     assert rejects == [("r1-3", "misaligned_candidates")]
 
@@ -168,7 +176,10 @@ def test_arrow_folders_and_path_fields_through_s3(tmp_path, ray_runtime, student
     fs.mkdir("layouts")
     for name in ("hf_dataset", "rsr_data"):
         fs.put(str(root / name), f"layouts/{name}", recursive=True)
-    s3_sources = [{**sources["hf"], "paths": ["s3://layouts/hf_dataset"]}, {**sources["rsr_data"], "paths": ["s3://layouts/rsr_data/"]}]
+    s3_sources = [
+        {**sources["hf"], "paths": ["s3://layouts/hf_dataset"]},
+        {**sources["rsr_data"], "paths": ["s3://layouts/rsr_data/"]},
+    ]
     cfg = layout_config(tmp_path, s3_sources, "s3://layouts/out", student_dirs["chatml"], {"endpoint_url": s3_endpoint})
     [counts] = run_job(cfg).counts.to_pylist()
     local_ids = {k: v for k, v in expected.items() if k.startswith("hf-") or "rsr_data" in k}
@@ -191,14 +202,28 @@ def test_selection_returns_the_selected_candidate_or_teacher(tmp_path, ray_runti
     cfg = layout_config(tmp_path, list(sources.values()), str(out), student_dirs["chatml"])
     run_job(cfg)
     target = tmp_path / "best.jsonl"
-    args = ["--scores", str(out), "--student", "tiny", "--where", "teacher=gemini", "--top-k", "2", "--config", str(tmp_path / "layouts.yaml")]
+    args = [
+        "--scores",
+        str(out),
+        "--student",
+        "tiny",
+        "--where",
+        "teacher=gemini",
+        "--top-k",
+        "2",
+        "--config",
+        str(tmp_path / "layouts.yaml"),
+    ]
     assert select_job.main([*args, "--out", str(target)]) == 0
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:  # the original s1K row, with the gemini trajectory as its messages
         assert row["id"].startswith("s1k-") and row["messages"] == expected[f"{row['id']}#gemini"]
     target = tmp_path / "candidates.jsonl"
-    assert select_job.main([*args[:4], "--group-by", "candidate_index", "--top-k", "1", "--config", args[-1], "--out", str(target)]) == 0
+    assert (
+        select_job.main([*args[:4], "--group-by", "candidate_index", "--top-k", "1", "--config", args[-1], "--out", str(target)])
+        == 0
+    )
     candidates = [row for row in map(json.loads, target.read_text().splitlines()) if "generations" in row]
     assert len(candidates) == 3  # the best of each candidate index, each with its candidate as messages
     for row in candidates:

@@ -77,7 +77,12 @@ def shaped_corpus(tmp_path_factory, corpus):
     pq.write_table(pa.Table.from_pylist(prompt_response), root / "prompt_response.parquet")
     (root / "bad.jsonl").write_bytes(jsonl_bytes([bad["bad-response"], bad["bad-reasoning"]]))
     quarter = len(compressed) // 4
-    parts = [compressed[:quarter], compressed[quarter : 2 * quarter], compressed[2 * quarter : 3 * quarter], compressed[3 * quarter :]]
+    parts = [
+        compressed[:quarter],
+        compressed[quarter : 2 * quarter],
+        compressed[2 * quarter : 3 * quarter],
+        compressed[3 * quarter :],
+    ]
     (root / "a.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(parts[0])))
     (root / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl_bytes(parts[1])))
     (root / "c.jsonl.xz").write_bytes(lzma.compress(jsonl_bytes(parts[2])))
@@ -93,7 +98,11 @@ def agentic_rows(rows: list[dict]) -> list[dict]:
     shaped = []
     for k, row in enumerate(rows):
         user, *_, answer = row["messages"]
-        call = {"id": f"call_{k}", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"q": user["content"][:20]})}}
+        call = {
+            "id": f"call_{k}",
+            "type": "function",
+            "function": {"name": "lookup", "arguments": json.dumps({"q": user["content"][:20]})},
+        }
         if k % 2:
             messages = [{"role": "user", "content": [{"type": "text", "text": user["content"]}]},
                         {"role": "assistant", "content": [{"type": "text", "text": part} for part in answer["content"].split(" ")]}]  # fmt: skip
@@ -115,7 +124,12 @@ def test_the_content_hash_covers_tool_calls(corpus):
 def test_one_job_scores_every_shape_as_the_same_rows_given_as_messages(tmp_path, ray_runtime, student_dirs, shaped_corpus):
     root, rows, bad = shaped_corpus
     out = tmp_path / "out"
-    fields = ["input.prompt_field=question", "input.response_field=answer", "input.reasoning_field=reasoning", "input.system_field=system"]
+    fields = [
+        "input.prompt_field=question",
+        "input.response_field=answer",
+        "input.reasoning_field=reasoning",
+        "input.system_field=system",
+    ]
     cfg = job_config(tmp_path, [str(root)], str(out), {"tiny": student_dirs["chatml"]}, fields)
     result = run_job(cfg)
     [counts] = result.counts.to_pylist()

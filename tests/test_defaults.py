@@ -8,8 +8,8 @@ import ray
 import yaml
 
 from pipeline.config import load_config, token_budget
-from pipeline.ray_job import default_torch_threads
 from pipeline.device import CPU_TOKEN_BUDGET
+from pipeline.ray_job import default_torch_threads
 from pipeline.student import ScoringOptions, Student
 from tests.conftest import REPO
 
@@ -29,7 +29,9 @@ def test_resolved_defaults_on_a_cpu_only_runtime(ray_runtime, tmp_path, student_
     assert ray.get(resolve.remote(cfg.compute.cpus_per_actor, 2)) == max(1, threads // 2)
 
     # Token budget: auto is the measured CPU best once the student is on the CPU.
-    student = Student.load(str(student_dirs["chatml"]), device="cpu", options=ScoringOptions(token_budget=token_budget(cfg.scoring)))
+    student = Student.load(
+        str(student_dirs["chatml"]), device="cpu", options=ScoringOptions(token_budget=token_budget(cfg.scoring))
+    )
     assert student.policy.token_budget == CPU_TOKEN_BUDGET == 2048
 
 

@@ -40,7 +40,12 @@ def test_the_policy_for_a_cuda_device_sizes_itself_from_free_memory(monkeypatch)
     assert sized.logits_chunk_tokens == int(0.1 * 40 * GiB / (2 * 152064)) == 14122
     assert sized.statistics_rows == 512 * 2**20 // (8 * 152064)  # float32 temporaries of a step: 512 MiB
     explicit = DevicePolicy.choose("cuda:1", dtype="float16", token_budget=5000, logits_chunk_tokens=64).sized_for(student_7b)
-    assert (explicit.device, explicit.dtype, explicit.token_budget, explicit.logits_chunk_tokens) == ("cuda:1", torch.float16, 5000, 64)
+    assert (explicit.device, explicit.dtype, explicit.token_budget, explicit.logits_chunk_tokens) == (
+        "cuda:1",
+        torch.float16,
+        5000,
+        64,
+    )
 
 
 def inject_out_of_memory(student: Student, max_tokens: int) -> list[int]:

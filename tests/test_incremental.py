@@ -102,7 +102,9 @@ def test_changed_scoring_settings_rescore_every_row_and_unchanged_ones_skip(ray_
     data = write_jsonl(tmp_path / "corpus.jsonl", corpus[:6])
     out = tmp_path / "out"
     template = tmp_path / "other.jinja"
-    template.write_text(BUILTIN_TEMPLATES["chatml"].replace("{% endfor %}", "{{ '\\n' }}{% endfor %}", 1))  # a blank line after each turn
+    template.write_text(
+        BUILTIN_TEMPLATES["chatml"].replace("{% endfor %}", "{{ '\\n' }}{% endfor %}", 1)
+    )  # a blank line after each turn
     settings = [
         [],  # the first run
         ["scoring.reasoning=keep"],

@@ -17,10 +17,12 @@ from tests.conftest import write_jsonl
 BAD_JSONL_LINES = {
     '{"id": "broken", "messages": [': "malformed_json",
     json.dumps({"id": "no-assistant", "messages": [{"role": "user", "content": "hi"}]}): "no_assistant_turn",
-    json.dumps({"id": "empty", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}):
-        "empty_assistant_content",
-    json.dumps({"id": "number", "messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]}):
-        "non_string_content",
+    json.dumps(
+        {"id": "empty", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}
+    ): "empty_assistant_content",
+    json.dumps(
+        {"id": "number", "messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]}
+    ): "non_string_content",
 }
 
 

@@ -6,7 +6,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -14,7 +14,7 @@ from pipeline.config import StorageConfig
 from pipeline.output import LOCK_FILE, OutputLock, OutputLocked
 from pipeline.storage import locate
 
-STALE = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+STALE = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -74,7 +74,7 @@ def test_a_lock_rewritten_in_place_never_crashes_a_reader(tmp_path):
     """A writer outside the protocol rewrites the lock in place (truncate, then write) in a tight loop
     while other runs start: each refuses with the holder's name."""
     root = locate(str(tmp_path / "out"), StorageConfig())
-    record = json.dumps({"run_id": "nightly-7", "host": "another-host", "pid": 1, "beat": datetime.now(timezone.utc).isoformat()})
+    record = json.dumps({"run_id": "nightly-7", "host": "another-host", "pid": 1, "beat": datetime.now(UTC).isoformat()})
     write_lock(root, json.loads(record))
     done = threading.Event()
 
@@ -101,7 +101,7 @@ def test_the_heartbeat_never_overwrites_a_lock_another_run_took(root):
     holder = OutputLock(root, "slow-run", stale_after_s=300, beat_every_s=0.05)
     holder.acquire()
     try:
-        other = {"run_id": "took-it", "host": "another-host", "pid": 1, "beat": datetime.now(timezone.utc).isoformat()}
+        other = {"run_id": "took-it", "host": "another-host", "pid": 1, "beat": datetime.now(UTC).isoformat()}
         write_lock(root, other)
         holder._thread.join(timeout=120)  # the heartbeat ends at its first beat after the takeover
         assert not holder._thread.is_alive()

@@ -84,7 +84,9 @@ def test_missing_output_bucket_is_a_clear_error(ray_runtime, tmp_path, s3_endpoi
     assert not fs.exists("no-such-bucket")
 
 
-def test_access_denied_is_a_clear_error_and_commits_nothing(ray_runtime, tmp_path, s3_endpoint, bucket, fault_proxy, student_dirs):
+def test_access_denied_is_a_clear_error_and_commits_nothing(
+    ray_runtime, tmp_path, s3_endpoint, bucket, fault_proxy, student_dirs
+):
     fs, name = bucket
     fs.mkdir("denied")
     endpoint, injected = fault_proxy("--deny-bucket", "denied")

@@ -2,13 +2,13 @@
 
 import json
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import report, select as select_job
+from jobs import report
+from jobs import select as select_job
 from pipeline.job import run_job
-import pandas as pd
-
 from pipeline.query import latest_scores, select, teacher_table
 from pipeline.report import suitability_auc
 from tests.conftest import start_ray, write_jsonl

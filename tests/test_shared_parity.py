@@ -52,8 +52,17 @@ def test_random_smollm_shape_matches_reference_script(tmp_path):
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
     reference_out = tmp_path / "reference.jsonl"
     subprocess.run(
-        [sys.executable, str(SHARED / "bench" / "reference_rsr.py"), str(student_dir), str(corpus),
-         str(reference_out), "--dtype", "float32", "--threads", "2"],
+        [
+            sys.executable,
+            str(SHARED / "bench" / "reference_rsr.py"),
+            str(student_dir),
+            str(corpus),
+            str(reference_out),
+            "--dtype",
+            "float32",
+            "--threads",
+            "2",
+        ],
         check=True,
     )
     expected = {r["id"]: r for r in map(json.loads, reference_out.read_text().splitlines())}

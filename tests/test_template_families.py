@@ -16,7 +16,7 @@ from pipeline import errors
 from pipeline.errors import RowError
 from pipeline.spans import THINK_OPEN, encode_conversation, load_tokenizer, split_reasoning, turn_markers
 from tests.conftest import SHARED
-from tests.test_templates import GSM8K, QWEN3, TEMPLATES, tokenizer_for
+from tests.test_templates import GSM8K, QWEN3, tokenizer_for
 
 GPT_OSS = SHARED / "models" / "gpt-oss-tokenizer"
 SMOLLM = SHARED / "models" / "smollm2-135m-instruct"
@@ -53,7 +53,16 @@ PHI_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
-FAMILIES = ("qwen3", "qwq-32b", "qwen2.5-instruct", "llama-3.1-instruct", "deepseek-r1-distill-qwen", "gpt-oss", "mistral", "phi-3.5")
+FAMILIES = (
+    "qwen3",
+    "qwq-32b",
+    "qwen2.5-instruct",
+    "llama-3.1-instruct",
+    "deepseek-r1-distill-qwen",
+    "gpt-oss",
+    "mistral",
+    "phi-3.5",
+)
 KINDS = ("plain", "inline_think", "reasoning_content", "thinking", "multi_turn", "multi_turn_reasoning", "agentic")
 # Where the template leaves out text of an assistant message in `template` mode: most ignore a reasoning
 # field; Qwen3 and gpt-oss render it for the final turn only; DeepSeek keeps only what follows </think>.
@@ -111,7 +120,11 @@ def family_rows(n: int = 12) -> dict[str, list[list[dict]]]:
         user, user2 = {"role": "user", "content": question}, {"role": "user", "content": question2}
         inline = {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{final}"}
         inline2 = {"role": "assistant", "content": f"<think>\n{reasoning2}\n</think>\n\n{final2}"}
-        call = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": json.dumps({"expression": final[-12:]})}}
+        call = {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": final[-12:]})},
+        }
         kinds["plain"].append([user, {"role": "assistant", "content": f"{reasoning}\n{final}"}])
         kinds["inline_think"].append([user, inline])
         kinds["reasoning_content"].append([user, {"role": "assistant", "content": final, "reasoning_content": reasoning}])
@@ -233,9 +246,14 @@ def test_content_parts_are_joined_and_other_parts_rejected():
     tokenizer = family_tokenizer("qwen2.5-instruct")
     parts = [{"type": "text", "text": "Six times seven "}, {"type": "text", "text": "is 42."}]
     joined = encode_conversation(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": parts}])
-    plain = encode_conversation(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Six times seven is 42."}])
+    plain = encode_conversation(
+        tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Six times seven is 42."}]
+    )
     assert joined == plain
-    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "a"}]
+    image = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+        {"role": "assistant", "content": "a"},
+    ]
     with pytest.raises(RowError) as info:
         encode_conversation(tokenizer, image)
     assert info.value.reason == errors.UNSUPPORTED_CONTENT_PART

@@ -15,7 +15,9 @@ from tests.reference import CHATML_MARKERS, LLAMA3_MARKERS, marker_ids, marker_p
 QWEN3 = SHARED / "models" / "qwen3-tokenizer"
 TEMPLATES = SHARED / "templates"
 GSM8K = SHARED / "data" / "gsm8k_multisource_300.jsonl"
-pytestmark = pytest.mark.skipif(not (QWEN3.exists() and GSM8K.exists()), reason="needs ../shared (Qwen3 tokenizer, templates, GSM8K)")
+pytestmark = pytest.mark.skipif(
+    not (QWEN3.exists() and GSM8K.exists()), reason="needs ../shared (Qwen3 tokenizer, templates, GSM8K)"
+)
 
 DEEPSEEK_MARKERS = ("<｜Assistant｜>", "<｜end▁of▁sentence｜>")
 # template -> (its marker tokens, absent from the Qwen3 vocabulary, added as special tokens; the official scan's markers)
