@@ -13,6 +13,9 @@ class RowError(ValueError):
 
 
 # Stable reason codes (they land in the rejects table, so automation may match on them).
+BLANK_LINE = "blank_line"
+UNREADABLE_FILE = "unreadable_file"
+EMPTY_FILE = "empty_file"
 MALFORMED_JSON = "malformed_json"
 NOT_AN_OBJECT = "not_an_object"
 BAD_ENCODING = "bad_encoding"

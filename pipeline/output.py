@@ -40,16 +40,6 @@ def scoring_fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def scored_key(sample_id: str, content_hash: str) -> str:
-    """What incremental runs compare: a trajectory's id and its content."""
-    return f"{sample_id}/{content_hash}"
-
-
-def reject_key(student, source_file, row_number, reason) -> str:
-    """A reject's identity across runs: student, source file, row number and reason, NUL-joined."""
-    return "\x00".join(map(str, (student, source_file, row_number, reason)))
-
-
 class OutputLocked(RuntimeError):
     """Another live run holds the output's lock."""
 

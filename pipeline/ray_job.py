@@ -1,36 +1,40 @@
 """Ray plumbing: read corpus files, parse rows, tokenize and score them per student in actor pools,
-and stage the long-format results (one row per trajectory and student) for the commit.
+and explode the results to long format (one row per trajectory and student) for the commit.
 
-Stages and the columns they add:
-  read      source_file, row_number, text, reject_reason, reject_detail
-  parse     sample_id, content_hash, messages_json, row columns (passthrough, candidate and teacher
-            columns, path fields): one row per trajectory, several per corpus row for candidates and teachers
-  dedupe    later rows of a repeated sample_id become duplicate_id rejects (ids from a Ray Data group-by)
-  tokenize  per student i: ids_i, positions_i, truncated_i, content_dropped_i, reject_reason_i,
-            reject_detail_i, skipped_i
-  score     per student i: resp_token_length_i, avg_rank_clip_i, avg_surprisal_i, rank_surprisal_ratio_i
-            and the companion metrics' columns (pipeline.rsr.stat_columns)
-  explode   one row per (trajectory, student) with the output columns
+Each stage is declared (`scoring_stages`) with the columns it reads and adds, in the names of
+`pipeline.schema`; `build_dataset` checks the chain before any work. Stages, in order:
+  read      source_file, row_number, text, reject_reason, reject_detail            (schema.RAW_SCHEMA)
+  parse     sample_id, content_hash, messages_json, the row columns (passthrough, candidate and
+            teacher columns, path fields): one row per trajectory, several per corpus row for candidates
+            and teachers
+  dedupe    later rows of a repeated sample_id become duplicate_id rejects (ids from `survey_corpus`)
+  tokenize  per student i: schema.TOKENIZED (ids_i, positions_i, truncated_i, content_dropped_i,
+            reject_reason_i, reject_detail_i, skipped_i)
+  score     per student i: the statistics columns (resp_token_length_i, avg_rank_clip_i, ...) in place
+            of ids_i and positions_i
+  explode   one row per (trajectory, student): the score columns, status, reject_reason, reject_detail
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
-from ray.data.aggregate import Count, Min
+from ray.data.aggregate import Count, Min, Sum
 from ray.data.context import ShuffleStrategy
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline import errors
 from pipeline.config import (
+    ConfigError,
     JobConfig,
     StudentConfig,
     logits_chunk_tokens,
@@ -40,23 +44,60 @@ from pipeline.config import (
     token_budget,
 )  # fmt: skip
 from pipeline.errors import RowError
-from pipeline.output import reject_key, scored_key
 from pipeline.records import fallback_sample_id, parse_row, read_records
 from pipeline.rsr import stat_columns
+from pipeline.schema import (
+    PARSED_SCHEMA,
+    RAW_SCHEMA,
+    REJECT_KEY_COLUMNS,
+    STAT_TYPES,
+    TOKENIZED,
+    Status,
+    per_student,
+    reject_keys,
+    scored_key,
+    student_columns,
+)  # fmt: skip
 from pipeline.spans import EncodedConversation, encode_conversation, load_tokenizer
 from pipeline.storage import Corpus, Location, format_of, open_corpus_file
 from pipeline.student import ScoringOptions, Student
 
 RECORDS_PER_BLOCK = 1024
-RAW_SCHEMA = pa.schema(
-    [
-        ("source_file", pa.string()),
-        ("row_number", pa.int64()),
-        ("text", pa.large_string()),  # a single row may be tens of MB
-        ("reject_reason", pa.string()),
-        ("reject_detail", pa.string()),
-    ]
-)
+
+
+@dataclass(frozen=True)
+class StudentPlan:
+    """One student of a run: its settings, their fingerprint, and the keys it already scored with them."""
+
+    config: StudentConfig  # with the dtype resolved
+    revision: str
+    fingerprint: str
+    settings: dict  # `job.scoring_settings`
+    done_ref: ray.ObjectRef  # set of `scored_key`s, built by a Ray task
+
+    def manifest(self) -> dict:
+        return {"name": self.config.name, "revision": self.revision, "fingerprint": self.fingerprint, "settings": self.settings}
+
+
+@dataclass(frozen=True)
+class RunStamp:
+    """What every row of a run carries."""
+
+    run_id: str
+    scored_at: datetime
+    rank_clip: int
+
+
+def scoring_options(cfg: JobConfig) -> ScoringOptions:
+    """The scoring core's options from the config (the one place that maps one to the other)."""
+    s = cfg.scoring
+    return ScoringOptions(
+        rank_clip=s.rank_clip,
+        token_budget=token_budget(s),
+        logits_chunk_tokens=logits_chunk_tokens(s),
+        prompt_cache_tokens=s.prompt_cache_tokens,
+        metrics=metric_names(s),
+    )
 
 
 class CorpusDatasource(FileBasedDatasource):
@@ -74,7 +115,7 @@ class CorpusDatasource(FileBasedDatasource):
             return filesystem.open_input_file(path)
         return open_corpus_file(self._corpus.location.fs, path)
 
-    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:  # the read stage
         source_file = self._corpus.location.url(path)
         rows = []
         for record in read_records(f, self._format(path)):
@@ -109,12 +150,7 @@ def parse_batch(batch: pa.Table, corpus: Corpus, columns: list[str], column_type
                 }
             ]
         rows += [{"source_file": raw["source_file"], "row_number": raw["row_number"], **row} for row in parsed]
-    schema = pa.schema(
-        [("source_file", pa.string()), ("row_number", pa.int64()), ("sample_id", pa.string()),
-         ("content_hash", pa.string()), ("messages_json", pa.large_string()),
-         ("reject_reason", pa.string()), ("reject_detail", pa.string())]
-    )  # fmt: skip
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=PARSED_SCHEMA)
     for name in columns:  # passthrough types come from the data
         kind = pa.type_for_alias(column_types[name]) if name in column_types else None
         table = table.append_column(name, pa.array([row.get(name) for row in rows], kind))
@@ -132,27 +168,48 @@ def row_order(file_number: int, row_number: int) -> int:
     return file_number << 40 | row_number
 
 
-def _order_batch(batch: pa.Table, file_numbers: dict[str, int]) -> pa.Table:
-    valid = batch.filter(pc.is_valid(batch["content_hash"]))
-    order = [row_order(file_numbers[f], r) for f, r in zip(valid["source_file"].to_pylist(), valid["row_number"].to_pylist())]
-    return pa.table({"sample_id": valid["sample_id"], "order": pa.array(order, pa.int64())})
+NOT_VALID = 1 << 62  # the order of an invalid row: never an id's first valid row
 
 
-def _repeated(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.greater(batch["count()"], 1)).select(["sample_id", "min(order)"])
+def order_batch(batch: pa.Table, file_numbers: dict[str, int]) -> pa.Table:
+    """Every parsed row as (sample_id, its `row_order` or NOT_VALID, whether it is valid)."""
+    valid = pc.is_valid(batch["content_hash"]).to_pylist()
+    places = zip(batch["source_file"].to_pylist(), batch["row_number"].to_pylist(), valid)
+    order = [row_order(file_numbers[f], r) if ok else NOT_VALID for f, r, ok in places]
+    return pa.table(
+        {
+            "sample_id": batch["sample_id"],
+            "order": pa.array(order, pa.int64()),
+            "valid": pa.array([int(ok) for ok in valid], pa.int64()),
+        }
+    )
 
 
-def duplicate_ids(cfg: JobConfig, corpus: Corpus) -> list[ray.ObjectRef]:
-    """References to tables (sample_id, min(order)) of the ids that several valid rows carry, with the
-    `row_order` of the first: a distributed group-by in Ray Data, so no process holds every id."""
+def repeated_ids(batch: pa.Table) -> pa.Table:
+    """The ids that several valid rows carry, with the order of the first."""
+    return batch.filter(pc.greater(batch["sum(valid)"], 1)).select(["sample_id", "min(order)"])
+
+
+@dataclass(frozen=True)
+class CorpusSurvey:
+    """What one pass over the parsed corpus tells before scoring: the repeated ids and the row count."""
+
+    duplicates: list  # references to `repeated_ids` tables
+    trajectories: int  # parsed rows, rejects included: the rows each student's results will count
+
+
+def survey_corpus(cfg: JobConfig, corpus: Corpus) -> CorpusSurvey:
+    """Read and parse the corpus once to find repeated ids (a distributed group-by in Ray Data: no
+    process holds every id) and count its rows (for the time-left estimate)."""
     file_numbers = {url: number for number, url in enumerate(corpus.urls)}
     ds = parse(ray.data.read_datasource(CorpusDatasource(corpus)), cfg, corpus)
-    ds = ds.map_batches(_order_batch, fn_kwargs={"file_numbers": file_numbers}, batch_format="pyarrow")
+    ds = ds.map_batches(order_batch, fn_kwargs={"file_numbers": file_numbers}, batch_format="pyarrow")
     # The default hash shuffle starts aggregator actors for 200 partitions: ~30 s of fixed time on a
     # small runtime; the task-based sort shuffle costs well under a second once workers are warm.
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    groups = ds.groupby("sample_id").aggregate(Count(), Min("order"))
-    return groups.map_batches(_repeated, batch_format="pyarrow").to_arrow_refs()
+    groups = ds.groupby("sample_id").aggregate(Count(), Sum("valid"), Min("order")).materialize()  # kept in the object store
+    trajectories = int(groups.sum("count()") or 0) if groups.count() else 0
+    return CorpusSurvey(groups.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs(), trajectories)
 
 
 @functools.lru_cache(maxsize=2)
@@ -194,14 +251,6 @@ def scored_keys(paths: list[str], location: Location, fingerprint: str) -> set[s
     return {scored_key(s, h) for s, h in zip(table["sample_id"].to_pylist(), table["content_hash"].to_pylist())}
 
 
-REJECT_KEY_COLUMNS = ["student", "source_file", "row_number", "reject_reason"]
-
-
-def reject_keys(table: pa.Table) -> list[str]:
-    """`reject_key` of each row of a table with the REJECT_KEY_COLUMNS."""
-    return [reject_key(*key) for key in zip(*(table[c].to_pylist() for c in REJECT_KEY_COLUMNS))]
-
-
 @ray.remote
 def committed_reject_keys(paths: list[str], location: Location) -> set[str]:
     """`reject_key` of every reject in the committed files `paths` (a task: the driver never holds them)."""
@@ -228,8 +277,8 @@ def tokenize_batch(
     """Encode every parsed row with student `index`'s chat template (a CPU stage, before the actors).
 
     Rows whose `sample_id/content_hash` key is in the set behind `done_ref` (a one-item list, so that
-    Ray hands over the reference, not a copy per call) were scored by this student revision before:
-    they are marked skipped and not encoded.
+    Ray hands over the reference, not a copy per call) were scored with the same scoring fingerprint
+    before: they are marked skipped and not encoded.
     """
     tokenizer = _tokenizer(student.path, student.chat_template)
     done = cached_get(done_ref[0])
@@ -250,15 +299,11 @@ def tokenize_batch(
         dropped.append(encoded.content_dropped if encoded else None)
         reasons.append(reason)
         details.append(detail)
-    return (
-        batch.append_column(f"ids_{index}", pa.array(ids, pa.list_(pa.int32())))
-        .append_column(f"positions_{index}", pa.array(positions, pa.list_(pa.int32())))
-        .append_column(f"truncated_{index}", pa.array(truncated, pa.bool_()))
-        .append_column(f"content_dropped_{index}", pa.array(dropped, pa.bool_()))
-        .append_column(f"reject_reason_{index}", pa.array(reasons, pa.string()))
-        .append_column(f"reject_detail_{index}", pa.array(details, pa.string()))
-        .append_column(f"skipped_{index}", pa.array(skipped, pa.bool_()))
-    )
+    values = {"ids": ids, "positions": positions, "truncated": truncated, "content_dropped": dropped,
+              "reject_reason": reasons, "reject_detail": details, "skipped": skipped}  # fmt: skip
+    for name, kind in TOKENIZED.items():
+        batch = batch.append_column(per_student(name, index), pa.array(values[name], kind))
+    return batch
 
 
 def default_torch_threads(cpus_per_actor: float, scoring_actors: int) -> int:
@@ -291,52 +336,58 @@ class ScoreActor:
         print(f"student {student.name}: {self.student.policy.describe()}", flush=True)  # once per actor, on the driver's console
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        i = self.index
-        ids, positions = batch[f"ids_{i}"].to_pylist(), batch[f"positions_{i}"].to_pylist()
+        name = functools.partial(per_student, index=self.index)
+        ids, positions = batch[name("ids")].to_pylist(), batch[name("positions")].to_pylist()
         todo = [row for row, row_ids in enumerate(ids) if row_ids is not None]
         stats = self.student.score([EncodedConversation(ids[row], positions[row], False) for row in todo])
-        columns = {name: [None] * len(ids) for name in self.columns}
-        reasons, details = batch[f"reject_reason_{i}"].to_pylist(), batch[f"reject_detail_{i}"].to_pylist()
+        columns = {column: [None] * len(ids) for column in self.columns}
+        reasons, details = batch[name("reject_reason")].to_pylist(), batch[name("reject_detail")].to_pylist()
         for row, row_stats in zip(todo, stats):
             if "reject_reason" in row_stats:  # too long for the device
                 reasons[row], details[row] = row_stats["reject_reason"], row_stats["reject_detail"]
                 continue
-            for name in self.columns:
-                columns[name][row] = row_stats[name]
-        for name, values in ((f"reject_reason_{i}", reasons), (f"reject_detail_{i}", details)):
-            batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
-        batch = batch.drop_columns([f"ids_{i}", f"positions_{i}"])  # the tokens are not needed downstream
-        types = {"resp_token_length": pa.int64()}
-        for name in self.columns:
-            batch = batch.append_column(f"{name}_{i}", pa.array(columns[name], types.get(name, pa.float64())))
+            for column in self.columns:
+                columns[column][row] = row_stats[column]
+        for column, values in (("reject_reason", reasons), ("reject_detail", details)):
+            batch = batch.set_column(batch.schema.get_field_index(name(column)), name(column), pa.array(values, pa.string()))
+        batch = batch.drop_columns([name("ids"), name("positions")])  # the tokens are not needed downstream
+        for column in self.columns:
+            batch = batch.append_column(name(column), pa.array(columns[column], STAT_TYPES.get(column, pa.float64())))
         return batch
 
 
-def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str], columns: list[str], run: dict) -> pa.Table:
-    """One row per (trajectory, student): the output columns and a status (scored, rejected, skipped)."""
+def explode_batch(
+    batch: pa.Table, students: list[StudentPlan], carried: list[str], stats: list[str], stamp: RunStamp
+) -> pa.Table:
+    """One row per (trajectory, student): the score columns, a status, and the reject reason if any."""
     parts = []
     n = batch.num_rows
     for i, student in enumerate(students):
-        reason = pc.coalesce(batch["reject_reason"], batch[f"reject_reason_{i}"])
-        detail = pc.coalesce(batch["reject_detail"], batch[f"reject_detail_{i}"])
-        status = pc.if_else(pc.is_valid(reason), "rejected", pc.if_else(batch[f"skipped_{i}"], "skipped", "scored"))
+        name = functools.partial(per_student, index=i)
+        reason = pc.coalesce(batch["reject_reason"], batch[name("reject_reason")])
+        detail = pc.coalesce(batch["reject_detail"], batch[name("reject_detail")])
+        status = pc.if_else(
+            pc.is_valid(reason), Status.REJECTED, pc.if_else(batch[name("skipped")], Status.SKIPPED, Status.SCORED)
+        )
+        constants = {
+            "student": (student.config.name, pa.string()),
+            "student_revision": (student.revision, pa.string()),
+            "scoring_fingerprint": (student.fingerprint, pa.string()),
+            "reasoning_mode": (student.settings["reasoning"], pa.string()),
+            "dtype": (student.settings["dtype"], pa.string()),
+            "rank_clip": (stamp.rank_clip, pa.int32()),
+        }
+        per_row = {column: batch[name(column)] for column in (*stats, "truncated", "content_dropped")}
+        columns = {column: pa.array([value] * n, kind) for column, (value, kind) in constants.items()} | per_row
         parts.append(
             pa.table(
                 {
                     "sample_id": batch["sample_id"],
-                    **{name: batch[name] for name in passthrough},
-                    "student": pa.array([student["name"]] * n, pa.string()),
-                    "student_revision": pa.array([student["revision"]] * n, pa.string()),
-                    "scoring_fingerprint": pa.array([student["fingerprint"]] * n, pa.string()),
-                    "reasoning_mode": pa.array([student["settings"]["reasoning"]] * n, pa.string()),
-                    "dtype": pa.array([student["settings"]["dtype"]] * n, pa.string()),
-                    "rank_clip": pa.array([run["rank_clip"]] * n, pa.int32()),
-                    **{name: batch[f"{name}_{i}"] for name in columns},
-                    "truncated": batch[f"truncated_{i}"],
-                    "content_dropped": batch[f"content_dropped_{i}"],
+                    **{column: batch[column] for column in carried},
+                    **columns,
                     "content_hash": batch["content_hash"],
-                    "run_id": pa.array([run["run_id"]] * n, pa.string()),
-                    "scored_at": pa.array([run["scored_at"]] * n, pa.timestamp("us", tz="UTC")),
+                    "run_id": pa.array([stamp.run_id] * n, pa.string()),
+                    "scored_at": pa.array([stamp.scored_at] * n, pa.timestamp("us", tz="UTC")),
                     "source_file": batch["source_file"],
                     "row_number": batch["row_number"],
                     "status": status,
@@ -348,52 +399,79 @@ def explode_batch(batch: pa.Table, students: list[dict], passthrough: list[str],
     return pa.concat_tables(parts)
 
 
-def build_dataset(cfg: JobConfig, corpus: Corpus, students: list[dict], duplicates: list, run: dict, gpus: float):
-    """The lazy Ray dataset of long-format results for `files`.
+@dataclass(frozen=True)
+class Stage:
+    """A map stage of the scoring dataset: the columns it reads, adds and drops."""
 
-    `students[i]` holds the name, revision, scoring settings, their fingerprint and `done_ref` (keys
-    already scored with that fingerprint) of `cfg.students[i]`;
-    `duplicates` comes from `duplicate_ids`.
-    """
-    ds = parse(ray.data.read_datasource(CorpusDatasource(corpus)), cfg, corpus)
-    ds = ds.map_batches(mark_duplicates, fn_kwargs={"duplicates": duplicates, "file_urls": corpus.urls}, batch_format="pyarrow")
-    options = ScoringOptions(
-        rank_clip=cfg.scoring.rank_clip,
-        token_budget=token_budget(cfg.scoring),
-        logits_chunk_tokens=logits_chunk_tokens(cfg.scoring),
-        prompt_cache_tokens=cfg.scoring.prompt_cache_tokens,
-        metrics=metric_names(cfg.scoring),
-    )
-    actor_args = {"options": options, "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
-                  "scoring_actors": cfg.compute.actors_per_student * len(cfg.students)}  # fmt: skip
+    name: str
+    reads: tuple[str, ...]
+    adds: tuple[str, ...]
+    drops: tuple[str, ...] = ()
+
+
+def scoring_stages(cfg: JobConfig) -> list[Stage]:
+    """The stages after `read`, declared in the row contract's names."""
+    columns = row_columns(cfg.input)
+    stats = stat_columns(metric_names(cfg.scoring))
+    parsed = tuple(PARSED_SCHEMA.names)
+    stages = [
+        Stage("parse", tuple(RAW_SCHEMA.names), (*parsed[2:], *columns), drops=("text",)),
+        Stage("dedupe", ("sample_id", "source_file", "row_number", "content_hash", "reject_reason", "reject_detail"), ()),
+    ]
     for i, student in enumerate(cfg.students):
+        name = functools.partial(per_student, index=i)
+        stages.append(Stage(f"tokenize {student.name}", ("sample_id", "content_hash", "reject_reason", "messages_json"),
+                            tuple(name(c) for c in TOKENIZED)))  # fmt: skip
+        stages.append(Stage(f"score {student.name}", tuple(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail")),
+                            tuple(name(c) for c in stats), drops=(name("ids"), name("positions"))))  # fmt: skip
+    per_student_reads = [
+        per_student(c, i)
+        for i in range(len(cfg.students))
+        for c in (*stats, "truncated", "content_dropped", "skipped", "reject_reason", "reject_detail")
+    ]
+    stages.append(Stage("explode", ("sample_id", *columns, "content_hash", "source_file", "row_number", *per_student_reads),
+                        ("student", *student_columns(cfg), "run_id", "scored_at", "status")))  # fmt: skip
+    return stages
+
+
+def check_stages(stages: list[Stage], available: list[str]) -> None:
+    """Fail before any work when a stage reads a column that no earlier stage adds, naming the stage."""
+    columns = set(available)
+    for stage in stages:
+        missing = [c for c in stage.reads if c not in columns]
+        if missing:
+            raise ConfigError(f"stage {stage.name!r} reads {missing}, which no earlier stage adds")
+        columns = (columns | set(stage.adds)) - set(stage.drops)
+
+
+def build_dataset(
+    cfg: JobConfig, corpus: Corpus, students: list[StudentPlan], survey: CorpusSurvey, stamp: RunStamp, gpus: float
+):
+    """The lazy Ray dataset of long-format results for the corpus; the stages' columns are checked first."""
+    check_stages(scoring_stages(cfg), RAW_SCHEMA.names)
+    ds = parse(ray.data.read_datasource(CorpusDatasource(corpus)), cfg, corpus)
+    ds = ds.map_batches(
+        mark_duplicates, fn_kwargs={"duplicates": survey.duplicates, "file_urls": corpus.urls}, batch_format="pyarrow"
+    )
+    actor_args = {"options": scoring_options(cfg), "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
+                  "scoring_actors": cfg.compute.actors_per_student * len(cfg.students)}  # fmt: skip
+    for i, student in enumerate(students):
         ds = ds.map_batches(
             tokenize_batch,
-            fn_kwargs={"index": i, "student": student, "max_model_len": cfg.scoring.max_model_len,
+            fn_kwargs={"index": i, "student": student.config, "max_model_len": cfg.scoring.max_model_len,
                        "truncate": cfg.scoring.on_too_long == "truncate", "reasoning": cfg.scoring.reasoning,
-                       "done_ref": [students[i]["done_ref"]]},
+                       "done_ref": [student.done_ref]},
             batch_format="pyarrow",
         )  # fmt: skip
         ds = ds.map_batches(
             ScoreActor,
-            fn_constructor_kwargs={
-                "index": i,
-                "student": dataclasses.replace(student, dtype=students[i]["settings"]["dtype"]),
-                **actor_args,
-            },
+            fn_constructor_kwargs={"index": i, "student": student.config, **actor_args},
             compute=ray.data.ActorPoolStrategy(size=cfg.compute.actors_per_student),
             num_cpus=cfg.compute.cpus_per_actor,
             num_gpus=gpus,
             batch_size=cfg.scoring.rows_per_batch,
             batch_format="pyarrow",
         )
-    return ds.map_batches(
-        explode_batch,
-        fn_kwargs={
-            "students": [{k: s[k] for k in ("name", "revision", "fingerprint", "settings")} for s in students],
-            "passthrough": row_columns(cfg.input),
-            "columns": stat_columns(metric_names(cfg.scoring)),
-            "run": run,
-        },
-        batch_format="pyarrow",
-    )
+    stats = stat_columns(metric_names(cfg.scoring))
+    explode_args = {"students": students, "carried": row_columns(cfg.input), "stats": stats, "stamp": stamp}
+    return ds.map_batches(explode_batch, fn_kwargs=explode_args, batch_format="pyarrow")

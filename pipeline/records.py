@@ -19,7 +19,6 @@ from pipeline import errors
 from pipeline.config import InputConfig, row_columns
 from pipeline.errors import RowError
 from pipeline.spans import canonical_messages, validate_messages
-from pipeline.storage import Corpus, format_of, open_corpus_file
 
 BOM = b"\xef\xbb\xbf"
 READ_CHUNK_BYTES = 16 << 20
@@ -53,7 +52,7 @@ def _jsonl_records(lines: Iterator[bytes]) -> Iterator[RawRecord]:
             line = line.removeprefix(BOM)
         line = line.rstrip(b"\r")
         if not line.strip():
-            yield RawRecord(number, None, "blank_line", "blank line")
+            yield RawRecord(number, None, errors.BLANK_LINE, "blank line")
             continue
         try:
             yield RawRecord(number, line.decode("utf-8"))
@@ -116,10 +115,10 @@ def read_records(f: BinaryIO, fmt: str) -> Iterator[RawRecord]:
             produced = True
             yield record
     except Exception as exc:  # a corrupt file must not end the job: it is reported as unreadable
-        yield RawRecord(0, None, "unreadable_file", f"{type(exc).__name__}: {exc}"[:500])
+        yield RawRecord(0, None, errors.UNREADABLE_FILE, f"{type(exc).__name__}: {exc}"[:500])
         return
     if not produced:
-        yield RawRecord(0, None, "empty_file", "file holds no rows")
+        yield RawRecord(0, None, errors.EMPTY_FILE, "file holds no rows")
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -282,15 +281,6 @@ def row_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
     if cfg.response_groups:
         return _group_trajectories(row, cfg)
     return [Trajectory("", {}, row_messages(row, cfg))]
-
-
-def count_records(corpus: Corpus) -> int:
-    """How many records (lines, rows, unreadable files) the corpus files hold, read without keeping them."""
-    total = 0
-    for path in corpus.files:
-        with open_corpus_file(corpus.location.fs, path) as f:
-            total += sum(1 for _ in read_records(f, format_of(path, corpus.format_setting(path))))
-    return total
 
 
 def content_hash(messages: list[dict]) -> str:

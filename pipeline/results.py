@@ -1,0 +1,193 @@
+"""A run's results as they stream from the scoring actors: counted where each block lives (`BlockTally`),
+added up on the driver (`Tally`), written and committed in pieces (`Checkpoints`), reported (`Progress`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data.datasource import FilenameProvider
+
+from pipeline.aggregate import combine_sums, group_sums, summary_from_sums
+from pipeline.config import JobConfig
+from pipeline.output import OutputStore
+from pipeline.ray_job import cached_get
+from pipeline.schema import COUNT_COLUMNS, REJECT_COLUMNS, Status, partition_value, reject_keys, score_columns
+from pipeline.storage import Location
+
+PROGRESS_EVERY_S = 10.0
+
+
+def groupings(partition_by: list[str]) -> list[tuple]:
+    """The summary groupings: per student, and per student and partition values."""
+    return [("student",), ("student", *partition_by)] if partition_by else [("student",)]
+
+
+@dataclass
+class BlockTally:
+    """What the driver keeps of one result block: counts per student, scored tokens, summary sums."""
+
+    rows: int
+    counts: dict[str, dict[str, int]]  # student -> COUNT_COLUMNS
+    tokens: int
+    sums: dict[tuple, pa.Table]  # grouping -> group_sums of the block's scored rows
+
+
+def measure_block(block: pa.Table, partition_by: list[str]) -> BlockTally:
+    counts: dict[str, dict[str, int]] = {}
+    for row in block.group_by(["student", "status"]).aggregate([("status", "count")]).to_pylist():
+        student = counts.setdefault(row["student"], dict.fromkeys(COUNT_COLUMNS, 0))
+        student["read"] += row["status_count"]
+        student[row["status"]] += row["status_count"]
+    scored = block.filter(pc.equal(block["status"], Status.SCORED))
+    dropped = scored.filter(pc.fill_null(scored["content_dropped"], False))
+    for row in dropped.group_by("student").aggregate([("student", "count")]).to_pylist():
+        counts[row["student"]]["content_dropped"] += row["student_count"]
+    tokens = (pc.sum(scored["resp_token_length"]).as_py() or 0) if scored.num_rows else 0
+    sums = {by: group_sums(scored, by) for by in groupings(partition_by)} if scored.num_rows else {}
+    return BlockTally(block.num_rows, counts, tokens, sums)
+
+
+@ray.remote
+def measure_block_task(block: pa.Table, partition_by: list[str]) -> BlockTally:
+    """`measure_block` where the block lives: the driver never pulls result blocks."""
+    return measure_block(block, partition_by)
+
+
+@dataclass
+class Tally:
+    """Counts per student and summary sums per group over a run's result blocks."""
+
+    partition_by: list[str]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    sums: dict[tuple, pa.Table] = field(default_factory=dict)  # grouping -> combined group_sums
+    tokens: int = 0
+    rows: int = 0
+
+    def add(self, part: BlockTally) -> None:
+        self.rows += part.rows
+        self.tokens += part.tokens
+        for student, counts in part.counts.items():
+            mine = self.counts.setdefault(student, dict.fromkeys(COUNT_COLUMNS, 0))
+            for column, n in counts.items():
+                mine[column] += n
+        for by, sums in part.sums.items():
+            self.sums[by] = combine_sums([self.sums[by], sums], by) if by in self.sums else sums
+
+    def counts_table(self) -> pa.Table:
+        return pa.Table.from_pylist([{"student": s, **self.counts[s]} for s in sorted(self.counts)])
+
+    def summary(self, by: tuple) -> pa.Table:
+        if by not in self.sums:
+            return pa.table({key: pa.array([], pa.string()) for key in by})
+        return summary_from_sums(self.sums[by], by)
+
+
+def scores_batch(batch: pa.Table, columns: list[str], partition_by: list[str]) -> pa.Table:
+    """The scored rows of a result block as score-file rows, partition values made writable."""
+    table = batch.filter(pc.equal(batch["status"], Status.SCORED)).select(columns)
+    for name in partition_by:
+        values = pa.array([partition_value(v) for v in table[name].to_pylist()], pa.string())
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table
+
+
+def rejects_batch(batch: pa.Table, known: list) -> pa.Table:
+    """Rejects not already recorded by a committed run (a nightly run re-reads the same bad rows);
+    `known` holds the reference to their keys."""
+    rejected = batch.filter(pc.equal(batch["status"], Status.REJECTED))
+    known_keys = cached_get(known[0])
+    is_new = [key not in known_keys for key in reject_keys(rejected)]
+    return rejected.filter(pa.array(is_new, pa.bool_())).select(REJECT_COLUMNS)
+
+
+class Checkpoints:
+    """The run's results streamed into pieces, each committed to the output when it holds
+    `output.checkpoint_rows` rows per student or is `output.checkpoint_minutes` old. A piece's counts
+    are the run's `tally` now less the tally at the last committed piece (a stretch with nothing to write,
+    such as rows all skipped, commits nothing and is counted by the next piece and the run manifest)."""
+
+    def __init__(self, cfg: JobConfig, store: OutputStore, known_rejects: ray.ObjectRef, tally: Tally):
+        self.cfg, self.store, self.known_rejects, self.tally = cfg, store, known_rejects, tally
+        self.max_rows = cfg.output.checkpoint_rows * len(cfg.students)  # long format: a row per student
+        self.max_age_s = cfg.output.checkpoint_minutes * 60
+        self.committed: list[str] = []
+        self.counts_before: dict[str, dict[str, int]] = {}
+        self._start_piece()
+
+    def _start_piece(self) -> None:
+        self.refs: list[ray.ObjectRef] = []
+        self.rows_before = self.tally.rows
+        self.started = time.monotonic()
+
+    def add(self, ref: ray.ObjectRef) -> None:
+        """Add a block the run's tally has counted."""
+        self.refs.append(ref)
+        if self.tally.rows - self.rows_before >= self.max_rows or time.monotonic() - self.started >= self.max_age_s:
+            self.commit()
+
+    def _piece_counts(self) -> list[dict]:
+        def before(student):
+            return self.counts_before.get(student, dict.fromkeys(COUNT_COLUMNS, 0))
+
+        return [{"student": student, **{k: n - before(student)[k] for k, n in counts.items()}}
+                for student, counts in sorted(self.tally.counts.items())]  # fmt: skip
+
+    def commit(self) -> None:
+        """Write the piece's scores and new rejects to staging and commit them (nothing to write: no piece)."""
+        if not self.refs:
+            return
+        staging = self.store.staging()
+        name_files = FilenameProvider(dataset_uuid=self.store.piece_name, file_format="parquet")
+        write_args = {"filesystem": staging.arrow_fs(), "filename_provider": name_files}
+        piece = ray.data.from_arrow_refs(self.refs)
+        partition_by = list(self.cfg.output.partition_by)
+        counts = self._piece_counts()
+        wrote = False
+        if sum(c[Status.SCORED] for c in counts):
+            scores = piece.map_batches(scores_batch, fn_kwargs={"columns": score_columns(self.cfg), "partition_by": partition_by},
+                                       batch_format="pyarrow")  # fmt: skip
+            scores.write_parquet(staging.path, partition_cols=["student", *partition_by], **write_args)
+            wrote = True
+        if sum(c[Status.REJECTED] for c in counts):
+            rejects = staging.join("_rejects", f"run_id={self.store.run_id}")
+            new = piece.map_batches(rejects_batch, fn_kwargs={"known": [self.known_rejects]}, batch_format="pyarrow")
+            new.write_parquet(rejects.path, **write_args)
+            wrote = staging.fs.exists(rejects.path) or wrote
+        if wrote:
+            self.committed += self.store.commit_piece({"counts": counts})
+            self.counts_before = {student: dict(c) for student, c in self.tally.counts.items()}
+        self._start_piece()
+
+
+def write_summaries(staging: Location, run_id: str, tally: Tally) -> None:
+    directory = staging.join("_summary", f"run_id={run_id}")
+    staging.fs.makedirs(directory.path, exist_ok=True)
+    for name, by in zip(("by_student", "by_partition"), groupings(tally.partition_by)):
+        pq.write_table(tally.summary(by), directory.join(f"{name}.parquet").path, filesystem=staging.arrow_fs())
+
+
+class Progress:
+    """One line at most every PROGRESS_EVERY_S seconds: rows done, scored tokens/s and the time left,
+    against the `expected` rows the duplicate-id pass counted."""
+
+    def __init__(self, log: Callable[[str], None] | None, expected: int):
+        self.log, self.expected = log, expected
+        self.started = self.last_line = time.monotonic()
+
+    def update(self, tally: Tally) -> None:
+        now = time.monotonic()
+        if not self.log or now - self.last_line < PROGRESS_EVERY_S or not tally.rows:
+            return
+        elapsed = now - self.started
+        line = f"progress: {tally.rows:,} rows done, {tally.tokens / elapsed:,.0f} scored tokens/s"
+        if self.expected:
+            left = elapsed * max(self.expected - tally.rows, 0) / tally.rows
+            line += f", {tally.rows / self.expected:.0%} of {self.expected:,}, about {left / 60:.0f} min left"
+        self.log(line)
+        self.last_line = now

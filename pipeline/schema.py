@@ -1,0 +1,118 @@
+"""The row contract: every column, status, key and per-student column name that the stages, the
+output and the readers share. Each is spelled here once; the reject reasons are in `pipeline.errors`.
+
+Rows flow through the stages in `pipeline.ray_job` (each declares the columns it reads and adds, from
+the names below) and land as score rows (`score_columns`) and reject rows (`REJECT_COLUMNS`), counted
+per student in `COUNT_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.parse
+from enum import StrEnum
+
+import pyarrow as pa
+
+from pipeline.config import JobConfig, metric_names, row_columns
+from pipeline.rsr import stat_columns
+
+
+class Status(StrEnum):
+    """What happened to a (trajectory, student) row in a run."""
+
+    SCORED = "scored"
+    REJECTED = "rejected"
+    SKIPPED = "skipped"  # already scored with the same scoring fingerprint by a committed run
+
+
+# Read stage: one record per line or row of a corpus file.
+RAW_SCHEMA = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("row_number", pa.int64()),
+        ("text", pa.large_string()),  # a single row may be tens of MB
+        ("reject_reason", pa.string()),
+        ("reject_detail", pa.string()),
+    ]
+)
+# Parse stage: one row per trajectory, before the row columns (`config.row_columns`).
+PARSED_SCHEMA = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("row_number", pa.int64()),
+        ("sample_id", pa.string()),
+        ("content_hash", pa.string()),
+        ("messages_json", pa.large_string()),
+        ("reject_reason", pa.string()),
+        ("reject_detail", pa.string()),
+    ]
+)
+# Per student i, the tokenize stage adds these (as `per_student(name, i)`); the score stage replaces
+# ids and positions by the statistics columns (`rsr.stat_columns`).
+TOKENIZED = {
+    "ids": pa.list_(pa.int32()),
+    "positions": pa.list_(pa.int32()),
+    "truncated": pa.bool_(),
+    "content_dropped": pa.bool_(),
+    "reject_reason": pa.string(),
+    "reject_detail": pa.string(),
+    "skipped": pa.bool_(),
+}
+STAT_TYPES = {"resp_token_length": pa.int64()}  # the other statistics are float64
+
+COUNT_COLUMNS = ["read", *Status, "content_dropped"]
+REJECT_COLUMNS = ["student", "source_file", "row_number", "sample_id", "reject_reason", "reject_detail", "content_hash", "run_id"]
+REJECT_KEY_COLUMNS = ["student", "source_file", "row_number", "reject_reason"]
+MAX_PARTITION_NAME = 200  # encoded bytes, under the usual 255-byte file-name limit with "column="
+
+
+def per_student(column: str, index: int) -> str:
+    """The name of student `index`'s copy of `column` in the wide rows between tokenize and explode."""
+    return f"{column}_{index}"
+
+
+def student_columns(cfg: JobConfig) -> list[str]:
+    """The columns each student's output row carries besides the row's own (explode stage)."""
+    return [
+        "student", "student_revision", "scoring_fingerprint", "reasoning_mode", "dtype", "rank_clip",
+        *stat_columns(metric_names(cfg.scoring)), "truncated", "content_dropped",
+    ]  # fmt: skip
+
+
+def score_columns(cfg: JobConfig) -> list[str]:
+    """The score files' columns, the row columns (passthrough, corpus shape) after sample_id."""
+    return [
+        "sample_id", *row_columns(cfg.input), *student_columns(cfg),
+        "content_hash", "run_id", "scored_at", "source_file", "row_number",
+    ]  # fmt: skip
+
+
+def scored_key(sample_id: str, content_hash: str) -> str:
+    """What incremental runs compare, per scoring fingerprint: a trajectory's id and its content."""
+    return f"{sample_id}/{content_hash}"
+
+
+def reject_key(student, source_file, row_number, reason) -> str:
+    """A reject's identity across runs: student, source file, row number and reason, NUL-joined."""
+    return "\x00".join(map(str, (student, source_file, row_number, reason)))
+
+
+def reject_keys(table: pa.Table) -> list[str]:
+    """`reject_key` of each row of a table with the REJECT_KEY_COLUMNS."""
+    return [reject_key(*key) for key in zip(*(table[c].to_pylist() for c in REJECT_KEY_COLUMNS))]
+
+
+def partition_value(value):
+    """A partition value pyarrow can write as a folder. pyarrow %-encodes '/', '=' and the like itself
+    (DuckDB and pyarrow decode them back); NUL would cut the name short and an overlong value would
+    exceed the file system's name limit, so those two are changed here, stably across runs."""
+    if value is None:
+        return None  # pyarrow writes __HIVE_DEFAULT_PARTITION__
+    text = str(value).replace("\x00", "\ufffd")
+    if len(urllib.parse.quote(text, safe="")) > MAX_PARTITION_NAME:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        while len(urllib.parse.quote(text, safe="")) > MAX_PARTITION_NAME - 17:
+            text = text[: len(text) * 3 // 4]
+        text = f"{text}~{digest}"
+    return text
