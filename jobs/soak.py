@@ -108,7 +108,7 @@ def check_output(root: Location, scratch: Path, expected_rows: int) -> dict:
         glob = f"{local}/student=*/**/*.parquet"
     else:
         glob = f"{root.path}/student=*/**/*.parquet"
-    n, distinct = duckdb.sql(f"SELECT count(*), count(DISTINCT (sample_id, student)) FROM read_parquet('{glob}')").fetchone()
+    n, distinct = duckdb.sql(f"SELECT count(*), count(DISTINCT (sample_id, student)) FROM read_parquet('{glob}')").fetchall()[0]
     return {"rows": n, "distinct": distinct, "expected": expected_rows, "debris": len(debris), "debris_files": debris[:5]}
 
 
