@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--direction",
         choices=["ascending", "descending"],
-        default="ascending",
-        help="ascending: lowest RSR first, the paper's choice (default)",
+        default=None,
+        help="default: the metric's most suitable end first (lowest RSR, the paper's choice; highest top1_rate)",
     )
     parser.add_argument("--config", help="the scoring job's YAML: its input section says the rows' shape")
     parser.add_argument("--messages-field", default=None, help="without --config: the rows' messages field")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(where) != len(args.where):
             raise ValueError(f"--where takes COLUMN=VALUE conditions, got {args.where}")
         chosen = select(scores, args.student, args.group_by, args.top_k, args.top_fraction, args.threshold,
-                        ascending=args.direction == "ascending", by=args.by, where=where)  # fmt: skip
+                        ascending=None if args.direction is None else args.direction == "ascending", by=args.by, where=where)  # fmt: skip
         rows = original_rows(chosen, input_shape(args), storage=storage)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

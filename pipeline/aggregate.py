@@ -1,7 +1,7 @@
 """Dataset-level RSR: sum of per-trajectory avg_rank_clip / sum of avg_surprisal, for any grouping.
 
-The companion metrics (pipeline.rsr.METRIC_COLUMNS) have no ratio: their dataset-level value is the
-mean of the per-trajectory values, like mean_avg_rank_clip and mean_avg_surprisal.
+The companion metrics (pipeline.rsr.COMPANIONS) have no ratio: their dataset-level value is the
+mean of the per-trajectory values (their `dataset_column`), like mean_avg_rank_clip and mean_avg_surprisal.
 
 Sums come first (`group_sums`, `combine_sums`), so that a run can aggregate block by block without
 keeping its rows; `summary_from_sums` turns them into the summary table.
@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.rsr import METRIC_COLUMNS, MIN_SURPRISAL_SUM
+from pipeline.rsr import COMPANIONS, MIN_SURPRISAL_SUM
 
-SUMMED = ["resp_token_length", "avg_rank_clip", "avg_surprisal", *METRIC_COLUMNS.values()]
+SUMMED = ["resp_token_length", "avg_rank_clip", "avg_surprisal", *(m.column for m in COMPANIONS)]
 
 
 def group_sums(scores: pa.Table, by: Sequence[str]) -> pa.Table:
@@ -40,7 +40,7 @@ def summary_from_sums(sums: pa.Table, by: Sequence[str]) -> pa.Table:
     mean_<column> of each companion metric column that was summed."""
     n = pc.cast(sums["n_trajectories"], pa.float64())
     rank_sum, surprisal_sum = sums["avg_rank_clip_sum"], sums["avg_surprisal_sum"]
-    metrics = [c for c in METRIC_COLUMNS.values() if f"{c}_sum" in sums.column_names]
+    metrics = [m for m in COMPANIONS if f"{m.column}_sum" in sums.column_names]
     return pa.table(
         {
             **{key: sums[key] for key in by},
@@ -49,7 +49,7 @@ def summary_from_sums(sums: pa.Table, by: Sequence[str]) -> pa.Table:
             "mean_avg_rank_clip": pc.divide(rank_sum, n),
             "mean_avg_surprisal": pc.divide(surprisal_sum, n),
             "rsr": pc.divide(rank_sum, pc.max_element_wise(surprisal_sum, MIN_SURPRISAL_SUM)),
-            **{f"mean_{c}": pc.divide(sums[f"{c}_sum"], n) for c in metrics},
+            **{m.dataset_column: pc.divide(sums[f"{m.column}_sum"], n) for m in metrics},
         }
     )
 

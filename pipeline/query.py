@@ -15,7 +15,7 @@ from pipeline.config import InputConfig, StorageConfig, input_sources
 from pipeline.errors import RowError
 from pipeline.output import committed_files
 from pipeline.records import content_hash, read_records, row_trajectories
-from pipeline.rsr import METRIC_COLUMNS
+from pipeline.rsr import BY_COLUMN, COMPANIONS
 from pipeline.storage import format_of, locate, open_corpus_file, plan_corpus
 
 
@@ -54,11 +54,12 @@ def select(
     top_k: int | None = None,
     top_fraction: float | None = None,
     threshold: float | None = None,
-    ascending: bool = True,
+    ascending: bool | None = None,
     by: str = "rank_surprisal_ratio",
     where: dict[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Trajectories chosen by one student's `by` column (lower is better by default), among the rows
+    """Trajectories chosen by one student's `by` column (by default its metric's most suitable end first:
+    lowest RSR, highest top1_rate; `ascending` sets the order), among the rows
     whose columns equal `where`'s values (compared as text, case-insensitively: {"is_correct": "true"}).
 
     Exactly one of `top_k` (per group when `group_by` is given), `top_fraction` (of each group, at
@@ -74,6 +75,8 @@ def select(
         raise ValueError(f"no scores for student {student!r}; have {sorted(scores['student'].unique())}")
     for column, value in (where or {}).items():
         mine = mine[mine[column].astype(str).str.lower() == str(value).lower()]
+    if ascending is None:  # the metric's own direction: most suitable first (lowest RSR, highest top1_rate)
+        ascending = BY_COLUMN[by].lower_is_better if by in BY_COLUMN else True
     ranked = mine.sort_values(by, ascending=ascending, kind="stable")
     if threshold is not None:
         keep = ranked[by] <= threshold if ascending else ranked[by] >= threshold
@@ -88,7 +91,7 @@ def select(
 
 def teacher_table(scores: pd.DataFrame, teacher_column: str = "source") -> pd.DataFrame:
     """Dataset-level RSR per teacher and student, ranked per student (rank 1 = most suitable)."""
-    metrics = [column for column in METRIC_COLUMNS.values() if column in scores.columns]
+    metrics = [m.column for m in COMPANIONS if m.column in scores.columns]
     columns = ["student", teacher_column, "resp_token_length", "avg_rank_clip", "avg_surprisal", *metrics]
     table = dataset_rsr(pa.Table.from_pandas(scores[columns], preserve_index=False), by=["student", teacher_column])
     result = table.to_pandas().sort_values(["student", "rsr"])

@@ -15,16 +15,11 @@ matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pipeline.rsr import REGISTRY  # noqa: E402
+
 # Per-trajectory column -> its dataset-level column in the teacher table, and whether a lower value
-# marks a more suitable trajectory (more familiar to the student).
-METRICS = {
-    "rank_surprisal_ratio": ("rsr", True),
-    "avg_surprisal": ("mean_avg_surprisal", True),
-    "avg_entropy": ("mean_avg_entropy", True),
-    "top1_rate": ("mean_top1_rate", False),
-    "avg_rank": ("mean_avg_rank", True),
-    "avg_log_prob_std": ("mean_avg_log_prob_std", True),
-}
+# marks a more suitable trajectory (more familiar to the student): from the metric registry.
+METRICS = {m.column: (m.dataset_column, m.lower_is_better) for m in REGISTRY}
 
 
 def _png(fig) -> str:

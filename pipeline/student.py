@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from pipeline import errors
 from pipeline.device import DevicePolicy
-from pipeline.rsr import project_and_score, trajectory_stats
+from pipeline.rsr import COMPANIONS, project_and_score, trajectory_stats
 from pipeline.spans import EncodedConversation, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class Student:
             self.head_bias,
             targets,
             self.policy.logits_chunk_tokens,
-            with_entropy="entropy" in metrics,
+            with_entropy=any(m.needs_entropy and m.name in metrics for m in COMPANIONS),
             statistics_rows=self.policy.statistics_rows,
         )
         ranks, surprisals = ranks.cpu(), surprisals.cpu()
