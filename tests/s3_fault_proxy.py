@@ -4,6 +4,7 @@
 
 --fail-every N answers every Nth request 503 SlowDown (at most M times): transient faults.
 --deny-bucket B answers every request for bucket B 403 AccessDenied: a permanent fault.
+--log-gets FILE appends "PATH BYTES" for every GET it serves: what a run reads.
 The number of injected faults is written to STATS_FILE after each one.
 """
 
@@ -23,6 +24,7 @@ def main():
     parser.add_argument("--fail-every", type=int, default=0)
     parser.add_argument("--max-failures", type=int, default=0)
     parser.add_argument("--deny-bucket", default=None)
+    parser.add_argument("--log-gets", default=None)
     args = parser.parse_args()
     lock = threading.Lock()
     state = {"requests": 0, "injected": 0}
@@ -74,6 +76,9 @@ def main():
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(payload)
+            if args.log_gets and self.command == "GET":
+                with lock, open(args.log_gets, "a") as f:
+                    f.write(f"{self.path.split('?')[0]} {len(payload)}\n")
             upstream.close()
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle

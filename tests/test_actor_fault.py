@@ -24,17 +24,16 @@ def score_actor_pids() -> list[int]:
     return pids
 
 
-def kill_one_score_actor(job_done: threading.Event, report: dict, warmup_s: float = 2.0):
-    """SIGKILL the first scoring actor process once it has worked for `warmup_s`, while the job runs."""
-    first_seen = {}
+def kill_one_score_actor(job_done: threading.Event, report: dict, first_piece_dir: Path):
+    """SIGKILL a scoring actor process once the run has committed its first piece (the actor has scored
+    rows, and dozens of pieces are still to come), while the job runs. Waits on state, not on time."""
     while not job_done.is_set():
-        for pid in score_actor_pids():
-            first_seen.setdefault(pid, time.time())
-            if time.time() - first_seen[pid] > warmup_s:
-                os.kill(pid, signal.SIGKILL)
-                report["killed_pid"], report["job_running"] = pid, not job_done.is_set()
-                return
-        time.sleep(0.1)
+        pids = score_actor_pids()
+        if pids and any(first_piece_dir.glob("*-p0001.json")):
+            os.kill(pids[0], signal.SIGKILL)
+            report["killed_pid"], report["job_running"] = pids[0], not job_done.is_set()
+            return
+        time.sleep(0.05)
 
 
 def stats(table):
@@ -52,10 +51,12 @@ def test_killed_actor_changes_nothing(ray_runtime, tmp_path, corpus, student_dir
     clean = run_job(job_config(tmp_path, [str(data)], str(tmp_path / "clean"), students, extra))
 
     done, report = threading.Event(), {}
-    killer = threading.Thread(target=kill_one_score_actor, args=(done, report))
+    killer = threading.Thread(target=kill_one_score_actor, args=(done, report, tmp_path / "faulty" / "_runs"))
     killer.start()
-    try:
-        faulty = run_job(job_config(tmp_path, [str(data)], str(tmp_path / "faulty"), students, extra))
+    try:  # a piece every two blocks: the first is committed long before the run ends
+        faulty = run_job(
+            job_config(tmp_path, [str(data)], str(tmp_path / "faulty"), students, [*extra, "output.checkpoint_rows=8"])
+        )
     finally:
         done.set()
         killer.join()

@@ -95,3 +95,25 @@ def test_access_denied_is_a_clear_error_and_commits_nothing(
     with pytest.raises(StorageError, match="cannot access output s3://denied/out"):
         run_job(cfg)
     assert injected() >= 1 and fs.ls("denied") == []
+
+
+def test_a_run_reads_the_corpus_twice_from_s3(ray_runtime, tmp_path, bucket, fault_proxy, student_dirs, monkeypatch):
+    """Once to find repeated ids and count the rows, once to score; a progress line every moment so that
+    a row count for the time left would show as a third read."""
+    from pipeline import results
+
+    monkeypatch.setattr(results, "PROGRESS_EVERY_S", 0.0)
+    fs, name = bucket
+    gets = tmp_path / "gets.log"
+    endpoint, _ = fault_proxy("--log-gets", str(gets))
+    cfg = job_config(tmp_path, [f"s3://{name}/in/"], f"s3://{name}/out", {"tiny": student_dirs["chatml"]},
+                     [f"storage.endpoint_url={endpoint}"])  # fmt: skip
+    lines = []
+    run_job(cfg, progress=lines.append)
+    reads = [line.split() for line in gets.read_text().splitlines()]
+    corpus_reads = [int(size) for path, size in reads if path.endswith("/in/corpus.jsonl")]
+    size = fs.size(f"{name}/in/corpus.jsonl")
+    assert lines and sum(corpus_reads) == 2 * size, (len(corpus_reads), sum(corpus_reads), size)
+    print(
+        f"bytes read from S3 by the run: {sum(int(s) for _, s in reads):,}, the corpus {sum(corpus_reads):,} ({size:,} bytes, read twice)"
+    )
