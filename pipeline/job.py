@@ -26,7 +26,7 @@ from pipeline.ray_job import (
     committed_reject_keys,
     scored_keys,
     survey_corpus,
-)  # fmt: skip
+)
 from pipeline.results import Checkpoints, Progress, Tally, measure_block_task, write_summaries
 from pipeline.spans import BUILTIN_TEMPLATES, load_tokenizer, turn_markers
 from pipeline.storage import Corpus, Location, check_output, locate, plan_corpus

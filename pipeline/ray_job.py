@@ -42,7 +42,7 @@ from pipeline.config import (
     row_columns,
     shape_columns,
     token_budget,
-)  # fmt: skip
+)
 from pipeline.errors import RowError
 from pipeline.records import fallback_sample_id, parse_row, read_records
 from pipeline.rsr import stat_columns
@@ -55,9 +55,9 @@ from pipeline.schema import (
     Status,
     per_student,
     reject_keys,
+    score_columns,
     scored_key,
-    student_columns,
-)  # fmt: skip
+)
 from pipeline.spans import EncodedConversation, encode_conversation, load_tokenizer
 from pipeline.storage import Corpus, Location, format_of, open_corpus_file
 from pipeline.student import ScoringOptions, Student
@@ -215,13 +215,18 @@ def survey_corpus(cfg: JobConfig, corpus: Corpus) -> CorpusSurvey:
 @functools.lru_cache(maxsize=2)
 def _first_rows(refs: tuple) -> dict[str, int]:
     # A group-by over no valid row yields blocks without columns.
-    tables = [table for table in ray.get(list(refs)) if table.num_rows]
+    tables = [table for table in map(cached_get, refs) if table.num_rows]
     return {s: o for table in tables for s, o in zip(table["sample_id"].to_pylist(), table["min(order)"].to_pylist())}
 
 
 def mark_duplicates(batch: pa.Table, duplicates: list, file_urls: list[str]) -> pa.Table:
-    """Quarantine every valid row whose sample_id an earlier row (in file, row number order) carries."""
-    first_rows = _first_rows(tuple(duplicates))
+    """The dedupe stage: `reject_duplicates` with the repeated ids the survey found (`duplicates`)."""
+    return reject_duplicates(batch, _first_rows(tuple(duplicates)), file_urls)
+
+
+def reject_duplicates(batch: pa.Table, first_rows: dict[str, int], file_urls: list[str]) -> pa.Table:
+    """Quarantine every valid row whose sample_id an earlier row (in file, row number order) carries;
+    `first_rows` maps each repeated id to the `row_order` of its first valid row."""
     ids = batch["sample_id"].to_pylist()
     if not first_rows or not any(i in first_rows for i in ids):
         return batch
@@ -266,9 +271,10 @@ def _tokenizer(path: str, chat_template: str | None):
 
 
 @functools.lru_cache(maxsize=8)
-def cached_get(ref: ray.ObjectRef):
-    """`ray.get` once per worker process for objects that many batches read (key sets)."""
-    return ray.get(ref)
+def cached_get(ref):
+    """`ray.get` once per worker process for objects that many batches read (key sets); a value that
+    is not a reference is its own value."""
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
 def tokenize_batch(
@@ -401,12 +407,18 @@ def explode_batch(
 
 @dataclass(frozen=True)
 class Stage:
-    """A map stage of the scoring dataset: the columns it reads, adds and drops."""
+    """A map stage of the scoring dataset: the columns it reads, adds and drops (or, when it `replaces`
+    the rows, the only columns it writes: `adds`)."""
 
     name: str
     reads: tuple[str, ...]
     adds: tuple[str, ...]
     drops: tuple[str, ...] = ()
+    replaces: bool = False
+
+    def output(self, columns: set[str]) -> set[str]:
+        """The columns after this stage, given those before it."""
+        return set(self.adds) if self.replaces else (columns | set(self.adds)) - set(self.drops)
 
 
 def scoring_stages(cfg: JobConfig) -> list[Stage]:
@@ -429,8 +441,19 @@ def scoring_stages(cfg: JobConfig) -> list[Stage]:
         for i in range(len(cfg.students))
         for c in (*stats, "truncated", "content_dropped", "skipped", "reject_reason", "reject_detail")
     ]
-    stages.append(Stage("explode", ("sample_id", *columns, "content_hash", "source_file", "row_number", *per_student_reads),
-                        ("student", *student_columns(cfg), "run_id", "scored_at", "status")))  # fmt: skip
+    explode_reads = (
+        "sample_id",
+        *columns,
+        "content_hash",
+        "source_file",
+        "row_number",
+        "reject_reason",
+        "reject_detail",
+        *per_student_reads,
+    )
+    stages.append(
+        Stage("explode", explode_reads, (*score_columns(cfg), "status", "reject_reason", "reject_detail"), replaces=True)
+    )
     return stages
 
 
@@ -441,7 +464,7 @@ def check_stages(stages: list[Stage], available: list[str]) -> None:
         missing = [c for c in stage.reads if c not in columns]
         if missing:
             raise ConfigError(f"stage {stage.name!r} reads {missing}, which no earlier stage adds")
-        columns = (columns | set(stage.adds)) - set(stage.drops)
+        columns = stage.output(columns)
 
 
 def build_dataset(

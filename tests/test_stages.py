@@ -1,0 +1,144 @@
+"""Each stage function on a few-row Arrow table, without Ray: its output has exactly the columns its
+declaration in `ray_job.scoring_stages` says, and does what it says to the rows."""
+
+import json
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pytest
+
+from pipeline import errors
+from pipeline.config import ConfigError, load_config
+from pipeline.ray_job import (
+    RunStamp,
+    Stage,
+    StudentPlan,
+    check_stages,
+    explode_batch,
+    order_batch,
+    parse_batch,
+    reject_duplicates,
+    repeated_ids,
+    row_order,
+    scoring_stages,
+    tokenize_batch,
+)
+from pipeline.results import Tally, measure_block, rejects_batch, scores_batch
+from pipeline.schema import RAW_SCHEMA, REJECT_COLUMNS, Status, reject_key, score_columns, scored_key
+from pipeline.storage import Corpus, locate
+
+GOOD = [{"role": "user", "content": "Two and two?"}, {"role": "assistant", "content": "Four."}]
+
+
+@pytest.fixture
+def cfg(tmp_path, student_dirs):
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({
+        "input": {"paths": ["unused"], "passthrough": ["source"]},
+        "students": [{"name": "tiny", "path": str(student_dirs["chatml"]), "dtype": "float32"}],
+        "output": {"path": str(tmp_path / "out"), "partition_by": ["source"]},
+    }))  # fmt: skip
+    return load_config(config)
+
+
+def stage(cfg, name) -> Stage:
+    return next(s for s in scoring_stages(cfg) if s.name.startswith(name))
+
+
+def assert_declared(before: pa.Table, after: pa.Table, declared: Stage):
+    assert set(after.column_names) == declared.output(set(before.column_names)), declared.name
+    assert set(declared.reads) <= set(before.column_names), declared.name
+
+
+def raw(rows) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"source_file": "/c/a.jsonl", "row_number": n, "text": text, "reject_reason": reason, "reject_detail": None}
+         for n, (text, reason) in enumerate(rows, start=1)],
+        schema=RAW_SCHEMA,
+    )  # fmt: skip
+
+
+def parsed(cfg) -> pa.Table:
+    corpus = Corpus(locate("/c", None), ["/c/a.jsonl"], [], [cfg.input], {"/c/a.jsonl": 0}, {})
+    rows = [
+        (json.dumps({"id": "a", "source": "t1", "messages": GOOD}), None),
+        (json.dumps({"id": "b", "source": "t2"}), None),  # no messages
+        (None, errors.BLANK_LINE),
+        (json.dumps({"id": "a", "source": "t1", "messages": GOOD}), None),  # a repeated id
+    ]
+    return parse_batch(raw(rows), corpus, ["source"], {})
+
+
+def test_parse(cfg):
+    before = raw([(json.dumps({"id": "a", "messages": GOOD}), None)])
+    after = parsed(cfg)
+    assert_declared(before, after, stage(cfg, "parse"))
+    assert after["reject_reason"].to_pylist() == [None, errors.MISSING_MESSAGES, errors.BLANK_LINE, None]
+    assert after["sample_id"].to_pylist()[:2] == ["a", "b"] and after["source"].to_pylist()[:2] == ["t1", "t2"]
+
+
+def test_survey_and_dedupe(cfg):
+    table = parsed(cfg)
+    orders = order_batch(table, {"/c/a.jsonl": 0})
+    grouped = (
+        orders.group_by("sample_id")
+        .aggregate([("valid", "sum"), ("order", "min")])
+        .rename_columns(["sample_id", "sum(valid)", "min(order)"])
+    )
+    repeated = repeated_ids(grouped)
+    assert repeated.to_pylist() == [{"sample_id": "a", "min(order)": row_order(0, 1)}]
+    first_rows = dict(zip(repeated["sample_id"].to_pylist(), repeated["min(order)"].to_pylist()))
+    after = reject_duplicates(table, first_rows, ["/c/a.jsonl"])
+    assert_declared(table, after, stage(cfg, "dedupe"))
+    assert after["reject_reason"].to_pylist() == [None, errors.MISSING_MESSAGES, errors.BLANK_LINE, errors.DUPLICATE_ID]
+
+
+def test_tokenize_score_and_explode(cfg, student_dirs):
+    from pipeline.ray_job import ScoreActor, scoring_options
+
+    table = parsed(cfg)
+    done = frozenset({scored_key("nothing", "scored")})
+    tokenized = tokenize_batch(table, 0, cfg.students[0], 4096, True, "template", [done])
+    assert_declared(table, tokenized, stage(cfg, "tokenize"))
+    assert tokenized["ids_0"].to_pylist()[0] and tokenized["ids_0"].to_pylist()[1] is None  # rejects are not encoded
+    actor = ScoreActor(0, cfg.students[0], scoring_options(cfg), threads=1, cpus_per_actor=1, scoring_actors=1)
+    scored = actor(tokenized)
+    assert_declared(tokenized, scored, stage(cfg, "score"))
+    student = StudentPlan(cfg.students[0], "rev", "fp", {"reasoning": "template", "dtype": "float32"}, done_ref=None)
+    stamp = RunStamp("run-1", datetime.now(UTC), 100)
+    exploded = explode_batch(
+        scored, [student], ["source"], ["resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"], stamp
+    )
+    assert_declared(scored, exploded, stage(cfg, "explode"))
+    assert exploded["status"].to_pylist() == [Status.SCORED, Status.REJECTED, Status.REJECTED, Status.SCORED]
+    assert exploded["student"].to_pylist() == ["tiny"] * 4 and exploded["scoring_fingerprint"].to_pylist() == ["fp"] * 4
+
+
+def test_results_of_a_block(cfg):
+    block = pa.table({
+        "student": ["tiny"] * 3, "status": [Status.SCORED, Status.REJECTED, Status.SKIPPED],
+        "content_dropped": [True, None, None], "resp_token_length": [5, None, None],
+        "avg_rank_clip": [2.0, None, None], "avg_surprisal": [1.0, None, None], "source": ["t1", "t2", "t1"],
+    })  # fmt: skip
+    tally = Tally(["source"])
+    tally.add(measure_block(block, ["source"]))
+    assert tally.counts == {"tiny": {"read": 3, "scored": 1, "rejected": 1, "skipped": 1, "content_dropped": 1}}
+    assert tally.tokens == 5 and tally.summary(("student",))["rsr"].to_pylist() == [2.0]
+
+
+def test_writers_keep_scored_rows_and_new_rejects(cfg):
+    rows = {name: [None, None] for name in score_columns(cfg)}
+    rows.update(student=["tiny", "tiny"], source=["a/b=c", "t"], sample_id=["x", "y"], source_file=["f", "f"], row_number=[1, 2])
+    block = pa.table(
+        {**rows, "status": [Status.SCORED, Status.REJECTED], "reject_reason": [None, "bad"], "reject_detail": [None, "d"]}
+    )
+    assert scores_batch(block, score_columns(cfg), ["source"])["sample_id"].to_pylist() == ["x"]
+    assert rejects_batch(block, [frozenset()]).column_names == REJECT_COLUMNS
+    assert rejects_batch(block, [frozenset({reject_key("tiny", "f", 2, "bad")})]).num_rows == 0  # recorded by an earlier run
+
+
+def test_a_stage_that_reads_what_no_stage_adds_fails_before_any_work(cfg):
+    check_stages(scoring_stages(cfg), RAW_SCHEMA.names)
+    broken = [*scoring_stages(cfg)[:2], Stage("needs a column", ("no_such_column",), ())]
+    with pytest.raises(ConfigError, match="stage 'needs a column' reads \\['no_such_column'\\]"):
+        check_stages(broken, RAW_SCHEMA.names)
