@@ -107,3 +107,37 @@ def test_rows_longer_than_max_model_len_can_be_rejected(ray_runtime, tmp_path, b
     run_job(cfg)
     very_long = next(n for n, (raw, _) in enumerate(JSONL_ROWS, start=1) if b'"very-long"' in raw)
     assert outcomes(out)[("rows.jsonl", very_long)] == "too_long"
+
+
+def test_a_corpus_of_only_bad_rows_completes_with_every_row_quarantined(ray_runtime, tmp_path, student_dirs):
+    """Rows without messages, and a folder of .json objects without messages (dataset_info.json and
+    state.json, as a Hugging Face save_to_disk folder holds beside shards that are missing here)."""
+    root = tmp_path / "bad-only"
+    (root / "meta").mkdir(parents=True)
+    (root / "rows.jsonl").write_bytes(line({"id": "a", "x": 1}) + b"\n" + line({"id": "b", "x": 2}))
+    (root / "meta" / "dataset_info.json").write_text(json.dumps({"features": {}}))
+    (root / "meta" / "state.json").write_text(json.dumps({"_data_files": []}))
+    out = tmp_path / "out"
+    [counts] = run_job(job_config(tmp_path, [str(root)], str(out), {"tiny": student_dirs["chatml"]})).counts.to_pylist()
+    assert (counts["read"], counts["scored"], counts["rejected"]) == (4, 0, 4)
+    rejects = duckdb.sql(f"SELECT reject_reason FROM read_parquet('{out}/_rejects/**/*.parquet')").fetchall()
+    assert rejects == [("missing_messages",)] * 4 and not list(out.glob("student=*"))
+
+
+def test_files_and_blocks_of_only_bad_rows_among_good_ones(ray_runtime, tmp_path, student_dirs):
+    """A file of only bad rows among good files, and a file whose first 1,024-row block is all bad and
+    whose second starts with bad rows: blocks with no valid row keep their columns and flow through."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    (root / "a-good.jsonl").write_bytes(b"\n".join(line(good(f"g{k}")) for k in range(3)))
+    (root / "b-bad.jsonl").write_bytes(b"\n".join(line({"id": f"x{k}", "x": k}) for k in range(3)))
+    boundary = [line({"id": f"y{k}"}) for k in range(1100)] + [line(good(f"h{k}")) for k in range(4)]
+    (root / "c-boundary.jsonl").write_bytes(b"\n".join(boundary))
+    out = tmp_path / "out"
+    [counts] = run_job(job_config(tmp_path, [str(root)], str(out), {"tiny": student_dirs["chatml"]})).counts.to_pylist()
+    assert (counts["read"], counts["scored"], counts["rejected"]) == (3 + 3 + 1104, 7, 1103)
+    found = outcomes(out)
+    assert [found[("c-boundary.jsonl", n)] for n in (1, 1024, 1025, 1100, 1101, 1104)] == ["missing_messages"] * 4 + [
+        "scored"
+    ] * 2
+    assert {found[("b-bad.jsonl", n)] for n in (1, 2, 3)} == {"missing_messages"}
