@@ -67,12 +67,16 @@ print(json.dumps({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens /
 def build_student(config_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     """Random weights of the config's shape with its real tokenizer, saved in float32."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.spans import load_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32)
     model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(config_dir).save_pretrained(out_dir)
+    # Saved as the model's own tokenizer.json encodes, so that the reference script's AutoTokenizer
+    # loads the same tokenizer (transformers 5's GPT2Tokenizer class splits newline pairs otherwise).
+    load_tokenizer(str(config_dir)).save_pretrained(out_dir)
     return out_dir
 
 
@@ -112,9 +116,9 @@ def run_job(student: Path, corpus: Path, out: Path, dtype: str) -> tuple[float, 
 
 def long_rows(path: Path, tokenizer_dir: Path, limit: int, low: int = 2000, high: int = 8000) -> list[dict]:
     """The first `limit` rows whose answer has `low`-`high` tokens, the model's system prompt prepended."""
-    from transformers import AutoTokenizer
+    from pipeline.spans import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(str(tokenizer_dir))
     rows = []
     for row in map(json.loads, open(path)):
         answer = row["messages"][-1]["content"]
