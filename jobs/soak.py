@@ -66,6 +66,14 @@ def start_job(config: Path, log: Path, overrides: list[str], env: dict) -> subpr
         )  # fmt: skip
 
 
+def rerun_with_defaults(config: Path, log: Path, env: dict) -> bool:
+    """Run the job to its end with the default settings; print its log's end when it fails."""
+    if start_job(config, log, [], env).wait() == 0:
+        return True
+    print(f"rerun failed ({log.name}):\n{log.read_text()[-3000:]}", file=sys.stderr, flush=True)
+    return False
+
+
 def kill_group(job: subprocess.Popen) -> None:
     try:
         os.killpg(job.pid, signal.SIGKILL)
@@ -149,10 +157,8 @@ def soak(where: str, kills: int, rows_per_round: int, student: str, seed: int, e
                 killed_at[moment] += 1
             else:
                 run_seconds = time.monotonic() - started  # the job won the race: aim earlier next time
-            rerun = start_job(config, log, [], env)
-            reruns_ok += rerun.wait() == 0
-        last = start_job(config, log, [], env)
-        last_ok = last.wait() == 0
+            reruns_ok += rerun_with_defaults(config, tmp / f"rerun-{round_number}.log", env)
+        last_ok = rerun_with_defaults(config, tmp / "last.log", env)
         result = check_output(root, tmp, kills * rows_per_round)
         counts = read_manifests(root)[-1].get("counts", [{}])[0]
         reconciled = counts.get("read") == counts.get("scored", 0) + counts.get("rejected", 0) + counts.get("skipped", 0)
