@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.rsr import METRICS
+from pipeline.metrics import METRICS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.rsr import METRICS
+from pipeline.metrics import METRICS
 from pipeline.spans import BUILTIN_TEMPLATES, REASONING_MODES
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "arrow")

@@ -13,9 +13,9 @@ import pyarrow.dataset as pads
 from pipeline.aggregate import dataset_rsr
 from pipeline.config import InputConfig, StorageConfig, input_sources
 from pipeline.errors import RowError
+from pipeline.metrics import BY_COLUMN, COMPANIONS
 from pipeline.output import committed_files
 from pipeline.records import content_hash, read_records, row_trajectories
-from pipeline.rsr import BY_COLUMN, COMPANIONS
 from pipeline.storage import format_of, locate, open_corpus_file, plan_corpus
 
 

@@ -44,8 +44,8 @@ from pipeline.config import (
     token_budget,
 )
 from pipeline.errors import RowError
+from pipeline.metrics import stat_columns
 from pipeline.records import fallback_sample_id, parse_row, read_records
-from pipeline.rsr import stat_columns
 from pipeline.schema import (
     PARSED_SCHEMA,
     RAW_SCHEMA,

@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.rsr import REGISTRY  # noqa: E402
+from pipeline.metrics import REGISTRY  # noqa: E402
 
 # Per-trajectory column -> its dataset-level column in the teacher table, and whether a lower value
 # marks a more suitable trajectory (more familiar to the student): from the metric registry.

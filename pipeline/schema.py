@@ -15,7 +15,7 @@ from enum import StrEnum
 import pyarrow as pa
 
 from pipeline.config import JobConfig, metric_names, row_columns
-from pipeline.rsr import stat_columns
+from pipeline.metrics import stat_columns
 
 
 class Status(StrEnum):
@@ -49,7 +49,7 @@ PARSED_SCHEMA = pa.schema(
     ]
 )
 # Per student i, the tokenize stage adds these (as `per_student(name, i)`); the score stage replaces
-# ids and positions by the statistics columns (`rsr.stat_columns`).
+# ids and positions by the statistics columns (`metrics.stat_columns`).
 TOKENIZED = {
     "ids": pa.list_(pa.int32()),
     "positions": pa.list_(pa.int32()),

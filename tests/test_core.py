@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline import errors
 from pipeline.aggregate import dataset_rsr
 from pipeline.errors import RowError
-from pipeline.rsr import METRICS, project_and_score, token_statistics, trajectory_stats
+from pipeline.metrics import METRICS
+from pipeline.rsr import project_and_score, token_statistics, trajectory_stats
 from pipeline.spans import encode_conversation
 from pipeline.student import ScoringOptions, Student, plan_batches, shared_prompt_lengths
 from tests.reference import CHATML_MARKERS, LLAMA3_MARKERS, marker_ids, marker_positions, reference_scores
