@@ -13,9 +13,10 @@ import pyarrow.dataset as pads
 from pipeline.aggregate import dataset_rsr
 from pipeline.config import InputConfig, StorageConfig, input_sources
 from pipeline.errors import RowError
-from pipeline.metrics import BY_COLUMN, COMPANIONS
+from pipeline.metrics import COMPANIONS
 from pipeline.output import committed_files
 from pipeline.records import content_hash, read_records, row_trajectories
+from pipeline.selection import select_arm
 from pipeline.storage import format_of, locate, open_corpus_file, plan_corpus
 
 
@@ -57,36 +58,16 @@ def select(
     ascending: bool | None = None,
     by: str = "rank_surprisal_ratio",
     where: dict[str, str] | None = None,
+    arm: str = "lowest",
+    seed: int = 0,
+    drop_truncated_groups: bool = False,
 ) -> pd.DataFrame:
-    """Trajectories chosen by one student's `by` column (by default its metric's most suitable end first:
-    lowest RSR, highest top1_rate; `ascending` sets the order), among the rows
-    whose columns equal `where`'s values (compared as text, case-insensitively: {"is_correct": "true"}).
-
-    Exactly one of `top_k` (per group when `group_by` is given), `top_fraction` (of each group, at
-    least one row) or `threshold` (`by` at most this, or at least when descending) is set.
-    """
-    if sum(x is not None for x in (top_k, top_fraction, threshold)) != 1:
-        raise ValueError("set exactly one of top_k, top_fraction, threshold")
-    for column in [by, *(where or {})]:
-        if column not in scores.columns:
-            raise ValueError(f"no column {column!r} in the scores; have {sorted(scores.columns)}")
-    mine = scores[scores["student"] == student]
-    if mine.empty:
-        raise ValueError(f"no scores for student {student!r}; have {sorted(scores['student'].unique())}")
-    for column, value in (where or {}).items():
-        mine = mine[mine[column].astype(str).str.lower() == str(value).lower()]
-    if ascending is None:  # the metric's own direction: most suitable first (lowest RSR, highest top1_rate)
-        ascending = BY_COLUMN[by].lower_is_better if by in BY_COLUMN else True
-    ranked = mine.sort_values(by, ascending=ascending, kind="stable")
-    if threshold is not None:
-        keep = ranked[by] <= threshold if ascending else ranked[by] >= threshold
-        return ranked[keep]
-    groups = ranked.groupby(group_by, sort=False, dropna=False) if group_by else [(None, ranked)]
-    parts = []
-    for _, group in groups:
-        n = top_k if top_k is not None else max(1, round(len(group) * top_fraction))
-        parts.append(group.head(n))
-    return pd.concat(parts)
+    """Trajectories chosen by one student's `by` column, in the arm's order: by default the lowest arm,
+    the metric's most suitable end first (lowest RSR, highest top1_rate; `ascending` sets the order);
+    see `pipeline.selection` for the arms and `select_arm` for the arguments."""
+    return select_arm(
+        scores, student, group_by, top_k, top_fraction, threshold, ascending, by, where, arm, seed, drop_truncated_groups
+    ).chosen
 
 
 def teacher_table(scores: pd.DataFrame, teacher_column: str = "source") -> pd.DataFrame:
@@ -108,13 +89,9 @@ def _trajectories_by_hash(row: dict, part: InputConfig) -> dict[str, list[dict]]
     return {content_hash(t.messages): t.messages for t in trajectories if t.messages is not None}
 
 
-def original_rows(selected: pd.DataFrame, input_cfg: InputConfig, storage: StorageConfig | None = None) -> list[dict]:
-    """The corpus rows behind `selected` scores, read back from their source files by row number.
-
-    `input_cfg` is the scoring job's input section (the rows' shapes). A row of several trajectories
-    (candidates, teachers) comes back with the selected trajectory's canonical messages as `messages`.
-    A row none of whose trajectories hashes to the scored content_hash (the file changed since) is an error.
-    """
+def _selected_trajectories(selected: pd.DataFrame, input_cfg: InputConfig, storage: StorageConfig | None):
+    """Per selected score: its corpus row, the scored trajectory's canonical messages, and whether the
+    row holds several trajectories (candidates, teachers)."""
     storage = storage or StorageConfig()
     parts = input_sources(input_cfg) or [input_cfg]
     part_of = plan_corpus(input_cfg, storage).part_of if len(parts) > 1 else {}  # which part names each file
@@ -130,11 +107,27 @@ def original_rows(selected: pd.DataFrame, input_cfg: InputConfig, storage: Stora
                 if record.row_number in numbers:
                     row = json.loads(record.text)
                     found[(source_file, record.row_number)] = (row, _trajectories_by_hash(row, part), part)
-    rows = []
     for source_file, row_number, scored_hash in zip(selected["source_file"], selected["row_number"], selected["content_hash"]):
         row, trajectories, part = found.get((source_file, int(row_number)), (None, {}, None))
         if scored_hash not in trajectories:
             raise ValueError(f"{source_file}:{row_number} changed since it was scored; re-run the scoring job")
-        several = part.candidates_field or part.response_groups
-        rows.append({**row, "messages": trajectories[scored_hash]} if several else row)
-    return rows
+        yield row, trajectories[scored_hash], bool(part.candidates_field or part.response_groups)
+
+
+def original_rows(selected: pd.DataFrame, input_cfg: InputConfig, storage: StorageConfig | None = None) -> list[dict]:
+    """The corpus rows behind `selected` scores, read back from their source files by row number.
+
+    `input_cfg` is the scoring job's input section (the rows' shapes). A row of several trajectories
+    (candidates, teachers) comes back with the selected trajectory's canonical messages as `messages`.
+    A row none of whose trajectories hashes to the scored content_hash (the file changed since) is an error.
+    """
+    return [
+        {**row, "messages": messages} if several else row
+        for row, messages, several in _selected_trajectories(selected, input_cfg, storage)
+    ]
+
+
+def selected_messages(selected: pd.DataFrame, input_cfg: InputConfig, storage: StorageConfig | None = None) -> list[list[dict]]:
+    """The canonical messages (`role`, `content`, `reasoning_content`, tool keys) of each selected
+    trajectory, read back as `original_rows` reads them, whatever the corpus shape."""
+    return [messages for _, messages, _ in _selected_trajectories(selected, input_cfg, storage)]
