@@ -10,7 +10,6 @@ from jobs import report
 from jobs import select as select_job
 from pipeline.job import run_job
 from pipeline.query import latest_scores, select, teacher_table
-from pipeline.report import suitability_auc
 from tests.conftest import start_ray, write_jsonl
 from tests.test_job import job_config
 
@@ -60,15 +59,44 @@ def test_select_threshold_and_errors(scored_output):
 def test_report_ranks_teachers_and_embeds_plots(scored_output, tmp_path):
     out, _ = scored_output
     assert report.main(["--scores", str(out), "--out", str(tmp_path / "report")]) == 0
-    teachers = teacher_table(latest_scores(str(out)))
-    assert list(teachers["rank"]) == [1, 2, 3] and teachers["rsr"].is_monotonic_increasing
+    teachers = pd.read_csv(tmp_path / "report" / "teachers.csv")
+    assert list(teachers.columns[:7]) == ["student", "teacher", "n_problems", "rsr", "rsr_ci_low", "rsr_ci_high", "p_top1"]
+    # every teacher answered each of the 7 problems: RSR over all rows, as the query layer's table has it
+    expected = teacher_table(latest_scores(str(out)))
+    assert list(teachers["teacher"]) == list(expected["source"]) and list(teachers["rank"]) == [1, 2, 3]
+    assert teachers["rsr"].to_numpy() == pytest.approx(expected["rsr"].to_numpy())
+    assert set(teachers["n_problems"]) == {7} and teachers["p_top1"].sum() == pytest.approx(1.0)
+    assert (teachers["rsr_ci_low"] <= teachers["rsr"]).all() and (teachers["rsr"] <= teachers["rsr_ci_high"]).all()
+    matching = json.loads((tmp_path / "report" / "matching.json").read_text())["students"]["tiny"]
+    assert matching["n_problems_matched"] == 7 and matching["n_rows_unmatched"] == 0 and matching["n_rows"] == 40
+    sample_size = pd.read_csv(tmp_path / "report" / "sample_size.csv")
+    assert sample_size[["n_problems", "share_same_first"]].values.tolist() == [[7, 1.0]]  # fewer than 10 problems
+    confounds = pd.read_csv(tmp_path / "report" / "confounds.csv")
+    assert {"rank_surprisal_ratio", "avg_surprisal", "avg_entropy", "top1_rate"} <= set(confounds["metric"])
+    assert not (tmp_path / "report" / "agreement.json").exists()
     html = (tmp_path / "report" / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 2  # RSR distributions, Spearman heatmaps
-    assert "Teachers ranked by each metric" in html and "Spearman correlation between metrics" in html
-    assert "avg_entropy" in html and "top1_rate" in html
-    for teacher in teachers["source"]:
+    assert html.count('src="data:image/png;base64,') == 4  # sample-size curve, RSR vs length, distributions, heatmaps
+    for heading in ["Teachers on 7 matched problems (lower RSR = more suitable)", "Probability that the row",
+                    "Problems the choice needs", "Confounds beside each metric", "Teachers ranked by each metric"]:  # fmt: skip
+        assert heading in html
+    for teacher in teachers["teacher"]:
         assert f"<td>{teacher}</td>" in html
-    assert (tmp_path / "report" / "teachers.csv").read_text().splitlines()[0].startswith("student,source,rank")
+
+
+def test_report_agreement_with_a_reference_and_truncated_problems_dropped(scored_output, tmp_path):
+    out, _ = scored_output
+    scores = latest_scores(str(out))
+    rsr = teacher_table(scores).set_index("source")["rsr"]
+    reference = tmp_path / "reference.csv"
+    pd.DataFrame({"teacher": rsr.index, "score": -rsr.to_numpy()}).to_csv(reference, index=False)  # RSR's own order
+    assert report.main(["--scores", str(out), "--out", str(tmp_path / "report"), "--reference", str(reference),
+                        "--drop-truncated-groups", "--bootstrap", "200", "--seed", "3"]) == 0  # fmt: skip
+    agreement = json.loads((tmp_path / "report" / "agreement.json").read_text())["students"]["tiny"]
+    assert agreement["kendall_tau"] == pytest.approx(1.0) and agreement["spearman"] == pytest.approx(1.0)
+    truncated = scores.loc[scores["truncated"], "problem_id"]
+    dropped = json.loads((tmp_path / "report" / "matching.json").read_text())["students"]["tiny"]["dropped_truncated_groups"]
+    assert dropped == {"problems": truncated.nunique(), "rows": int(scores["problem_id"].isin(truncated).sum())}
+    assert "Agreement with the reference ranking" in (tmp_path / "report" / "report.html").read_text()
 
 
 def test_select_by_a_metric_among_filtered_rows(scored_output, tmp_path):
@@ -84,11 +112,3 @@ def test_select_by_a_metric_among_filtered_rows(scored_output, tmp_path):
     assert all(r["source"] == "teacher_1" and "avg_entropy" in r["rsr"] for r in rows)
     with pytest.raises(ValueError, match="no column 'nope'"):
         select(scores, "tiny", top_k=1, by="nope")
-
-
-def test_suitability_auc_on_known_values():
-    correct = pd.Series([True, True, False, False])
-    assert suitability_auc(pd.Series([1.0, 2.0, 3.0, 4.0]), correct, lower_is_better=True) == 1.0
-    assert suitability_auc(pd.Series([1.0, 2.0, 3.0, 4.0]), correct, lower_is_better=False) == 0.0
-    assert suitability_auc(pd.Series([1.0, 1.0, 1.0, 1.0]), correct, lower_is_better=True) == 0.5
-    assert suitability_auc(pd.Series([1.0, 3.0, 2.0, 4.0]), correct, lower_is_better=True) == 0.75
