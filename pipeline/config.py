@@ -22,6 +22,7 @@ FORMATS = ("auto", "jsonl", "json", "parquet", "arrow")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OUTPUT_MODES = ("auto", "incremental", "overwrite")
 TOO_LONG_POLICIES = ("truncate", "reject")
+LOGITS_DTYPES = ("float32", "model")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -93,15 +94,18 @@ def input_sources(input_cfg: InputConfig) -> list[InputConfig]:
 @dataclass
 class StudentConfig:
     name: str = MISSING  # output partition value: letters, digits, '.', '_', '-'
-    path: str = MISSING  # hub id or local directory
+    path: str = MISSING  # hub id, local directory, or a .gguf file (local or s3://)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     chat_template: Optional[str] = None  # a .jinja file or a built-in name (chatml, llama3) instead of the tokenizer's
+    tokenizer: Optional[str] = (
+        None  # a folder or hub id with the model's tokenizer.json; null: the path's own (a GGUF's, checked)
+    )
 
 
 @dataclass
 class ScoringConfig:
     rank_clip: int = 100
-    max_model_len: int = 32768
+    max_model_len: int = 32768  # each student gets the smaller of this and its own window (max_position_embeddings)
     token_budget: str = "auto"  # padded tokens per forward pass: auto (2048 on CPU, from free memory on GPU) or a number
     logits_chunk_tokens: str = (
         "auto"  # response positions projected to the vocabulary at a time: auto (256 on CPU, from free memory on GPU) or a number
@@ -109,7 +113,9 @@ class ScoringConfig:
     on_too_long: str = "truncate"  # truncate (and flag) | reject rows longer than max_model_len
     reasoning: str = "template"  # template: score what the template renders | keep: every turn's reasoning as given
     metrics: Any = field(default_factory=lambda: ["rsr"])  # a list of rsr, entropy, top1, rank, logprob_std; or all
-    rows_per_batch: int = 512  # rows handed to a scoring actor at a time (sorted by length inside)
+    batch_tokens: str = "auto"  # tokens handed to a scoring actor at a time: auto (65,536 on CPU, 1,048,576 on GPU) or a number
+    rows_per_batch: int = 512  # superseded by batch_tokens (a scoring call is sized by tokens); kept so that old configs load
+    logits_dtype: str = "float32"  # float32: vocabulary logits in float32 whatever the student's dtype | model: in its dtype
     prompt_cache_tokens: int = 16384  # prompt tokens shared by several rows whose keys/values are held at once
 
 
@@ -141,6 +147,17 @@ def token_budget(scoring: ScoringConfig) -> Optional[int]:
     return None if scoring.token_budget == "auto" else int(scoring.token_budget)
 
 
+CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 65536, 1048576  # a minute or two of scoring: a 135M student on 2 cores, a 7B on one GPU
+
+
+def batch_tokens(scoring: ScoringConfig, gpus: float) -> int:
+    """Tokens per scoring call: small enough that results, checkpoints and progress arrive every minute or
+    two whatever the row lengths, large enough to fill batches."""
+    if scoring.batch_tokens != "auto":
+        return int(scoring.batch_tokens)
+    return GPU_BATCH_TOKENS if gpus else CPU_BATCH_TOKENS
+
+
 def logits_chunk_tokens(scoring: ScoringConfig) -> Optional[int]:
     """The configured logits chunk, None for auto (resolved where the student is loaded)."""
     return None if scoring.logits_chunk_tokens == "auto" else int(scoring.logits_chunk_tokens)
@@ -161,7 +178,7 @@ class OutputConfig:
     partition_by: list[str] = field(default_factory=list)  # passthrough columns, after student=
     mode: str = "auto"  # auto: incremental when the output exists, else a first full run | overwrite
     checkpoint_rows: int = 50000  # commit a piece at least every this many rows per student ...
-    checkpoint_minutes: float = 30.0  # ... and at least this often: a crash loses one piece at most
+    checkpoint_minutes: float = 5.0  # ... and at least this often: a crash loses one piece at most
     lock_stale_minutes: float = 5.0  # a lock whose heartbeat is older is taken over (a dead holder on this host: at once)
     lock_heartbeat_seconds: float = 30.0  # how often the running job renews its lock
     lock_ttl_hours: float = 12.0  # superseded by the heartbeat (lock_stale_minutes); kept so that old configs load
@@ -253,7 +270,11 @@ def validate(job: JobConfig) -> None:
         s.logits_chunk_tokens == "auto" or (s.logits_chunk_tokens.isdigit() and int(s.logits_chunk_tokens) >= 1),
         f"scoring.logits_chunk_tokens must be auto or a number >= 1, got {s.logits_chunk_tokens!r}",
     )
-    require(s.rows_per_batch >= 1, f"scoring.rows_per_batch must be >= 1, got {s.rows_per_batch}")
+    require(
+        s.batch_tokens == "auto" or (s.batch_tokens.isdigit() and int(s.batch_tokens) >= 1),
+        f"scoring.batch_tokens must be auto or a number >= 1, got {s.batch_tokens!r}",
+    )
+    require(s.logits_dtype in LOGITS_DTYPES, f"scoring.logits_dtype must be one of {LOGITS_DTYPES}, got {s.logits_dtype!r}")
     require(s.prompt_cache_tokens >= 0, f"scoring.prompt_cache_tokens must be >= 0, got {s.prompt_cache_tokens}")
     require(s.on_too_long in TOO_LONG_POLICIES, f"scoring.on_too_long must be one of {TOO_LONG_POLICIES}")
     metrics_ok = s.metrics == "all" or (isinstance(s.metrics, list) and set(s.metrics) <= set(METRICS))

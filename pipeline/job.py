@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, JobConfig, StudentConfig, metric_names
 from pipeline.errors import RowError
+from pipeline.models import StudentSource
 from pipeline.output import STAGING_DIR, OutputStore, new_run_id, scoring_fingerprint
 from pipeline.ray_job import (
     CorpusSurvey,
@@ -28,9 +29,8 @@ from pipeline.ray_job import (
     survey_corpus,
 )
 from pipeline.results import Checkpoints, Progress, Tally, measure_block_task, write_summaries
-from pipeline.spans import BUILTIN_TEMPLATES, load_tokenizer, turn_markers
+from pipeline.spans import BUILTIN_TEMPLATES, turn_markers
 from pipeline.storage import Corpus, Location, check_output, locate, plan_corpus
-from pipeline.student import model_revision
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +57,22 @@ class RunPlan:
 
     corpus: Corpus
     root: Location
-    templates: list[str]
+    students: list[StudentCheck]
     started: datetime
+
+
+@dataclass(frozen=True)
+class StudentCheck:
+    """What the driver learned of a student before Ray starts."""
+
+    source: StudentSource
+    chat_template: str  # the effective template
+    tokens_from: str  # where its tokens come from (`StudentSource.tokens_from`)
+    window: int  # the positions it was trained on
+    max_model_len: int  # the smaller of `scoring.max_model_len` and its window
+
+    def describe(self, name: str) -> str:
+        return f"student {name}: tokens from {self.tokens_from}; window {self.window}, max_model_len {self.max_model_len}"
 
 
 def plan_run(cfg: JobConfig) -> RunPlan:
@@ -69,17 +83,20 @@ def plan_run(cfg: JobConfig) -> RunPlan:
     return RunPlan(corpus, root, check_students(cfg), datetime.now(UTC))
 
 
-def check_students(cfg: JobConfig) -> list[str]:
-    """Before Ray starts: each student's tokenizer loads (and encodes as its tokenizer.json), has a chat
+def check_students(cfg: JobConfig) -> list[StudentCheck]:
+    """Before Ray starts: each student's weights can be read (a GGUF is converted here, once per node),
+    its tokenizer loads (and encodes as its tokenizer.json, or a GGUF's own vocabulary), it has a chat
     template and one whose assistant turns can be found (a base model ships none: every row would be
-    rejected). Returns each student's effective chat template."""
-    templates = []
+    rejected), and its window caps `scoring.max_model_len`."""
+    checks = []
     for i, student in enumerate(cfg.students):
         where = f"students.{i} ({student.name})"
+        source = StudentSource(student.path, student.tokenizer, student.chat_template, cfg.storage.endpoint_url)
         try:
-            tokenizer = load_tokenizer(student.path, student.chat_template)
+            tokenizer = source.load_tokenizer()
+            window = source.window()
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{where}: cannot load a tokenizer from {student.path!r}: {exc}") from exc
+            raise ConfigError(f"{where}: cannot load {student.path!r}: {exc}") from exc
         if not tokenizer.chat_template:
             raise ConfigError(
                 f"{where}: {student.path!r} has no chat template (a base model?); set students.{i}.chat_template "
@@ -89,8 +106,10 @@ def check_students(cfg: JobConfig) -> list[str]:
             turn_markers(tokenizer)
         except RowError as exc:
             raise ConfigError(f"{where}: unusable chat template: {exc.detail}") from exc
-        templates.append(tokenizer.chat_template)
-    return templates
+        max_model_len = min(cfg.scoring.max_model_len, window)
+        checks.append(StudentCheck(source, tokenizer.chat_template, source.tokens_from(), window, max_model_len))
+        print(checks[-1].describe(student.name), flush=True)
+    return checks
 
 
 def ensure_ray(cfg: JobConfig, quiet: bool) -> None:
@@ -115,32 +134,44 @@ def resolve_mode(configured: str, has_runs: bool) -> str:
     return "incremental" if has_runs else "full"
 
 
-def scoring_settings(cfg: JobConfig, student: StudentConfig, revision: str, chat_template: str, gpus: float) -> dict:
+def scoring_settings(cfg: JobConfig, student: StudentConfig, revision: str, check: StudentCheck, gpus: float) -> dict:
     """Everything that changes a student's numbers. The tokenizer's files are part of the revision (a
-    hash of the model directory's files, or the hub commit); `auto` dtype is resolved as the actor will."""
+    hash of the model directory's files, the hub commit, or the GGUF's hash); `auto` dtype is resolved as
+    the actor will. Logits in another dtype than the student's enter only then, so that the fingerprints
+    of float32 students, whose logits were always float32, stay as they were."""
     dtype = student.dtype if student.dtype != "auto" else ("bfloat16" if gpus else "float32")
     s = cfg.scoring
-    return {
-        "student_revision": revision, "chat_template": chat_template, "reasoning": s.reasoning, "rank_clip": s.rank_clip,
-        "max_model_len": s.max_model_len, "on_too_long": s.on_too_long, "metrics": list(metric_names(s)), "dtype": dtype,
+    settings = {
+        "student_revision": revision, "chat_template": check.chat_template, "reasoning": s.reasoning, "rank_clip": s.rank_clip,
+        "max_model_len": check.max_model_len, "on_too_long": s.on_too_long, "metrics": list(metric_names(s)), "dtype": dtype,
     }  # fmt: skip
+    logits_dtype = dtype if s.logits_dtype == "model" else s.logits_dtype
+    return settings | ({"logits_dtype": logits_dtype} if logits_dtype != dtype else {})
 
 
 def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, gpus: float) -> list[StudentPlan]:
     """Per student: revision, scoring settings and their fingerprint, and (a reference to) the keys
     already scored with that fingerprint, read by a Ray task."""
     students = []
-    for student, template in zip(cfg.students, plan.templates):
+    for student, check in zip(cfg.students, plan.students):
         try:
-            revision = model_revision(student.path)
+            revision = check.source.revision()
         except FileNotFoundError as exc:
             raise ConfigError(f"students.{student.name}: {exc}") from exc
-        settings = scoring_settings(cfg, student, revision, template, gpus)
+        settings = scoring_settings(cfg, student, revision, check, gpus)
         fingerprint = scoring_fingerprint(settings)
         paths = store.paths(store.committed_files(f"student={student.name}/")) if mode == "incremental" else []
         done_ref = scored_keys.remote(paths, store.root, fingerprint)
         students.append(
-            StudentPlan(dataclasses.replace(student, dtype=settings["dtype"]), revision, fingerprint, settings, done_ref)
+            StudentPlan(
+                dataclasses.replace(student, dtype=settings["dtype"]),
+                check.source,
+                check.tokens_from,
+                revision,
+                fingerprint,
+                settings,
+                done_ref,
+            )  # fmt: skip
         )
     return students
 

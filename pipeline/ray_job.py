@@ -37,6 +37,7 @@ from pipeline.config import (
     ConfigError,
     JobConfig,
     StudentConfig,
+    batch_tokens,
     logits_chunk_tokens,
     metric_names,
     row_columns,
@@ -45,6 +46,7 @@ from pipeline.config import (
 )
 from pipeline.errors import RowError
 from pipeline.metrics import stat_columns
+from pipeline.models import StudentSource
 from pipeline.records import fallback_sample_id, parse_row, read_records
 from pipeline.schema import (
     PARSED_SCHEMA,
@@ -58,25 +60,32 @@ from pipeline.schema import (
     score_columns,
     scored_key,
 )
-from pipeline.spans import EncodedConversation, encode_conversation, load_tokenizer
+from pipeline.spans import EncodedConversation, encode_conversation
 from pipeline.storage import Corpus, Location, format_of, open_corpus_file
 from pipeline.student import ScoringOptions, Student
 
 RECORDS_PER_BLOCK = 1024
+# Arrow bytes of a tokenized row per token (int32 ids and response positions, the message text), which
+# turns `scoring.batch_tokens` into the block size Ray Data shapes the scoring stages' blocks to.
+TOKENIZED_BYTES_PER_TOKEN = 12
 
 
 @dataclass(frozen=True)
 class StudentPlan:
-    """One student of a run: its settings, their fingerprint, and the keys it already scored with them."""
+    """One student of a run: where its weights and tokens come from, its settings, their fingerprint, and
+    the keys it already scored with them."""
 
     config: StudentConfig  # with the dtype resolved
+    source: StudentSource
+    tokens_from: str  # where the tokens come from (`StudentSource.tokens_from`)
     revision: str
     fingerprint: str
-    settings: dict  # `job.scoring_settings`
+    settings: dict  # `job.scoring_settings`, with the student's own `max_model_len`
     done_ref: ray.ObjectRef  # set of `scored_key`s, built by a Ray task
 
     def manifest(self) -> dict:
-        return {"name": self.config.name, "revision": self.revision, "fingerprint": self.fingerprint, "settings": self.settings}
+        return {"name": self.config.name, "revision": self.revision, "fingerprint": self.fingerprint,
+                "tokens_from": self.tokens_from, "settings": self.settings}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ def scoring_options(cfg: JobConfig) -> ScoringOptions:
         logits_chunk_tokens=logits_chunk_tokens(s),
         prompt_cache_tokens=s.prompt_cache_tokens,
         metrics=metric_names(s),
+        logits_dtype=s.logits_dtype,
     )
 
 
@@ -266,8 +276,8 @@ def committed_reject_keys(paths: list[str], location: Location) -> set[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(path: str, chat_template: str | None):
-    return load_tokenizer(path, chat_template)
+def _tokenizer(source: StudentSource):
+    return source.load_tokenizer()
 
 
 @functools.lru_cache(maxsize=8)
@@ -278,7 +288,7 @@ def cached_get(ref):
 
 
 def tokenize_batch(
-    batch: pa.Table, index: int, student: StudentConfig, max_model_len: int, truncate: bool, reasoning: str, done_ref: list
+    batch: pa.Table, index: int, source: StudentSource, max_model_len: int, truncate: bool, reasoning: str, done_ref: list
 ) -> pa.Table:
     """Encode every parsed row with student `index`'s chat template (a CPU stage, before the actors).
 
@@ -286,7 +296,7 @@ def tokenize_batch(
     Ray hands over the reference, not a copy per call) were scored with the same scoring fingerprint
     before: they are marked skipped and not encoded.
     """
-    tokenizer = _tokenizer(student.path, student.chat_template)
+    tokenizer = _tokenizer(source)
     done = cached_get(done_ref[0])
     keys = [scored_key(s, h) for s, h in zip(batch["sample_id"].to_pylist(), batch["content_hash"].to_pylist())]
     skipped = [key in done for key in keys]
@@ -332,12 +342,14 @@ class ScoreActor:
         threads: int | None,
         cpus_per_actor: float,
         scoring_actors: int,
+        source: StudentSource | None = None,  # None: the student config's path, tokenizer and chat template
     ):
         import torch
 
         torch.set_num_threads(threads or default_torch_threads(cpus_per_actor, scoring_actors))
         self.index = index
-        self.student = Student.load(student.path, dtype=student.dtype, options=options)
+        source = source or StudentSource(student.path, student.tokenizer, student.chat_template)
+        self.student = Student.load(source, dtype=student.dtype, options=options)
         self.columns = stat_columns(options.metrics)
         print(f"student {student.name}: {self.student.policy.describe()}", flush=True)  # once per actor, on the driver's console
 
@@ -472,7 +484,11 @@ def build_dataset(
 ):
     """The lazy Ray dataset of long-format results for the corpus; the stages' columns are checked first."""
     check_stages(scoring_stages(cfg), RAW_SCHEMA.names)
-    ds = parse(ray.data.read_datasource(CorpusDatasource(corpus)), cfg, corpus)
+    ds = ray.data.read_datasource(CorpusDatasource(corpus))
+    # A scoring call takes one block: blocks hold about `batch_tokens` tokens, so that results,
+    # checkpoints and progress keep coming whatever the row lengths (this dataset's context only).
+    ds.context.target_max_block_size = batch_tokens(cfg.scoring, gpus) * TOKENIZED_BYTES_PER_TOKEN
+    ds = parse(ds, cfg, corpus)
     ds = ds.map_batches(
         mark_duplicates, fn_kwargs={"duplicates": survey.duplicates, "file_urls": corpus.urls}, batch_format="pyarrow"
     )
@@ -481,18 +497,18 @@ def build_dataset(
     for i, student in enumerate(students):
         ds = ds.map_batches(
             tokenize_batch,
-            fn_kwargs={"index": i, "student": student.config, "max_model_len": cfg.scoring.max_model_len,
+            fn_kwargs={"index": i, "source": student.source, "max_model_len": student.settings["max_model_len"],
                        "truncate": cfg.scoring.on_too_long == "truncate", "reasoning": cfg.scoring.reasoning,
                        "done_ref": [student.done_ref]},
             batch_format="pyarrow",
         )  # fmt: skip
         ds = ds.map_batches(
             ScoreActor,
-            fn_constructor_kwargs={"index": i, "student": student.config, **actor_args},
+            fn_constructor_kwargs={"index": i, "student": student.config, "source": student.source, **actor_args},
             compute=ray.data.ActorPoolStrategy(size=cfg.compute.actors_per_student),
             num_cpus=cfg.compute.cpus_per_actor,
             num_gpus=gpus,
-            batch_size=cfg.scoring.rows_per_batch,
+            batch_size=None,  # a block at a time: blocks are sized by tokens
             batch_format="pyarrow",
         )
     stats = stat_columns(metric_names(cfg.scoring))

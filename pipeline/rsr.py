@@ -41,6 +41,16 @@ def token_statistics(
     return rank, surprisal, entropy
 
 
+def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logits_dtype: torch.dtype) -> torch.Tensor:
+    """Logits `hidden @ weight.T + bias` in `logits_dtype`. A half-precision CUDA matrix product accumulates in
+    float32 anyway: `out_dtype` keeps that result instead of rounding it. Elsewhere the weight must already
+    be in `logits_dtype` (`pipeline.student.logits_head`) and the hidden states are cast to it."""
+    if logits_dtype != weight.dtype and hidden.is_cuda:
+        logits = torch.mm(hidden, weight.t(), out_dtype=logits_dtype)
+        return logits + bias.to(logits_dtype) if bias is not None else logits
+    return torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+
+
 def project_and_score(
     hidden: torch.Tensor,
     head_weight: torch.Tensor,
@@ -49,13 +59,16 @@ def project_and_score(
     chunk_tokens: int,
     with_entropy: bool = False,
     statistics_rows: int | None = None,
+    logits_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Apply the vocabulary projection to `hidden` [n, d] in chunks of `chunk_tokens` rows and take
-    `token_statistics` of each row's target, `statistics_rows` logit rows at a time (None: a chunk), so
-    that the float32 temporaries stay small (`pipeline.device` sizes both).
+        `token_statistics` of each row's target, `statistics_rows` logit rows at a time (None: a chunk), so
+        that the float32 temporaries stay small (`pipeline.device` sizes both). Logits come out in
+    `logits_dtype` (default: the weight's): a bfloat16 student's logits rounded to bfloat16 move ranks far
+    more than the gap between teachers, so the scoring core asks for float32 (`project`).
 
-    Results go into tensors allocated up front: small per-chunk results kept alive between the large
-    per-chunk logits fragment the CPU heap until its size grows like n x vocab.
+        Results go into tensors allocated up front: small per-chunk results kept alive between the large
+        per-chunk logits fragment the CPU heap until its size grows like n x vocab.
     """
     n = hidden.shape[0]
     ranks = torch.empty(n, dtype=torch.long, device=hidden.device)
@@ -63,7 +76,7 @@ def project_and_score(
     entropies = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None
     statistics_rows = min(statistics_rows or chunk_tokens, chunk_tokens)
     for start in range(0, n, chunk_tokens):
-        logits = torch.nn.functional.linear(hidden[start : start + chunk_tokens], head_weight, head_bias)
+        logits = project(hidden[start : start + chunk_tokens], head_weight, head_bias, logits_dtype or head_weight.dtype)
         for row in range(0, logits.shape[0], statistics_rows):
             rows = slice(start + row, start + row + statistics_rows)
             rank, surprisal, entropy = token_statistics(logits[row : row + statistics_rows], targets[rows], with_entropy)

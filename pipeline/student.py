@@ -5,21 +5,20 @@ one pass of the model body, the vocabulary projection only at positions that pre
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
 from pipeline import errors
 from pipeline.device import DevicePolicy
 from pipeline.metrics import COMPANIONS
+from pipeline.models import StudentSource
 from pipeline.rsr import project_and_score, trajectory_stats
-from pipeline.spans import EncodedConversation, load_tokenizer
+from pipeline.spans import EncodedConversation
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +33,7 @@ class ScoringOptions:
     share_prompts: bool = True  # run a prompt shared by several trajectories through the body once
     min_shared_prompt: int = 16  # shorter shared prompts are not worth a separate pass
     prompt_cache_tokens: int = 16384  # shared-prompt tokens whose keys and values are held at a time
+    logits_dtype: str = "float32"  # float32: vocabulary logits in float32 whatever the model's dtype | model: its dtype
 
 
 def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -73,27 +73,13 @@ def full_attention_only(config) -> bool:
     return getattr(config, "sliding_window", None) is None
 
 
-def model_revision(path: str) -> str:
-    """A stable id for the student's weights: a hash of a local directory's files, else the hub commit.
-
-    Raises FileNotFoundError when `path` is neither a local directory nor a reachable (or cached) hub id.
-    """
-    local = Path(path)
-    if not local.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:  # only config.json is fetched: the snapshot folder is named by the commit
-            return Path(snapshot_download(path, allow_patterns=["config.json"])).name
-        except Exception as exc:
-            raise FileNotFoundError(
-                f"student {path!r} is not a local directory here and the hub lookup failed ({type(exc).__name__})"
-            ) from exc
-    digest = hashlib.sha256()
-    for file in sorted(p for p in local.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(local).as_posix().encode())
-        with open(file, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()[:16]
+def logits_head(weight: torch.Tensor, bias: torch.Tensor | None, logits_dtype: torch.dtype):
+    """The vocabulary projection's weight and bias for logits in `logits_dtype`. On CUDA a bfloat16 matrix
+    product accumulates in float32 and can return that result (`project_and_score`), so the weight stays
+    as it is; CPU matrix products return their inputs' dtype, so they get a float32 copy of the head."""
+    if logits_dtype == weight.dtype or weight.is_cuda:
+        return weight, bias
+    return weight.to(logits_dtype), bias.to(logits_dtype) if bias is not None else None
 
 
 class Student:
@@ -118,7 +104,8 @@ class Student:
         self.options = options
         self.body = getattr(model, model.base_model_prefix)
         head = model.get_output_embeddings()
-        self.head_weight, self.head_bias = head.weight, head.bias
+        self.logits_dtype = torch.float32 if options.logits_dtype == "float32" else head.weight.dtype
+        self.head_weight, self.head_bias = logits_head(head.weight, head.bias, self.logits_dtype)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
     @property
@@ -126,10 +113,11 @@ class Student:
         return self.policy.device
 
     @classmethod
-    def load(cls, path: str, dtype: str | None = None, device: str | None = None, options=ScoringOptions()):
+    def load(cls, source: StudentSource | str, dtype: str | None = None, device: str | None = None, options=ScoringOptions()):
+        """Load a student's weights and tokenizer (`source`: a StudentSource, or a model folder or hub id)."""
+        source = StudentSource(source) if isinstance(source, str) else source
         policy = DevicePolicy.choose(device, dtype, options.token_budget, options.logits_chunk_tokens)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=policy.dtype, attn_implementation=policy.attention)
-        return cls(model, load_tokenizer(path), options, policy=policy)
+        return cls(source.load_model(policy.dtype, policy.attention), source.load_tokenizer(), options, policy=policy)
 
     @torch.inference_mode()
     def score(self, conversations: Sequence[EncodedConversation]) -> list[dict]:
@@ -274,6 +262,7 @@ class Student:
             self.head_bias,
             targets,
             self.policy.logits_chunk_tokens,
+            logits_dtype=self.logits_dtype,
             with_entropy=any(m.needs_entropy and m.name in metrics for m in COMPANIONS),
             statistics_rows=self.policy.statistics_rows,
         )

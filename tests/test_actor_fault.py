@@ -47,7 +47,7 @@ def test_killed_actor_changes_nothing(ray_runtime, tmp_path, corpus, student_dir
     rows = [{**row, "id": f"{row['id']}-{copy}"} for copy in range(8) for row in corpus]  # long enough to kill mid-run
     data = write_jsonl(tmp_path / "corpus.jsonl", rows)
     students = {"tiny": student_dirs["chatml"]}
-    extra = ["scoring.rows_per_batch=4"]
+    extra = ["scoring.batch_tokens=500"]
     clean = run_job(job_config(tmp_path, [str(data)], str(tmp_path / "clean"), students, extra))
 
     done, report = threading.Event(), {}

@@ -27,13 +27,13 @@ N_ROWS = 160
 def kill_after_first_checkpoint(config_path, root, env, log_path) -> None:
     """Start the job as a user does, SIGKILL its driver once its first piece is committed.
 
-    The job commits a piece per row (`output.checkpoint_rows=1`, `scoring.rows_per_batch=1`): over a
+    The job commits a piece per row (`output.checkpoint_rows=1`, `scoring.batch_tokens=1`: a block per row): over a
     hundred pieces, each a Ray Data write, follow the first, so the driver is still running when the
     first one is seen, however loaded the machine is. The wait is on the output's state, with no
     deadline of its own."""
     with open(log_path, "wb") as log:
         driver = subprocess.Popen(
-            [sys.executable, "-m", "jobs.score", "--config", str(config_path), "output.checkpoint_rows=1", "scoring.rows_per_batch=1"],
+            [sys.executable, "-m", "jobs.score", "--config", str(config_path), "output.checkpoint_rows=1", "scoring.batch_tokens=1"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     first_piece = root.join("_runs").path
@@ -58,7 +58,7 @@ def kill_after_first_checkpoint(config_path, root, env, log_path) -> None:
 def test_a_killed_driver_loses_at_most_one_checkpoint(where, ray_runtime, tmp_path, student_dirs, request):
     rows = make_corpus(N_ROWS, seed=11)
     data = write_jsonl(tmp_path / "corpus.jsonl", rows)
-    extra = ["output.checkpoint_rows=20", "scoring.rows_per_batch=10"]
+    extra = ["output.checkpoint_rows=20", "scoring.batch_tokens=1000"]
     if where == "s3":
         import s3fs
 
@@ -71,7 +71,7 @@ def test_a_killed_driver_loses_at_most_one_checkpoint(where, ray_runtime, tmp_pa
     config_path = tmp_path / "job.yaml"  # job_config wrote it; the overrides go in for the subprocess
     config = yaml.safe_load(config_path.read_text())
     config["output"].update(checkpoint_rows=20)
-    config["scoring"]["rows_per_batch"] = 10
+    config["scoring"]["batch_tokens"] = "1000"
     config["storage"] = {"endpoint_url": cfg.storage.endpoint_url}
     config_path.write_text(yaml.safe_dump(config))
     root = locate(output, cfg.storage)

@@ -47,7 +47,7 @@ def test_job_submitted_to_a_two_node_cluster(two_node_cluster, tmp_path, corpus_
         "students": [{"name": "tiny", "path": str(student_dirs["chatml"])}],
         # two actors that need 2 of a node's 3 CPUs each: one per node, a CPU left on each for tasks
         "compute": {"actors_per_student": 2, "cpus_per_actor": 2, "torch_threads": 1},
-        "scoring": {"rows_per_batch": 8},
+        "scoring": {"batch_tokens": "1000"},
         "output": {"path": str(out), "partition_by": ["source"]},
     }))  # fmt: skip
     assert submit(two_node_cluster, str(config), [], working_dir=str(REPO)) == 0

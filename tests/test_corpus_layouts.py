@@ -113,7 +113,7 @@ def layout_config(tmp_path, sources: list[dict], output, student_dir, storage=No
     config = {
         "input": {"sources": sources},
         "students": [{"name": "tiny", "path": str(student_dir), "dtype": "float32"}],
-        "scoring": {"max_model_len": 4096, "rows_per_batch": 16},
+        "scoring": {"max_model_len": 4096, "batch_tokens": "2000"},
         "compute": {"cpus_per_actor": 0.5, "torch_threads": 1},
         "output": {"path": output, "partition_by": ["teacher"]},
         "storage": storage or {},

@@ -44,7 +44,7 @@ def job_config(tmp_path, inputs, output, students, extra=()):
     config = {
         "input": {"paths": inputs, "passthrough": ["problem_id", "source"]},
         "students": [{"name": name, "path": str(path), "dtype": "float32"} for name, path in students.items()],
-        "scoring": {"max_model_len": 4096, "token_budget": 2048, "rows_per_batch": 16},
+        "scoring": {"max_model_len": 4096, "token_budget": 2048, "batch_tokens": "2000"},
         "compute": {"cpus_per_actor": 0.5, "torch_threads": 1},
         "output": {"path": output, "partition_by": ["source"]},
     }

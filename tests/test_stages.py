@@ -9,6 +9,7 @@ import pytest
 
 from pipeline import errors
 from pipeline.config import ConfigError, load_config
+from pipeline.models import StudentSource
 from pipeline.ray_job import (
     RunStamp,
     Stage,
@@ -98,13 +99,14 @@ def test_tokenize_score_and_explode(cfg, student_dirs):
 
     table = parsed(cfg)
     done = frozenset({scored_key("nothing", "scored")})
-    tokenized = tokenize_batch(table, 0, cfg.students[0], 4096, True, "template", [done])
+    source = StudentSource(cfg.students[0].path)
+    tokenized = tokenize_batch(table, 0, source, 4096, True, "template", [done])
     assert_declared(table, tokenized, stage(cfg, "tokenize"))
     assert tokenized["ids_0"].to_pylist()[0] and tokenized["ids_0"].to_pylist()[1] is None  # rejects are not encoded
     actor = ScoreActor(0, cfg.students[0], scoring_options(cfg), threads=1, cpus_per_actor=1, scoring_actors=1)
     scored = actor(tokenized)
     assert_declared(tokenized, scored, stage(cfg, "score"))
-    student = StudentPlan(cfg.students[0], "rev", "fp", {"reasoning": "template", "dtype": "float32"}, done_ref=None)
+    student = StudentPlan(cfg.students[0], source, "", "rev", "fp", {"reasoning": "template", "dtype": "float32"}, done_ref=None)
     stamp = RunStamp("run-1", datetime.now(UTC), 100)
     exploded = explode_batch(
         scored, [student], ["source"], ["resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"], stamp

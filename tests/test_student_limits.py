@@ -1,0 +1,108 @@
+"""What a student can do, per student: its own window caps max_model_len; a bfloat16 student keeps
+float32 logits; a scoring call is sized by tokens, so results of long rows arrive as they are scored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pipeline.job import check_students, run_job, scoring_settings
+from pipeline.query import latest_scores
+from pipeline.rsr import project_and_score, token_statistics
+from pipeline.spans import encode_conversation
+from pipeline.student import ScoringOptions, Student
+from tests.conftest import start_ray, write_jsonl
+from tests.test_job import job_config
+
+SHORT_WINDOW = 64
+
+
+@pytest.fixture(scope="module")
+def short_window_student(tmp_path_factory, student_dirs):
+    """The chatml tiny student, told it was trained on 64 positions (shorter than most test rows)."""
+    folder = shutil.copytree(student_dirs["chatml"], tmp_path_factory.mktemp("window") / "student")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": SHORT_WINDOW}))
+    return folder
+
+
+def test_a_student_scores_within_its_own_window(tmp_path, short_window_student, corpus):
+    start_ray()
+    data = write_jsonl(tmp_path / "corpus.jsonl", corpus)
+    out = tmp_path / "out"
+    cfg = job_config(tmp_path, [str(data)], str(out), {"short": short_window_student}, ["scoring.max_model_len=32768"])
+    (check,) = check_students(cfg)
+    assert (check.window, check.max_model_len) == (SHORT_WINDOW, SHORT_WINDOW)
+    window = run_job(cfg).counts.to_pylist()[0]
+    scores = latest_scores(str(out))
+    lengths = {row["id"]: len(encode_conversation(check.source.load_tokenizer(), row["messages"]).input_ids) for row in corpus}
+    longer = {sample for sample, n in lengths.items() if n > SHORT_WINDOW}
+    assert longer and set(scores.loc[scores["truncated"], "sample_id"]) == longer  # flagged, scored on their first 64 tokens
+    manifest = json.loads(next((out / "_runs").glob("*Z-??????.json")).read_text())
+    assert manifest["students"][0]["settings"]["max_model_len"] == SHORT_WINDOW
+
+    rejecting = job_config(tmp_path, [str(data)], str(tmp_path / "rejecting"), {"short": short_window_student},
+                           ["scoring.on_too_long=reject"])  # fmt: skip
+    counts = run_job(rejecting).counts.to_pylist()[0]
+    assert (counts["scored"], counts["rejected"]) == (window["scored"] - len(longer), window["rejected"] + len(longer))
+
+
+def test_bfloat16_students_keep_float32_logits(student_dirs):
+    """The body runs in bfloat16; the vocabulary projection returns its float32 result unrounded (the
+    numbers of a float32 matrix product of the same bfloat16 inputs), or rounds it with `logits_dtype: model`."""
+    kept = Student.load(
+        str(student_dirs["chatml"]), dtype="bfloat16", device="cpu", options=ScoringOptions(logits_dtype="float32")
+    )
+    rounded = Student.load(
+        str(student_dirs["chatml"]), dtype="bfloat16", device="cpu", options=ScoringOptions(logits_dtype="model")
+    )
+    weight = rounded.head_weight
+    assert weight.dtype == torch.bfloat16 and kept.head_weight.dtype == torch.float32
+    hidden = torch.randn(40, weight.shape[1]).to(torch.bfloat16)
+    targets = torch.randint(0, weight.shape[0], (40,))
+    exact = hidden.float() @ weight.float().T
+    _, surprisals, _ = project_and_score(hidden, kept.head_weight, None, targets, 16, logits_dtype=kept.logits_dtype)
+    assert torch.equal(surprisals, token_statistics(exact, targets)[1])
+    _, surprisals, _ = project_and_score(hidden, weight, None, targets, 16, logits_dtype=rounded.logits_dtype)
+    assert torch.equal(surprisals, token_statistics(exact.to(torch.bfloat16), targets)[1])
+
+
+def test_logits_dtype_enters_the_fingerprint_only_where_it_changes_numbers(tmp_path, student_dirs, corpus_path):
+    cfg = job_config(tmp_path, [str(corpus_path)], str(tmp_path / "out"), {"tiny": student_dirs["chatml"]})
+    (check,) = check_students(cfg)
+    float32 = scoring_settings(cfg, cfg.students[0], "rev", check, gpus=0)
+    assert "logits_dtype" not in float32  # float32 students keep their fingerprints
+    cfg.students[0].dtype = "bfloat16"
+    assert scoring_settings(cfg, cfg.students[0], "rev", check, gpus=0)["logits_dtype"] == "float32"
+    cfg.scoring.logits_dtype = "model"
+    assert "logits_dtype" not in scoring_settings(cfg, cfg.students[0], "rev", check, gpus=0)
+
+
+def test_a_scoring_call_is_sized_by_tokens_not_rows(tmp_path, student_dirs, corpus):
+    """Long rows: with a small token size per call, results leave the actor (and are committed as pieces)
+    a row at a time; with the default size, several rows share a call."""
+    start_ray()
+    long_rows = [{**row, "messages": [*row["messages"][:-1], {"role": "assistant", "content": row["messages"][-1]["content"] * 20}]}
+                 for row in corpus]  # fmt: skip
+    data = write_jsonl(tmp_path / "long.jsonl", long_rows)
+    students = {"tiny": student_dirs["chatml"]}
+    default = run_job(
+        job_config(
+            tmp_path, [str(data)], str(tmp_path / "one"), students, ["output.checkpoint_rows=1", "scoring.batch_tokens=auto"]
+        )
+    )
+    by_tokens = run_job(
+        job_config(
+            tmp_path, [str(data)], str(tmp_path / "many"), students, ["output.checkpoint_rows=1", "scoring.batch_tokens=1"]
+        )
+    )
+    assert by_tokens.pieces == len(long_rows) > default.pieces  # each row's block committed as it arrives
+    assert by_tokens.counts.to_pylist() == default.counts.to_pylist()
+    one, many = latest_scores(str(tmp_path / "one")), latest_scores(str(tmp_path / "many"))
+    merged = one.merge(many, on="sample_id")
+    assert (
+        len(merged) == len(long_rows) and (merged["rank_surprisal_ratio_x"] - merged["rank_surprisal_ratio_y"]).abs().max() < 1e-6
+    )
