@@ -1,7 +1,7 @@
-"""Driver memory and speed as the corpus grows: the default-settings job with the demo student on
+"""Driver memory and speed as the corpus grows: the default-settings job with the tiny student on
 synthetic corpora of several sizes, each in a fresh process; prints rows/s and the driver's peak RSS.
 
-  python -m jobs.make_demo_student && python -m jobs.scale              # 10k, 50k and 200k rows
+  python -m jobs.make_tiny_student && python -m jobs.scale              # 10k, 50k and 200k rows
   python -m jobs.scale --rows 2000 20000
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-DEMO_CORPUS = Path(__file__).with_name("demo") / "corpus.jsonl"
+SYNTHETIC_CORPUS = Path(__file__).with_name("demo") / "synthetic.jsonl"
 # The job in this process, as `python -m jobs.score`, then its own peak RSS (the driver's).
 DRIVER = """
 import json, resource, runpy, sys
@@ -33,11 +33,11 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 
 
 def write_corpus(path: Path, n_rows: int) -> None:
-    """`n_rows` copies of the demo corpus's good rows with unique ids, as files of 10,000 rows."""
+    """`n_rows` copies of the synthetic corpus's good rows with unique ids, as files of 10,000 rows."""
     rows_per_file = 10_000
     path.mkdir(parents=True)
     base = []
-    for line in DEMO_CORPUS.read_text().splitlines():
+    for line in SYNTHETIC_CORPUS.read_text().splitlines():
         try:
             row = json.loads(line)
         except ValueError:
@@ -53,7 +53,7 @@ def write_corpus(path: Path, n_rows: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 50_000, 200_000])
-    parser.add_argument("--student", default="out/demo-student", help="python -m jobs.make_demo_student builds it")
+    parser.add_argument("--student", default="out/tiny-student", help="python -m jobs.make_tiny_student builds it")
     args = parser.parse_args(argv)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     print(f"{'rows':>9}{'wall s':>9}{'rows/s':>9}{'driver peak RSS MB':>20}")

@@ -1,6 +1,6 @@
 """Chaos soak: SIGKILL the scoring job at random moments, rerun it with defaults, and check the output.
 
-  python -m jobs.make_demo_student && python -m jobs.soak                 # 20 kills locally, 20 through S3
+  python -m jobs.make_tiny_student && python -m jobs.soak                 # 20 kills locally, 20 through S3
   python -m jobs.soak --kills 5 --where local
 
 Each round adds a file of new rows to a growing corpus, starts `python -m jobs.score` with a piece per
@@ -30,7 +30,7 @@ from pathlib import Path
 import duckdb
 import yaml
 
-from jobs.scale import DEMO_CORPUS
+from jobs.scale import SYNTHETIC_CORPUS
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.output import LOCK_FILE, STAGING_DIR, committed_files, read_manifests
 from pipeline.records import row_messages
@@ -39,10 +39,10 @@ from pipeline.storage import Location, locate
 MOMENTS = ("random time", "staging folder appears", "manifest appears")
 
 
-def demo_rows() -> list[dict]:
-    """The demo corpus's rows that score."""
+def synthetic_rows() -> list[dict]:
+    """The synthetic corpus's rows that score."""
     rows = []
-    for line in DEMO_CORPUS.read_text().splitlines():
+    for line in SYNTHETIC_CORPUS.read_text().splitlines():
         try:
             row = json.loads(line)
             row_messages(row, InputConfig(paths=["-"]))
@@ -122,7 +122,7 @@ def check_output(root: Location, scratch: Path, expected_rows: int) -> dict:
 
 def soak(where: str, kills: int, rows_per_round: int, student: str, seed: int, endpoint: str | None) -> dict:
     rng = random.Random(seed)
-    base = demo_rows()
+    base = synthetic_rows()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with tempfile.TemporaryDirectory(prefix=f"rsr-soak-{where}-") as tmp:
         tmp = Path(tmp)
@@ -146,7 +146,7 @@ def soak(where: str, kills: int, rows_per_round: int, student: str, seed: int, e
         root = locate(output, StorageConfig(endpoint_url=endpoint))
         log = tmp / "jobs.log"
         killed_at, reruns_ok, run_seconds = {m: 0 for m in MOMENTS}, 0, 20.0
-        chaos = ["output.checkpoint_rows=3", "scoring.rows_per_batch=3"]
+        chaos = ["output.checkpoint_rows=3", "scoring.batch_tokens=1"]
         for round_number in range(kills):
             add_file(corpus, round_number, rows_per_round, base)
             moment = MOMENTS[round_number % len(MOMENTS)]
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20, help="kills (each followed by a rerun) per place")
     parser.add_argument("--rows-per-round", type=int, default=30)
     parser.add_argument("--where", choices=["local", "s3", "both"], default="both")
-    parser.add_argument("--student", default="out/demo-student", help="python -m jobs.make_demo_student builds it")
+    parser.add_argument("--student", default="out/tiny-student", help="python -m jobs.make_tiny_student builds it")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
