@@ -4,14 +4,18 @@ Opt in: `pytest -m slow` (needs ../shared; the scoring half takes a few minutes 
 """
 
 import json
+import shutil
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.spans import encode_conversation
+from pipeline.models import StudentSource
+from pipeline.spans import encode_conversation, load_tokenizer
 from pipeline.student import ScoringOptions, Student
 from tests.conftest import SHARED
 from tests.reference import CHATML_MARKERS, marker_ids, marker_positions
@@ -75,3 +79,98 @@ def test_random_smollm_shape_matches_reference_script(tmp_path):
         assert abs(stats["rank_surprisal_ratio"] - ref["rsr"]) <= 1e-4
         assert abs(stats["avg_rank_clip"] - ref["avg_rank"]) <= 1e-4
         assert abs(stats["avg_surprisal"] - ref["avg_surprisal"]) <= 1e-4
+
+
+# The trained student: SmolLM2-135M-Instruct from the demo's GGUF (`python -m jobs.make_demo_student`).
+def demo_gguf():
+    from jobs.make_demo_student import DEMO_GGUF
+
+    if not DEMO_GGUF.exists():
+        pytest.skip("needs the trained demo student: python -m jobs.make_demo_student")
+    return DEMO_GGUF
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The GGUF student as the job loads it, and the same weights in a folder with the model's published
+    config.json and its own tokenizer (saved so that the reference's AutoTokenizer encodes as
+    tokenizer.json does): the reference reads its rope_theta from there, not from a transformers 5 save."""
+    source = StudentSource(str(demo_gguf()), tokenizer=str(SMOLLM))
+    folder = tmp_path_factory.mktemp("trained")
+    shutil.copy(Path(source.model_folder()) / "model.safetensors", folder)
+    shutil.copy(SMOLLM / "config.json", folder)
+    load_tokenizer(str(SMOLLM)).save_pretrained(folder)
+    rows = gsm8k_rows(TRAINED_ROWS)
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return source, folder, rows, corpus
+
+
+TRAINED_ROWS = 120
+
+
+def reference_scores(folder, corpus, dtype):
+    out = folder / f"reference-{dtype}.jsonl"
+    script = SHARED / "bench" / "reference_rsr.py"
+    subprocess.run(
+        [sys.executable, str(script), str(folder), str(corpus), str(out), "--dtype", dtype, "--threads", "2"], check=True
+    )
+    return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+
+def pipeline_scores(source, rows, dtype, logits_dtype="float32"):
+    student = Student.load(source, dtype=dtype, device="cpu", options=ScoringOptions(logits_dtype=logits_dtype))
+    stats = student.score([encode_conversation(student.tokenizer, r["messages"]) for r in rows])
+    return {row["id"]: s for row, s in zip(rows, stats)}
+
+
+def test_trained_student_matches_the_reference_in_float32(trained):
+    source, folder, rows, corpus = trained
+    expected = reference_scores(folder, corpus, "float32")
+    got = pipeline_scores(source, rows, "float32")
+    differences = []
+    for sample_id, ref in expected.items():
+        mine = got[sample_id]
+        n = mine["resp_token_length"]
+        assert n == ref["n_tokens"], sample_id
+        assert round(mine["avg_rank_clip"] * n) == round(ref["avg_rank"] * n), sample_id  # every clipped rank equal
+        differences.append(abs(mine["rank_surprisal_ratio"] - ref["rsr"]))
+    assert len(differences) >= 100 and max(differences) <= 1e-4
+    mean_rank = sum(s["avg_rank_clip"] for s in got.values()) / len(got)
+    assert mean_rank < 10  # a trained student: likely tokens rank near 1, not near the clip
+    print(f"\nfloat32, {len(differences)} rows: max |dRSR| {max(differences):.2e}, mean avg_rank_clip {mean_rank:.2f}")
+
+
+def test_bfloat16_with_float32_logits_stays_near_float32(trained):
+    """bf16 against float32 on the same rows, for both sides: the reference's bf16 (bf16 logits) and the
+    pipeline's with float32 logits (the default) and with bf16 logits."""
+    source, folder, rows, corpus = trained
+
+    def reference(dtype):
+        return {k: (r["avg_rank"], r["avg_surprisal"], r["rsr"]) for k, r in reference_scores(folder, corpus, dtype).items()}
+
+    def pipeline(dtype, logits_dtype="float32"):
+        scores = pipeline_scores(source, rows, dtype, logits_dtype).items()
+        return {k: (s["avg_rank_clip"], s["avg_surprisal"], s["rank_surprisal_ratio"]) for k, s in scores}
+
+    exact, reference_exact = pipeline("float32"), reference("float32")
+    runs = {
+        "reference bf16": (reference("bfloat16"), reference_exact),
+        "pipeline bf16, float32 logits": (pipeline("bfloat16"), exact),
+        "pipeline bf16, bf16 logits": (pipeline("bfloat16", "model"), exact),
+    }
+    medians = {}
+    print(f"\n|dRSR| from float32 on {len(exact)} rows: median, max; dataset RSR shift")
+    for name, (scores, base) in runs.items():
+        distance = sorted(abs(scores[k][2] - base[k][2]) for k in base)
+        medians[name] = statistics.median(distance)
+        shift = dataset_rsr(scores.values()) / dataset_rsr(base.values()) - 1
+        print(f"  {name}: {medians[name]:.4f}, {distance[-1]:.4f}; {shift:+.2%}")
+    assert medians["pipeline bf16, float32 logits"] <= 0.02
+    assert medians["pipeline bf16, float32 logits"] < medians["pipeline bf16, bf16 logits"]
+
+
+def dataset_rsr(stats) -> float:
+    """The paper's dataset RSR: sum of per-trajectory average ranks / sum of average surprisals."""
+    stats = list(stats)
+    return sum(s[0] for s in stats) / sum(s[1] for s in stats)
