@@ -16,7 +16,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.metrics import METRICS
-from pipeline.spans import BUILTIN_TEMPLATES, REASONING_MODES
+from pipeline.spans import BUILTIN_TEMPLATES, REASONING_MODES, SCOPES
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "arrow")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -112,6 +112,7 @@ class ScoringConfig:
     )
     on_too_long: str = "truncate"  # truncate (and flag) | reject rows longer than max_model_len
     reasoning: str = "template"  # template: score what the template renders | keep: every turn's reasoning as given
+    scope: str = "assistant"  # assistant: every turn's body | final: the answers | reasoning | no_tool_calls
     metrics: Any = field(default_factory=lambda: ["rsr"])  # a list of rsr, entropy, top1, rank, logprob_std; or all
     batch_tokens: str = "auto"  # tokens handed to a scoring actor at a time: auto (65,536 on CPU, 1,048,576 on GPU) or a number
     rows_per_batch: int = 512  # superseded by batch_tokens (a scoring call is sized by tokens); kept so that old configs load
@@ -280,6 +281,7 @@ def validate(job: JobConfig) -> None:
     metrics_ok = s.metrics == "all" or (isinstance(s.metrics, list) and set(s.metrics) <= set(METRICS))
     require(metrics_ok, f"scoring.metrics must be all or a list of {list(METRICS)}, got {s.metrics!r}")
     require(s.reasoning in REASONING_MODES, f"scoring.reasoning must be one of {REASONING_MODES}, got {s.reasoning!r}")
+    require(s.scope in SCOPES, f"scoring.scope must be one of {SCOPES}, got {s.scope!r}")
     for k, part in enumerate(input_sources(job.input)):
         validate_shape(part, "input." if k == 0 and job.input.paths else f"input.sources.{k - bool(job.input.paths)}.", require)
     c = job.compute

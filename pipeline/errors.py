@@ -32,6 +32,7 @@ NO_ASSISTANT_TURN = "no_assistant_turn"
 EMPTY_ASSISTANT_CONTENT = "empty_assistant_content"
 TEMPLATE_ERROR = "template_error"
 NO_RESPONSE_TOKENS = "no_response_tokens"
+EMPTY_SCOPE = "empty_scope"  # nothing of the row in `scoring.scope` (e.g. no reasoning for scope reasoning)
 TOO_LONG = "too_long"
 DUPLICATE_ID = "duplicate_id"
 UNSUPPORTED_CONTENT_PART = "unsupported_content_part"

@@ -29,7 +29,7 @@ from pipeline.ray_job import (
     survey_corpus,
 )
 from pipeline.results import Checkpoints, Progress, Tally, measure_block_task, write_summaries
-from pipeline.spans import BUILTIN_TEMPLATES, turn_markers
+from pipeline.spans import BUILTIN_TEMPLATES, DEFAULT_SCOPE, turn_markers
 from pipeline.storage import Corpus, Location, check_output, locate, plan_corpus
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def scoring_settings(cfg: JobConfig, student: StudentConfig, revision: str, chec
     """Everything that changes a student's numbers. The tokenizer's files are part of the revision (a
     hash of the model directory's files, the hub commit, or the GGUF's hash); `auto` dtype is resolved as
     the actor will. Logits in another dtype than the student's enter only then, so that the fingerprints
-    of float32 students, whose logits were always float32, stay as they were."""
+    of float32 students, whose logits were always float32, stay as they were; a scope enters only when it
+    is not the default, so that today's outputs are not rescored."""
     dtype = student.dtype if student.dtype != "auto" else ("bfloat16" if gpus else "float32")
     s = cfg.scoring
     settings = {
@@ -146,7 +147,8 @@ def scoring_settings(cfg: JobConfig, student: StudentConfig, revision: str, chec
         "max_model_len": check.max_model_len, "on_too_long": s.on_too_long, "metrics": list(metric_names(s)), "dtype": dtype,
     }  # fmt: skip
     logits_dtype = dtype if s.logits_dtype == "model" else s.logits_dtype
-    return settings | ({"logits_dtype": logits_dtype} if logits_dtype != dtype else {})
+    settings |= {"logits_dtype": logits_dtype} if logits_dtype != dtype else {}
+    return settings | ({"scope": s.scope} if s.scope != DEFAULT_SCOPE else {})
 
 
 def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, gpus: float) -> list[StudentPlan]:

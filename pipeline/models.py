@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,10 +75,14 @@ class StudentSource:
     def load_tokenizer(self):
         """The tokenizer the student scores with; see `tokens_from` for where it comes from."""
         if self.tokenizer or not self.gguf:
-            return load_tokenizer(os.path.expanduser(self.tokenizer or self.path), self.chat_template)
-        tokenizer = gguf_tokenizer(self.weights())
-        if self.chat_template:
-            tokenizer.chat_template = load_chat_template(self.chat_template)
+            tokenizer = load_tokenizer(os.path.expanduser(self.tokenizer or self.path), self.chat_template)
+        else:
+            tokenizer = gguf_tokenizer(self.weights())
+            if self.chat_template:
+                tokenizer.chat_template = load_chat_template(self.chat_template)
+        # Rows are cut at the student's window by the job itself (`max_model_len`, flagged truncated);
+        # the tokenizer's own limit would only print a warning per long row.
+        tokenizer.model_max_length = sys.maxsize
         return tokenizer
 
     def tokens_from(self) -> str:

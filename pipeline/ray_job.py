@@ -60,14 +60,16 @@ from pipeline.schema import (
     score_columns,
     scored_key,
 )
-from pipeline.spans import EncodedConversation, encode_conversation
+from pipeline.spans import DEFAULT_SCOPE, EncodedConversation, encode_conversation
 from pipeline.storage import Corpus, Location, format_of, open_corpus_file
 from pipeline.student import ScoringOptions, Student
 
 RECORDS_PER_BLOCK = 1024
-# Arrow bytes of a tokenized row per token (int32 ids and response positions, the message text), which
-# turns `scoring.batch_tokens` into the block size Ray Data shapes the scoring stages' blocks to.
-TOKENIZED_BYTES_PER_TOKEN = 12
+# Bytes of corpus text per token (English prose and code run 3.5-4.5 with the usual vocabularies), which
+# turns `scoring.batch_tokens` into the size Ray Data shapes the read stage's blocks to. Parse, dedupe,
+# tokenize and score run fused in the scoring actor, so a read block is what one scoring call receives.
+# A truncated row holds more text than tokens: its block is smaller, never larger.
+CORPUS_BYTES_PER_TOKEN = 4
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,14 @@ def cached_get(ref):
 
 
 def tokenize_batch(
-    batch: pa.Table, index: int, source: StudentSource, max_model_len: int, truncate: bool, reasoning: str, done_ref: list
+    batch: pa.Table,
+    index: int,
+    source: StudentSource,
+    max_model_len: int,
+    truncate: bool,
+    reasoning: str,
+    done_ref: list,
+    scope: str = DEFAULT_SCOPE,
 ) -> pa.Table:
     """Encode every parsed row with student `index`'s chat template (a CPU stage, before the actors).
 
@@ -306,7 +315,7 @@ def tokenize_batch(
         encoded = reason = detail = None
         if reject is None and not skip:
             try:
-                encoded = encode_conversation(tokenizer, json.loads(messages_json), max_model_len, truncate, reasoning)
+                encoded = encode_conversation(tokenizer, json.loads(messages_json), max_model_len, truncate, reasoning, scope)
             except RowError as exc:
                 reason, detail = exc.reason, exc.detail
         ids.append(encoded.input_ids if encoded else None)
@@ -392,6 +401,7 @@ def explode_batch(
             "student_revision": (student.revision, pa.string()),
             "scoring_fingerprint": (student.fingerprint, pa.string()),
             "reasoning_mode": (student.settings["reasoning"], pa.string()),
+            "scope": (student.settings.get("scope", DEFAULT_SCOPE), pa.string()),
             "dtype": (student.settings["dtype"], pa.string()),
             "rank_clip": (stamp.rank_clip, pa.int32()),
         }
@@ -403,6 +413,8 @@ def explode_batch(
                     "sample_id": batch["sample_id"],
                     **{column: batch[column] for column in carried},
                     **columns,
+                    "assistant_turns": batch["assistant_turns"],
+                    "degenerate": batch["degenerate"],
                     "content_hash": batch["content_hash"],
                     "run_id": pa.array([stamp.run_id] * n, pa.string()),
                     "scored_at": pa.array([stamp.scored_at] * n, pa.timestamp("us", tz="UTC")),
@@ -456,6 +468,8 @@ def scoring_stages(cfg: JobConfig) -> list[Stage]:
     explode_reads = (
         "sample_id",
         *columns,
+        "assistant_turns",
+        "degenerate",
         "content_hash",
         "source_file",
         "row_number",
@@ -487,7 +501,7 @@ def build_dataset(
     ds = ray.data.read_datasource(CorpusDatasource(corpus))
     # A scoring call takes one block: blocks hold about `batch_tokens` tokens, so that results,
     # checkpoints and progress keep coming whatever the row lengths (this dataset's context only).
-    ds.context.target_max_block_size = batch_tokens(cfg.scoring, gpus) * TOKENIZED_BYTES_PER_TOKEN
+    ds.context.target_max_block_size = batch_tokens(cfg.scoring, gpus) * CORPUS_BYTES_PER_TOKEN
     ds = parse(ds, cfg, corpus)
     ds = ds.map_batches(
         mark_duplicates, fn_kwargs={"duplicates": survey.duplicates, "file_urls": corpus.urls}, batch_format="pyarrow"
@@ -498,7 +512,7 @@ def build_dataset(
         ds = ds.map_batches(
             tokenize_batch,
             fn_kwargs={"index": i, "source": student.source, "max_model_len": student.settings["max_model_len"],
-                       "truncate": cfg.scoring.on_too_long == "truncate", "reasoning": cfg.scoring.reasoning,
+                       "truncate": cfg.scoring.on_too_long == "truncate", "reasoning": cfg.scoring.reasoning, "scope": cfg.scoring.scope,
                        "done_ref": [student.done_ref]},
             batch_format="pyarrow",
         )  # fmt: skip

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from pipeline import errors
 from pipeline.config import InputConfig, row_columns
 from pipeline.errors import RowError
-from pipeline.spans import canonical_messages, validate_messages
+from pipeline.spans import canonical_messages, split_reasoning, validate_messages
 
 BOM = b"\xef\xbb\xbf"
 READ_CHUNK_BYTES = 16 << 20
@@ -289,6 +289,38 @@ def content_hash(messages: list[dict]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def _arguments_are_empty(call: Any) -> bool:
+    arguments = (call.get("function") or {}).get("arguments", call.get("arguments")) if isinstance(call, dict) else None
+    return arguments is None or (isinstance(arguments, str) and not arguments.strip()) or arguments == {}
+
+
+def trajectory_flags(messages: list[dict]) -> tuple[int, str | None]:
+    """(assistant turns, why the trajectory looks degenerate or None): a turn that repeats an earlier one
+    word for word, a tool call with empty arguments, a turn with reasoning but neither answer nor tool
+    call. Timed-out agent runs full of empty commands score a *better* RSR than real ones: users filter."""
+    turns: list[list[dict]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i and messages[i - 1]["role"] == "assistant":
+            turns[-1].append(message)
+        else:
+            turns.append([message])
+    seen, reason = set(), None
+    for turn in turns:
+        pieces = [split_reasoning(m) for m in turn]
+        calls = [call for m in turn for call in m.get("tool_calls") or []]
+        text = json.dumps([(m.get("content"), m.get("reasoning_content"), m.get("tool_calls")) for m in turn], sort_keys=True)
+        if text in seen:
+            reason = reason or "repeated_turn"
+        seen.add(text)
+        if any(_arguments_are_empty(call) for call in calls):
+            reason = reason or "empty_tool_arguments"
+        if any(r.strip() for r, _ in pieces) and not any(a.strip() for _, a in pieces) and not calls:
+            reason = reason or "reasoning_without_answer"
+    return len(turns), reason
+
+
 def _passthrough_value(value: Any) -> Any:
     # Nested values become JSON text so that every file yields the same column types.
     return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
@@ -328,6 +360,8 @@ def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig, pa
         if t.error is not None:
             out.update(reject_reason=t.error.reason, reject_detail=t.error.detail)
         else:
-            out.update(content_hash=content_hash(t.messages), messages_json=json.dumps(t.messages, ensure_ascii=False))
+            turns, degenerate = trajectory_flags(t.messages)
+            out.update(content_hash=content_hash(t.messages), messages_json=json.dumps(t.messages, ensure_ascii=False),
+                       assistant_turns=turns, degenerate=degenerate)  # fmt: skip
         parsed.append(out)
     return parsed

@@ -46,6 +46,8 @@ PARSED_SCHEMA = pa.schema(
         ("messages_json", pa.large_string()),
         ("reject_reason", pa.string()),
         ("reject_detail", pa.string()),
+        ("assistant_turns", pa.int32()),  # `records.trajectory_flags`
+        ("degenerate", pa.string()),
     ]
 )
 # Per student i, the tokenize stage adds these (as `per_student(name, i)`); the score stage replaces
@@ -75,7 +77,7 @@ def per_student(column: str, index: int) -> str:
 def student_columns(cfg: JobConfig) -> list[str]:
     """The columns each student's output row carries besides the row's own (explode stage)."""
     return [
-        "student", "student_revision", "scoring_fingerprint", "reasoning_mode", "dtype", "rank_clip",
+        "student", "student_revision", "scoring_fingerprint", "reasoning_mode", "scope", "dtype", "rank_clip",
         *stat_columns(metric_names(cfg.scoring)), "truncated", "content_dropped",
     ]  # fmt: skip
 
@@ -83,7 +85,7 @@ def student_columns(cfg: JobConfig) -> list[str]:
 def score_columns(cfg: JobConfig) -> list[str]:
     """The score files' columns, the row columns (passthrough, corpus shape) after sample_id."""
     return [
-        "sample_id", *row_columns(cfg.input), *student_columns(cfg),
+        "sample_id", *row_columns(cfg.input), *student_columns(cfg), "assistant_turns", "degenerate",
         "content_hash", "run_id", "scored_at", "source_file", "row_number",
     ]  # fmt: skip
 

@@ -42,6 +42,10 @@ from pipeline.errors import RowError
 
 KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "ipython"})
 REASONING_MODES = ("template", "keep")
+# Which tokens of each assistant turn are scored: its whole body as rendered (the official definition),
+# the answer after the reasoning, only the reasoning, or the body without the tool calls it renders.
+SCOPES = ("assistant", "final", "reasoning", "no_tool_calls")
+DEFAULT_SCOPE = "assistant"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Message keys that reach the template besides role and content (agentic rows).
 TOOL_KEYS = ("tool_calls", "name", "tool_call_id")
@@ -546,8 +550,46 @@ def _kept_conversation(tokenizer, messages: Sequence[dict], markers: TurnMarkers
     return text, turns
 
 
+def _find(text: str, piece: str, start: int, end: int) -> tuple[int, int] | None:
+    """Where the stripped `piece` is rendered in `text[start:end]`, or None (templates trim and strip)."""
+    piece = piece.strip()
+    at = text.find(piece, start, end) if piece else -1
+    return (at, at + len(piece)) if at >= 0 else None
+
+
+def scope_spans(messages: Sequence[dict], text: str, turns: Sequence[Turn], scope: str) -> list[tuple[int, int]]:
+    """The character spans of `text` scored in `scope`, from the turn bodies: each assistant message's
+    reasoning and answer are found in its turn's rendered bodies, in order (the same way for every
+    template family). `final`: the answers; `reasoning`: the reasoning; `no_tool_calls`: the bodies cut
+    where a tool-calling message's own text ends (what follows in its turn is the rendered call)."""
+    if scope == DEFAULT_SCOPE:
+        return [body for turn in turns for body in turn.bodies]
+    spans = []
+    for turn in turns:
+        cursor, turn_end = turn.bodies[0][0], turn.bodies[-1][1]
+        cut = None
+        for i in turn.messages:
+            thought, answer = split_reasoning(messages[i])
+            if found_reasoning := _find(text, thought, cursor, turn_end):
+                cursor = found_reasoning[1]
+            if found_answer := _find(text, answer, cursor, turn_end):
+                cursor = found_answer[1]
+            wanted = {"final": [found_answer], "reasoning": [found_reasoning]}.get(scope, [])
+            spans += [span for span in wanted if span]
+            if scope == "no_tool_calls" and messages[i].get("tool_calls") and cut is None:
+                cut = cursor if found_reasoning or found_answer else turn.bodies[0][0]
+        if scope == "no_tool_calls":
+            spans += turn.bodies if cut is None else [(start, min(end, cut)) for start, end in turn.bodies if start < cut]
+    return spans
+
+
 def encode_conversation(
-    tokenizer, messages: Any, max_model_len: int | None = None, truncate: bool = True, reasoning: str = "template"
+    tokenizer,
+    messages: Any,
+    max_model_len: int | None = None,
+    truncate: bool = True,
+    reasoning: str = "template",
+    scope: str = DEFAULT_SCOPE,
 ) -> EncodedConversation:
     """Encode `messages` with the tokenizer's chat template and find the response token positions.
 
@@ -555,10 +597,13 @@ def encode_conversation(
     and content as a list of text parts. `reasoning`: "template" scores what the template renders,
     "keep" every turn's reasoning and content as given (see the module docstring); both flag text the
     template left out. Rows longer than `max_model_len` keep the first `max_model_len` tokens and are
-    flagged truncated, or raise RowError(too_long) when `truncate` is False.
+    flagged truncated, or raise RowError(too_long) when `truncate` is False. `scope` chooses which
+    tokens of each turn are scored (`scope_spans`); a row with none is a RowError(empty_scope).
     """
     if reasoning not in REASONING_MODES:
         raise ValueError(f"reasoning must be one of {REASONING_MODES}, got {reasoning!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     messages = validate_messages(canonical_messages(messages))
     markers = turn_markers(tokenizer)
     if reasoning == "keep":
@@ -573,7 +618,7 @@ def encode_conversation(
     token_ends = [end for _, end in offsets]
 
     positions: list[int] = []
-    for char_start, char_end in (body for turn in turns for body in turn.bodies):
+    for char_start, char_end in scope_spans(messages, text, turns, scope):
         # Offsets are non-decreasing, so bisect to the first token that ends inside the span; a token
         # that merges header text with the body's first characters carries body text and counts.
         q = bisect.bisect_right(token_ends, char_start)
@@ -590,5 +635,7 @@ def encode_conversation(
         positions = [q for q in positions if q < max_model_len]
     if not positions:
         where = " inside max_model_len" if truncated else ""
+        if scope != DEFAULT_SCOPE:
+            raise RowError(errors.EMPTY_SCOPE, f"no response tokens in scope {scope!r}{where}")
         raise RowError(errors.NO_RESPONSE_TOKENS, f"no response tokens{where}")
     return EncodedConversation(input_ids, positions, truncated, content_dropped)
