@@ -2,11 +2,11 @@
 same corpus, one invocation. Prints scored tokens/s, peak memory, wall time, their ratios, and the
 max |difference| in rank_surprisal_ratio from a float32 run of both.
 
-  python -m jobs.bench                       # CPU, random-weight SmolLM2-135M shape, first 120 GSM8K rows
-  python -m jobs.bench --dtype float32 --limit 60
-  python -m jobs.bench --job --limit 600 --reference-batch-size 8   # + the default-settings job
-  python -m jobs.bench --long --job          # long trajectories: AMC23 answers of 2k-8k tokens
-  python -m jobs.bench --metrics-cost        # + the core again with scoring.metrics: all
+  python -m benchmarks.bench                       # CPU, random-weight SmolLM2-135M shape, first 120 GSM8K rows
+  python -m benchmarks.bench --dtype float32 --limit 60
+  python -m benchmarks.bench --job --limit 600 --reference-batch-size 8   # + the default-settings job
+  python -m benchmarks.bench --long --job          # long trajectories: AMC23 answers of 2k-8k tokens
+  python -m benchmarks.bench --metrics-cost        # + the core again with scoring.metrics: all
 
 --job also runs the scoring job as a user runs it, `python -m jobs.score --config FILE` with nothing
 set but the input, the student (and its dtype) and the output: every other setting at its default.

@@ -1,9 +1,9 @@
 """GPU benchmark of the scoring core in one command, with no Ray and no project install:
 
-  python -m jobs.bench_gpu                          # the Qwen2.5-7B shape, bfloat16, on the GPU
-  python -m jobs.bench_gpu --tiny --device cpu      # the same code on a tiny shape, in under a minute
+  python -m benchmarks.bench_gpu                          # the Qwen2.5-7B shape, bfloat16, on the GPU
+  python -m benchmarks.bench_gpu --tiny --device cpu      # the same code on a tiny shape, in under a minute
 
-A random-weight student of the shape in `--config` (default: jobs/configs/qwen2.5-7b-shape.json, the
+A random-weight student of the shape in `--config` (default: benchmarks/configs/qwen2.5-7b-shape.json, the
 Qwen2.5-7B architecture) scores synthetic trajectories of 2k, 8k and 32k response tokens after a
 256-token prompt, and one 4k-token prompt shared by eight 1k-token continuations. Per shape it prints
 the core's scored tokens/s, model FLOP utilisation against a bfloat16 matrix product timed in the same

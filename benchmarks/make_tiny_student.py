@@ -1,18 +1,16 @@
-"""Build a tiny random-weight student offline: `python -m jobs.make_tiny_student [OUT_DIR]`.
+"""Build a tiny random-weight student offline: `python -m benchmarks.make_tiny_student [OUT_DIR]`.
 
 A 2-layer Llama with random weights and a BPE tokenizer trained on the synthetic corpus. Its scores mean
-nothing; it drives the plumbing runs (`jobs.scale`, `jobs.soak`) in seconds. The quickstart's student is
-the trained SmolLM2 of `jobs.make_demo_student`.
+nothing; it drives the plumbing runs (`benchmarks.scale`, `benchmarks.soak`) in seconds. The quickstart's
+student is the trained SmolLM2 of `jobs.make_demo_student`.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from benchmarks.scale import SYNTHETIC_CORPUS
 from pipeline.tiny_student import build_tiny_student
-
-SYNTHETIC_CORPUS = Path(__file__).parent / "demo" / "synthetic.jsonl"
 
 
 def main(argv: list[str] | None = None) -> None:

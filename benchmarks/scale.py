@@ -1,8 +1,8 @@
 """Driver memory and speed as the corpus grows: the default-settings job with the tiny student on
 synthetic corpora of several sizes, each in a fresh process; prints rows/s and the driver's peak RSS.
 
-  python -m jobs.make_tiny_student && python -m jobs.scale              # 10k, 50k and 200k rows
-  python -m jobs.scale --rows 2000 20000
+  python -m benchmarks.make_tiny_student && python -m benchmarks.scale              # 10k, 50k and 200k rows
+  python -m benchmarks.scale --rows 2000 20000
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-SYNTHETIC_CORPUS = Path(__file__).with_name("demo") / "synthetic.jsonl"
+# Demo data, so it stays in jobs/demo; the benchmarks run from the checkout beside it.
+SYNTHETIC_CORPUS = Path(__file__).resolve().parents[1] / "jobs" / "demo" / "synthetic.jsonl"
 # The job in this process, as `python -m jobs.score`, then its own peak RSS (the driver's).
 DRIVER = """
 import json, resource, runpy, sys
@@ -53,7 +54,7 @@ def write_corpus(path: Path, n_rows: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 50_000, 200_000])
-    parser.add_argument("--student", default="out/tiny-student", help="python -m jobs.make_tiny_student builds it")
+    parser.add_argument("--student", default="out/tiny-student", help="python -m benchmarks.make_tiny_student builds it")
     args = parser.parse_args(argv)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     print(f"{'rows':>9}{'wall s':>9}{'rows/s':>9}{'driver peak RSS MB':>20}")

@@ -1,7 +1,7 @@
 """Chaos soak: SIGKILL the scoring job at random moments, rerun it with defaults, and check the output.
 
-  python -m jobs.make_tiny_student && python -m jobs.soak                 # 20 kills locally, 20 through S3
-  python -m jobs.soak --kills 5 --where local
+  python -m benchmarks.make_tiny_student && python -m benchmarks.soak                 # 20 kills locally, 20 through S3
+  python -m benchmarks.soak --kills 5 --where local
 
 Each round adds a file of new rows to a growing corpus, starts `python -m jobs.score` with a piece per
 few rows (so that kills land in staging, file moves and manifest writes as well as in reading and
@@ -30,7 +30,7 @@ from pathlib import Path
 import duckdb
 import yaml
 
-from jobs.scale import SYNTHETIC_CORPUS
+from benchmarks.scale import SYNTHETIC_CORPUS
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.output import LOCK_FILE, STAGING_DIR, committed_files, read_manifests
 from pipeline.records import row_messages
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20, help="kills (each followed by a rerun) per place")
     parser.add_argument("--rows-per-round", type=int, default=30)
     parser.add_argument("--where", choices=["local", "s3", "both"], default="both")
-    parser.add_argument("--student", default="out/tiny-student", help="python -m jobs.make_tiny_student builds it")
+    parser.add_argument("--student", default="out/tiny-student", help="python -m benchmarks.make_tiny_student builds it")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

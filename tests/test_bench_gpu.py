@@ -7,7 +7,7 @@ from tests.conftest import REPO
 
 RUN_WITHOUT_RAY = """
 import sys
-from jobs.bench_gpu import main
+from benchmarks.bench_gpu import main
 code = main(["--tiny", "--device", "cpu"])
 assert "ray" not in sys.modules, "the GPU benchmark imported Ray"
 sys.exit(code)
