@@ -39,6 +39,19 @@ class ResponseGroup:
 
 
 @dataclass
+class SampleConfig:
+    """Score only the rows of `n` groups (`by`: a row column such as problem_id): the eligible groups with
+    the smallest seeded hash of their value, so that a growing corpus changes the sample only where a new
+    group hashes below the current n-th. With `shared_by` (such as source), only groups that every value
+    of that column has are eligible (problems every teacher answered)."""
+
+    by: str = MISSING
+    n: int = MISSING
+    seed: int = 0
+    shared_by: Optional[str] = None
+
+
+@dataclass
 class SourceConfig:
     """A part of the corpus with a shape of its own (`input.sources`); unset keys take the input section's."""
 
@@ -78,6 +91,7 @@ class InputConfig:
     path_fields: dict[str, str] = field(default_factory=dict)
     # More corpus parts, each with its own paths and shape (the keys above that it sets).
     sources: list[SourceConfig] = field(default_factory=list)
+    sample: Optional[SampleConfig] = None  # score the rows of a seeded sample of groups only
 
 
 def input_sources(input_cfg: InputConfig) -> list[InputConfig]:
@@ -296,6 +310,11 @@ def validate(job: JobConfig) -> None:
         "output.lock_heartbeat_seconds must be > 0 and well under output.lock_stale_minutes",
     )
     require(job.output.mode in OUTPUT_MODES, f"output.mode must be one of {OUTPUT_MODES}, got {job.output.mode!r}")
+    if sample := job.input.sample:
+        require(sample.n >= 1, f"input.sample.n must be >= 1, got {sample.n}")
+        for key, column in (("by", sample.by), ("shared_by", sample.shared_by)):
+            require(column is None or column in row_columns(job.input),
+                    f"input.sample.{key} {column!r} must be a row column ({row_columns(job.input)})")  # fmt: skip
     missing_partitions = [p for p in job.output.partition_by if p not in row_columns(job.input)]
     require(
         not missing_partitions,

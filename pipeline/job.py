@@ -202,7 +202,9 @@ def score_and_commit(
     return tally, checkpoints.committed
 
 
-def finish(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, students: list[StudentPlan], tally: Tally) -> list[str]:
+def finish(
+    cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, students: list[StudentPlan], survey: CorpusSurvey, tally: Tally
+) -> list[str]:
     """After the last piece: the run's summaries and manifest (when it committed anything, or overwrites)."""
     if not (store.pieces_committed or mode == "overwrite"):
         return []
@@ -214,6 +216,9 @@ def finish(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, student
         "students": [student.manifest() for student in students],
         "counts": tally.counts_table().to_pylist(),
         "input_files": len(plan.corpus.files),
+        "sample": {"eligible_groups": survey.sample.eligible, "chosen_groups": len(survey.sample.chosen)}
+        if survey.sample
+        else None,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }
     committed = store.commit_run(staging, manifest)
@@ -238,8 +243,10 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         students = plan_students(cfg, plan, store, mode, gpus)
         survey = survey_corpus(cfg, plan.corpus)
+        if survey.sample:
+            print(survey.sample.describe(cfg.input.sample), flush=True)
         tally, committed = score_and_commit(cfg, plan, store, mode, students, survey, gpus, progress)
-        committed += finish(cfg, plan, store, mode, students, tally)
+        committed += finish(cfg, plan, store, mode, students, survey, tally)
     return RunResult(
         run_id=store.run_id,
         mode=mode,

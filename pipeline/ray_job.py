@@ -18,6 +18,7 @@ Each stage is declared (`scoring_stages`) with the columns it reads and adds, in
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from pipeline import errors
 from pipeline.config import (
     ConfigError,
     JobConfig,
+    SampleConfig,
     StudentConfig,
     batch_tokens,
     logits_chunk_tokens,
@@ -183,8 +185,9 @@ def row_order(file_number: int, row_number: int) -> int:
 NOT_VALID = 1 << 62  # the order of an invalid row: never an id's first valid row
 
 
-def order_batch(batch: pa.Table, file_numbers: dict[str, int]) -> pa.Table:
-    """Every parsed row as (sample_id, its `row_order` or NOT_VALID, whether it is valid)."""
+def order_batch(batch: pa.Table, file_numbers: dict[str, int], group_columns: list[str]) -> pa.Table:
+    """Every parsed row as (sample_id, its `row_order` or NOT_VALID, whether it is valid), with the
+    sample's group columns as text (`input.sample`)."""
     valid = pc.is_valid(batch["content_hash"]).to_pylist()
     places = zip(batch["source_file"].to_pylist(), batch["row_number"].to_pylist(), valid)
     order = [row_order(file_numbers[f], r) if ok else NOT_VALID for f, r, ok in places]
@@ -193,8 +196,13 @@ def order_batch(batch: pa.Table, file_numbers: dict[str, int]) -> pa.Table:
             "sample_id": batch["sample_id"],
             "order": pa.array(order, pa.int64()),
             "valid": pa.array([int(ok) for ok in valid], pa.int64()),
+            **{column: pc.cast(batch[column], pa.string()) for column in group_columns},
         }
     )
+
+
+def valid_groups(batch: pa.Table, group_columns: list[str]) -> pa.Table:
+    return batch.filter(pc.equal(batch["valid"], 1)).select(group_columns)
 
 
 def repeated_ids(batch: pa.Table) -> pa.Table:
@@ -204,24 +212,71 @@ def repeated_ids(batch: pa.Table) -> pa.Table:
 
 @dataclass(frozen=True)
 class CorpusSurvey:
-    """What one pass over the parsed corpus tells before scoring: the repeated ids and the row count."""
+    """What one pass over the parsed corpus tells before scoring: the repeated ids, the row count and,
+    with `input.sample`, the sampled groups."""
 
     duplicates: list  # references to `repeated_ids` tables
     trajectories: int  # parsed rows, rejects included: the rows each student's results will count
+    sample: GroupSample | None = None
+
+
+@dataclass(frozen=True)
+class GroupSample:
+    """The groups of `input.sample`: those eligible and the `n` chosen among them."""
+
+    eligible: int
+    chosen: frozenset[str]  # group values as text
+
+    def describe(self, sample: SampleConfig) -> str:
+        shared = f", answered under every {sample.shared_by}" if sample.shared_by else ""
+        return f"sample: {len(self.chosen)} of {self.eligible} {sample.by} groups{shared} (seed {sample.seed})"
+
+
+def group_hash(value: str, seed: int) -> str:
+    """A group's place in the sample order: stable across runs, machines and corpus growth."""
+    return hashlib.sha256(f"{seed}\x00{value}".encode()).hexdigest()
+
+
+def choose_groups(pairs: pa.Table, sample: SampleConfig) -> GroupSample:
+    """The `n` eligible groups with the smallest `group_hash`, from the distinct (group, shared value)
+    pairs of the corpus's valid rows; with `shared_by`, a group is eligible when it has every value."""
+    groups: dict[str, set] = {}
+    shared = pairs[sample.shared_by].to_pylist() if sample.shared_by else [None] * pairs.num_rows
+    for group, value in zip(pairs[sample.by].to_pylist(), shared):
+        if group is not None:
+            groups.setdefault(group, set()).add(value)
+    every = set().union(*groups.values()) if groups else set()
+    eligible = [group for group, values in groups.items() if values == every]
+    chosen = sorted(eligible, key=lambda group: group_hash(group, sample.seed))[: sample.n]
+    return GroupSample(len(eligible), frozenset(chosen))
 
 
 def survey_corpus(cfg: JobConfig, corpus: Corpus) -> CorpusSurvey:
     """Read and parse the corpus once to find repeated ids (a distributed group-by in Ray Data: no
     process holds every id) and count its rows (for the time-left estimate)."""
     file_numbers = {url: number for number, url in enumerate(corpus.urls)}
+    sample = cfg.input.sample
+    group_columns = [c for c in (sample.by, sample.shared_by) if c] if sample else []
     ds = parse(ray.data.read_datasource(CorpusDatasource(corpus)), cfg, corpus)
-    ds = ds.map_batches(order_batch, fn_kwargs={"file_numbers": file_numbers}, batch_format="pyarrow")
+    ds = ds.map_batches(
+        order_batch, fn_kwargs={"file_numbers": file_numbers, "group_columns": group_columns}, batch_format="pyarrow"
+    )
     # The default hash shuffle starts aggregator actors for 200 partitions: ~30 s of fixed time on a
     # small runtime; the task-based sort shuffle costs well under a second once workers are warm.
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    if sample:  # one read serves both group-bys
+        ds = ds.materialize()
     groups = ds.groupby("sample_id").aggregate(Count(), Sum("valid"), Min("order")).materialize()  # kept in the object store
     trajectories = int(groups.sum("count()") or 0) if groups.count() else 0
-    return CorpusSurvey(groups.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs(), trajectories)
+    chosen = None
+    if sample:  # the distinct (group, shared value) pairs of valid rows: problems x teachers, small
+        valid = ds.map_batches(valid_groups, fn_kwargs={"group_columns": group_columns}, batch_format="pyarrow")
+        pairs = valid.groupby(group_columns).count().to_arrow_refs()
+        tables = [table for table in ray.get(pairs) if table.num_rows]
+        chosen = choose_groups(
+            pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in group_columns}), sample
+        )
+    return CorpusSurvey(groups.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs(), trajectories, chosen)
 
 
 @functools.lru_cache(maxsize=2)
@@ -229,6 +284,17 @@ def _first_rows(refs: tuple) -> dict[str, int]:
     # A group-by over no valid row yields blocks without columns.
     tables = [table for table in map(cached_get, refs) if table.num_rows]
     return {s: o for table in tables for s, o in zip(table["sample_id"].to_pylist(), table["min(order)"].to_pylist())}
+
+
+def mark_sampled_out(batch: pa.Table, by: str | None, chosen: list) -> pa.Table:
+    """The sample stage: a valid row whose group is not among the chosen ones (the set behind the
+    one-item list `chosen`) is sampled out; without `input.sample` no row is."""
+    if by is None:
+        return batch.append_column("sampled_out", pa.array([False] * batch.num_rows, pa.bool_()))
+    groups = cached_get(chosen[0])
+    values, reasons = pc.cast(batch[by], pa.string()).to_pylist(), batch["reject_reason"].to_pylist()
+    out = [reason is None and value not in groups for value, reason in zip(values, reasons)]
+    return batch.append_column("sampled_out", pa.array(out, pa.bool_()))
 
 
 def mark_duplicates(batch: pa.Table, duplicates: list, file_urls: list[str]) -> pa.Table:
@@ -310,10 +376,10 @@ def tokenize_batch(
     keys = [scored_key(s, h) for s, h in zip(batch["sample_id"].to_pylist(), batch["content_hash"].to_pylist())]
     skipped = [key in done for key in keys]
     ids, positions, truncated, dropped, reasons, details = [], [], [], [], [], []
-    rows = zip(batch["reject_reason"].to_pylist(), batch["messages_json"].to_pylist(), skipped)
-    for reject, messages_json, skip in rows:
+    rows = zip(batch["reject_reason"].to_pylist(), batch["messages_json"].to_pylist(), skipped, batch["sampled_out"].to_pylist())
+    for reject, messages_json, skip, sampled_out in rows:
         encoded = reason = detail = None
-        if reject is None and not skip:
+        if reject is None and not skip and not sampled_out:
             try:
                 encoded = encode_conversation(tokenizer, json.loads(messages_json), max_model_len, truncate, reasoning, scope)
             except RowError as exc:
@@ -394,7 +460,11 @@ def explode_batch(
         reason = pc.coalesce(batch["reject_reason"], batch[name("reject_reason")])
         detail = pc.coalesce(batch["reject_detail"], batch[name("reject_detail")])
         status = pc.if_else(
-            pc.is_valid(reason), Status.REJECTED, pc.if_else(batch[name("skipped")], Status.SKIPPED, Status.SCORED)
+            pc.is_valid(reason),
+            Status.REJECTED,
+            pc.if_else(
+                batch["sampled_out"], Status.SAMPLED_OUT, pc.if_else(batch[name("skipped")], Status.SKIPPED, Status.SCORED)
+            ),
         )
         constants = {
             "student": (student.config.name, pa.string()),
@@ -453,10 +523,11 @@ def scoring_stages(cfg: JobConfig) -> list[Stage]:
     stages = [
         Stage("parse", tuple(RAW_SCHEMA.names), (*parsed[2:], *columns), drops=("text",)),
         Stage("dedupe", ("sample_id", "source_file", "row_number", "content_hash", "reject_reason", "reject_detail"), ()),
+        Stage("sample", ("reject_reason", *([cfg.input.sample.by] if cfg.input.sample else [])), ("sampled_out",)),
     ]
     for i, student in enumerate(cfg.students):
         name = functools.partial(per_student, index=i)
-        stages.append(Stage(f"tokenize {student.name}", ("sample_id", "content_hash", "reject_reason", "messages_json"),
+        stages.append(Stage(f"tokenize {student.name}", ("sample_id", "content_hash", "reject_reason", "messages_json", "sampled_out"),
                             tuple(name(c) for c in TOKENIZED)))  # fmt: skip
         stages.append(Stage(f"score {student.name}", tuple(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail")),
                             tuple(name(c) for c in stats), drops=(name("ids"), name("positions"))))  # fmt: skip
@@ -471,6 +542,7 @@ def scoring_stages(cfg: JobConfig) -> list[Stage]:
         "assistant_turns",
         "degenerate",
         "content_hash",
+        "sampled_out",
         "source_file",
         "row_number",
         "reject_reason",
@@ -506,6 +578,9 @@ def build_dataset(
     ds = ds.map_batches(
         mark_duplicates, fn_kwargs={"duplicates": survey.duplicates, "file_urls": corpus.urls}, batch_format="pyarrow"
     )
+    by = cfg.input.sample.by if cfg.input.sample else None
+    chosen = [ray.put(survey.sample.chosen)] if survey.sample else [None]
+    ds = ds.map_batches(mark_sampled_out, fn_kwargs={"by": by, "chosen": chosen}, batch_format="pyarrow")
     actor_args = {"options": scoring_options(cfg), "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
                   "scoring_actors": cfg.compute.actors_per_student * len(cfg.students)}  # fmt: skip
     for i, student in enumerate(students):

@@ -24,6 +24,7 @@ class Status(StrEnum):
     SCORED = "scored"
     REJECTED = "rejected"
     SKIPPED = "skipped"  # already scored with the same scoring fingerprint by a committed run
+    SAMPLED_OUT = "sampled_out"  # outside `input.sample`: not scored in this run
 
 
 # Read stage: one record per line or row of a corpus file.

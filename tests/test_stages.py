@@ -1,6 +1,7 @@
 """Each stage function on a few-row Arrow table, without Ray: its output has exactly the columns its
 declaration in `ray_job.scoring_stages` says, and does what it says to the rows."""
 
+import hashlib
 import json
 from datetime import UTC, datetime
 
@@ -8,14 +9,16 @@ import pyarrow as pa
 import pytest
 
 from pipeline import errors
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, SampleConfig, load_config
 from pipeline.models import StudentSource
 from pipeline.ray_job import (
     RunStamp,
     Stage,
     StudentPlan,
     check_stages,
+    choose_groups,
     explode_batch,
+    mark_sampled_out,
     order_batch,
     parse_batch,
     reject_duplicates,
@@ -80,7 +83,7 @@ def test_parse(cfg):
 
 def test_survey_and_dedupe(cfg):
     table = parsed(cfg)
-    orders = order_batch(table, {"/c/a.jsonl": 0})
+    orders = order_batch(table, {"/c/a.jsonl": 0}, [])
     grouped = (
         orders.group_by("sample_id")
         .aggregate([("valid", "sum"), ("order", "min")])
@@ -94,10 +97,37 @@ def test_survey_and_dedupe(cfg):
     assert after["reject_reason"].to_pylist() == [None, errors.MISSING_MESSAGES, errors.BLANK_LINE, errors.DUPLICATE_ID]
 
 
+def test_sample(cfg):
+    table = parsed(cfg)
+    chosen = [frozenset({"t2"})]  # the groups chosen by the survey (`choose_groups`)
+    after = mark_sampled_out(table, "source", chosen)
+    assert_declared(table, after, stage(cfg, "sample"))
+    # a valid row outside the chosen groups is sampled out; rejects stay rejects
+    assert after["sampled_out"].to_pylist() == [True, False, False, True]
+    assert mark_sampled_out(table, None, [None])["sampled_out"].to_pylist() == [False] * 4
+
+
+def test_choose_groups_takes_the_smallest_hashes_of_the_groups_every_teacher_answered():
+    pairs = pa.table({"problem_id": ["p1", "p1", "p2", "p3", "p3", "p4", "p4"], "source": ["a", "b", "a", "a", "b", "a", "b"]})
+    shared = choose_groups(pairs, SampleConfig(by="problem_id", n=2, seed=7, shared_by="source"))
+    eligible = sorted(["p1", "p3", "p4"], key=lambda group: hashlib.sha256(f"7\x00{group}".encode()).hexdigest())
+    assert shared.eligible == 3 and shared.chosen == frozenset(eligible[:2])
+    assert choose_groups(pairs, SampleConfig(by="problem_id", n=10, seed=7)).chosen == {"p1", "p2", "p3", "p4"}
+    # a growing corpus: the sample changes only where a new group hashes below the current n-th
+    grown = pa.concat_tables(
+        [pairs, pa.table({"problem_id": [f"q{i}" for i in range(20) for _ in "ab"], "source": list("ab") * 20})]
+    )
+    new = choose_groups(grown, SampleConfig(by="problem_id", n=2, seed=7, shared_by="source")).chosen
+    order = sorted(
+        ["p1", "p3", "p4", *(f"q{i}" for i in range(20))], key=lambda group: hashlib.sha256(f"7\x00{group}".encode()).hexdigest()
+    )
+    assert new == frozenset(order[:2])
+
+
 def test_tokenize_score_and_explode(cfg, student_dirs):
     from pipeline.ray_job import ScoreActor, scoring_options
 
-    table = parsed(cfg)
+    table = mark_sampled_out(parsed(cfg), None, [None])
     done = frozenset({scored_key("nothing", "scored")})
     source = StudentSource(cfg.students[0].path)
     tokenized = tokenize_batch(table, 0, source, 4096, True, "template", [done])
@@ -124,7 +154,7 @@ def test_results_of_a_block(cfg):
     })  # fmt: skip
     tally = Tally(["source"])
     tally.add(measure_block(block, ["source"]))
-    assert tally.counts == {"tiny": {"read": 3, "scored": 1, "rejected": 1, "skipped": 1, "content_dropped": 1}}
+    assert tally.counts == {"tiny": {"read": 3, "scored": 1, "rejected": 1, "skipped": 1, "sampled_out": 0, "content_dropped": 1}}
     assert tally.tokens == 5 and tally.summary(("student",))["rsr"].to_pylist() == [2.0]
 
 
