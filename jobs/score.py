@@ -30,6 +30,8 @@ def print_result(result) -> None:
     if result.partition_summary is not None and result.partition_summary.num_rows:
         print()
         print(result.partition_summary.to_pandas().sort_values(["student", "rsr"]).to_string(index=False))
+    for student, efficiency in result.padding_efficiency.items():
+        print(f"student {student}: padding efficiency {efficiency:.2f} (real / padded tokens of its batches)")
     tokens_per_s = result.tokens_scored / result.wall_s if result.wall_s else 0.0
     print(
         f"\n{result.tokens_scored} response tokens scored in {result.wall_s:.1f} s "

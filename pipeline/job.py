@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import ray
 from omegaconf import OmegaConf
+from ray._private import ray_constants
 
 from pipeline.config import ConfigError, JobConfig, StudentConfig, metric_names
 from pipeline.errors import RowError
@@ -28,7 +31,7 @@ from pipeline.ray_job import (
     scored_keys,
     survey_corpus,
 )
-from pipeline.results import Checkpoints, Progress, Tally, measure_block_task, write_summaries
+from pipeline.results import Checkpoints, Progress, ScoringMeter, Tally, measure_block_task, padding_efficiency, write_summaries
 from pipeline.spans import BUILTIN_TEMPLATES, DEFAULT_SCOPE, turn_markers
 from pipeline.storage import Corpus, Location, check_output, locate, plan_corpus
 
@@ -48,6 +51,7 @@ class RunResult:
     committed_files: list[str]
     skipped_files: list[str]
     pieces: int  # checkpoints committed
+    padding_efficiency: dict[str, float]  # per student: real / padded tokens of its batches
     lock_taken_over: str | None  # why an earlier run's lock was taken over
 
 
@@ -113,19 +117,38 @@ def check_students(cfg: JobConfig) -> list[StudentCheck]:
 
 
 def ensure_ray(cfg: JobConfig, quiet: bool) -> None:
-    """Connect to the configured cluster or start a local runtime; `quiet`: Ray logs warnings and up."""
+    """Connect to the configured cluster or start a local runtime; `quiet`: Ray logs warnings and up.
+    A local runtime shares nothing with other Ray runtimes on the machine: its own temp dir, loopback
+    only, its own auth token, metrics on free ports. (ray.init cannot move the node agent's HTTP port,
+    52365: where another runtime holds it, this one's agent serves no HTTP, which only the dashboard's
+    job and log APIs use, off here.)"""
     if ray.is_initialized():
         return
     log_level = {"logging_level": logging.WARNING} if quiet else {}
     address = cfg.compute.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **log_level)
-    else:  # a local runtime in this process, reachable on loopback only
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # Scoring actors hold their CPUs for the whole run: without logical CPUs beyond theirs, the
-        # read and tokenize tasks never get a slot and the job hangs (2 actors on a 2-core machine).
-        actor_cpus = cfg.compute.cpus_per_actor * cfg.compute.actors_per_student * len(cfg.students)
-        ray.init(num_cpus=int(os.cpu_count() + actor_cpus + 0.999), include_dashboard=False, **log_level)
+        return
+    # Ray reads this flag when it is imported, which it was: without the constant it binds the machine's
+    # address. The variable is for the processes it starts.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # Not ~/.ray/auth_token, which every runtime of this user reads and the first to miss it writes.
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    # The head's dashboard and autoscaler otherwise serve metrics on fixed ports (44227, 44217).
+    for metrics_port in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT"):
+        os.environ.setdefault(metrics_port, "0")
+    # Scoring actors hold their CPUs for the whole run: without logical CPUs beyond theirs, the
+    # read and tokenize tasks never get a slot and the job hangs (2 actors on a 2-core machine).
+    actor_cpus = cfg.compute.cpus_per_actor * cfg.compute.actors_per_student * len(cfg.students)
+    ray.init(
+        num_cpus=int(os.cpu_count() + actor_cpus + 0.999),
+        include_dashboard=False,
+        # Not /tmp/ray: a plain ray.init() joins the cluster named in its ray_current_cluster (written by
+        # `ray start` and ray.cluster_utils) instead of starting one. Ray's logs of the run stay here.
+        _temp_dir=tempfile.mkdtemp(prefix="rsr-ray-", dir=os.environ.get("RAY_TMPDIR")),
+        **log_level,
+    )
 
 
 def resolve_mode(configured: str, has_runs: bool) -> str:
@@ -181,29 +204,38 @@ def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, 
 def score_and_commit(
     cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, students: list[StudentPlan], survey: CorpusSurvey,
     gpus: float, progress: Callable[[str], None] | None,
-) -> tuple[Tally, list[str]]:  # fmt: skip
+) -> tuple[Tally, list[str], dict[str, float]]:  # fmt: skip
     """Stream the results: each block counted where it lives, then added to a piece that is committed
-    every checkpoint. Returns the run's tally and its committed files."""
+    every checkpoint. Returns the run's tally, its committed files and each student's padding efficiency."""
     reject_paths = store.paths(store.committed_files("_rejects/")) if mode == "incremental" else []
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
     stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
-    dataset = build_dataset(cfg, plan.corpus, students, survey, stamp, gpus)
+    meter = ScoringMeter.remote()
+    dataset = build_dataset(cfg, plan.corpus, students, survey, stamp, gpus, meter)
     partition_by = list(cfg.output.partition_by)
     tally = Tally(partition_by)
     checkpoints = Checkpoints(cfg, store, known_rejects, tally)
-    reporter = Progress(progress, survey.trajectories * len(students))
+    reporter = Progress(progress, survey.trajectories * len(students), meter)
     for bundle in dataset.iter_internal_ref_bundles():
         refs = list(bundle.block_refs)
         for ref, part in zip(refs, ray.get([measure_block_task.remote(ref, partition_by) for ref in refs])):
             tally.add(part)
             checkpoints.add(ref)
-        reporter.update(tally)
+        reporter.update()
+    reporter.stop()
     checkpoints.commit()
-    return tally, checkpoints.committed
+    return tally, checkpoints.committed, padding_efficiency(ray.get(meter.read.remote()))
 
 
 def finish(
-    cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, students: list[StudentPlan], survey: CorpusSurvey, tally: Tally
+    cfg: JobConfig,
+    plan: RunPlan,
+    store: OutputStore,
+    mode: str,
+    students: list[StudentPlan],
+    survey: CorpusSurvey,
+    tally: Tally,
+    padding: dict[str, float],
 ) -> list[str]:
     """After the last piece: the run's summaries and manifest (when it committed anything, or overwrites)."""
     if not (store.pieces_committed or mode == "overwrite"):
@@ -213,7 +245,7 @@ def finish(
     manifest = {
         "mode": mode,
         "started_at": plan.started.isoformat(),
-        "students": [student.manifest() for student in students],
+        "students": [student.manifest() | {"padding_efficiency": padding.get(student.config.name)} for student in students],
         "counts": tally.counts_table().to_pylist(),
         "input_files": len(plan.corpus.files),
         "sample": {"eligible_groups": survey.sample.eligible, "chosen_groups": len(survey.sample.chosen)}
@@ -245,8 +277,8 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         survey = survey_corpus(cfg, plan.corpus)
         if survey.sample:
             print(survey.sample.describe(cfg.input.sample), flush=True)
-        tally, committed = score_and_commit(cfg, plan, store, mode, students, survey, gpus, progress)
-        committed += finish(cfg, plan, store, mode, students, survey, tally)
+        tally, committed, padding = score_and_commit(cfg, plan, store, mode, students, survey, gpus, progress)
+        committed += finish(cfg, plan, store, mode, students, survey, tally, padding)
     return RunResult(
         run_id=store.run_id,
         mode=mode,
@@ -259,5 +291,6 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         committed_files=committed,
         skipped_files=[plan.corpus.location.url(p) for p in plan.corpus.skipped],
         pieces=store.pieces_committed,
+        padding_efficiency=padding,
         lock_taken_over=store.taken_over,
     )

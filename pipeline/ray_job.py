@@ -17,6 +17,7 @@ Each stage is declared (`scoring_stages`) with the columns it reads and adds, in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -418,21 +419,31 @@ class ScoreActor:
         cpus_per_actor: float,
         scoring_actors: int,
         source: StudentSource | None = None,  # None: the student config's path, tokenizer and chat template
+        meter=None,  # a `results.ScoringMeter`: what this actor scores, batch by batch
     ):
         import torch
 
         torch.set_num_threads(threads or default_torch_threads(cpus_per_actor, scoring_actors))
-        self.index = index
+        self.index, self.name, self.meter = index, student.name, meter
         source = source or StudentSource(student.path, student.tokenizer, student.chat_template)
         self.student = Student.load(source, dtype=student.dtype, options=options)
         self.columns = stat_columns(options.metrics)
         print(f"student {student.name}: {self.student.policy.describe()}", flush=True)  # once per actor, on the driver's console
 
+    def _report(self, rows: int, tokens: int) -> None:
+        if self.meter:
+            self.meter.add.remote(rows, tokens)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         name = functools.partial(per_student, index=self.index)
         ids, positions = batch[name("ids")].to_pylist(), batch[name("positions")].to_pylist()
         todo = [row for row, row_ids in enumerate(ids) if row_ids is not None]
-        stats = self.student.score([EncodedConversation(ids[row], positions[row], False) for row in todo])
+        before = dataclasses.replace(self.student.padding)
+        stats = self.student.score([EncodedConversation(ids[row], positions[row], False) for row in todo], on_batch=self._report)
+        if self.meter:  # rows that needed no scoring (rejected, skipped, sampled out) are done too
+            self.meter.add.remote(len(ids) - len(todo), 0)
+            padding = self.student.padding
+            self.meter.add_padding.remote(self.name, padding.real - before.real, padding.padded - before.padded)
         columns = {column: [None] * len(ids) for column in self.columns}
         reasons, details = batch[name("reject_reason")].to_pylist(), batch[name("reject_detail")].to_pylist()
         for row, row_stats in zip(todo, stats):
@@ -566,7 +577,7 @@ def check_stages(stages: list[Stage], available: list[str]) -> None:
 
 
 def build_dataset(
-    cfg: JobConfig, corpus: Corpus, students: list[StudentPlan], survey: CorpusSurvey, stamp: RunStamp, gpus: float
+    cfg: JobConfig, corpus: Corpus, students: list[StudentPlan], survey: CorpusSurvey, stamp: RunStamp, gpus: float, meter=None
 ):
     """The lazy Ray dataset of long-format results for the corpus; the stages' columns are checked first."""
     check_stages(scoring_stages(cfg), RAW_SCHEMA.names)
@@ -582,7 +593,7 @@ def build_dataset(
     chosen = [ray.put(survey.sample.chosen)] if survey.sample else [None]
     ds = ds.map_batches(mark_sampled_out, fn_kwargs={"by": by, "chosen": chosen}, batch_format="pyarrow")
     actor_args = {"options": scoring_options(cfg), "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
-                  "scoring_actors": cfg.compute.actors_per_student * len(cfg.students)}  # fmt: skip
+                  "scoring_actors": cfg.compute.actors_per_student * len(cfg.students), "meter": meter}  # fmt: skip
     for i, student in enumerate(students):
         ds = ds.map_batches(
             tokenize_batch,

@@ -3,6 +3,7 @@ added up on the driver (`Tally`), written and committed in pieces (`Checkpoints`
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pipeline.ray_job import cached_get
 from pipeline.schema import COUNT_COLUMNS, REJECT_COLUMNS, Status, partition_value, reject_keys, score_columns
 from pipeline.storage import Location
 
-PROGRESS_EVERY_S = 10.0
+PROGRESS_EVERY_S = 30.0
 
 
 def groupings(partition_by: list[str]) -> list[tuple]:
@@ -172,22 +173,69 @@ def write_summaries(staging: Location, run_id: str, tally: Tally) -> None:
         pq.write_table(tally.summary(by), directory.join(f"{name}.parquet").path, filesystem=staging.arrow_fs())
 
 
+@ray.remote(num_cpus=0)
+class ScoringMeter:
+    """What the scoring actors have done, as each batch finishes: rows and response tokens (progress
+    between commits) and, per student, the real and padded tokens of its batches (padding efficiency)."""
+
+    def __init__(self):
+        self.rows = self.tokens = 0
+        self.first_at: float | None = None
+        self.padding: dict[str, list[int]] = {}
+
+    def add(self, rows: int, tokens: int) -> None:
+        self.first_at = self.first_at or time.time()
+        self.rows += rows
+        self.tokens += tokens
+
+    def add_padding(self, student: str, real: int, padded: int) -> None:
+        totals = self.padding.setdefault(student, [0, 0])
+        totals[0] += real
+        totals[1] += padded
+
+    def read(self) -> dict:
+        return {"rows": self.rows, "tokens": self.tokens, "first_at": self.first_at, "padding": self.padding}
+
+
+def padding_efficiency(meter: dict) -> dict[str, float]:
+    """Per student, real / padded tokens of its batches."""
+    return {student: real / padded for student, (real, padded) in meter["padding"].items() if padded}
+
+
 class Progress:
-    """One line at most every PROGRESS_EVERY_S seconds: rows done, scored tokens/s and the time left,
-    against the `expected` rows the duplicate-id pass counted."""
+    """A line every PROGRESS_EVERY_S seconds from the first scored batch on, counted from what the scoring
+    actors have done (`ScoringMeter`), not from committed blocks: rows and tokens done, tokens/s, and the
+    time left against the `expected` rows the survey pass counted. A ticker thread keeps the lines coming
+    while the driver waits for a block."""
 
-    def __init__(self, log: Callable[[str], None] | None, expected: int):
-        self.log, self.expected = log, expected
-        self.started = self.last_line = time.monotonic()
+    def __init__(self, log: Callable[[str], None] | None, expected: int, meter):
+        self.log, self.expected, self.meter = log, expected, meter
+        self.last_line = 0.0
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.ticker = threading.Thread(target=self._tick, daemon=True)
+        if log:
+            self.ticker.start()
 
-    def update(self, tally: Tally) -> None:
-        now = time.monotonic()
-        if not self.log or now - self.last_line < PROGRESS_EVERY_S or not tally.rows:
-            return
-        elapsed = now - self.started
-        line = f"progress: {tally.rows:,} rows done, {tally.tokens / elapsed:,.0f} scored tokens/s"
-        if self.expected:
-            left = elapsed * max(self.expected - tally.rows, 0) / tally.rows
-            line += f", {tally.rows / self.expected:.0%} of {self.expected:,}, about {left / 60:.0f} min left"
-        self.log(line)
-        self.last_line = now
+    def _tick(self) -> None:
+        while not self.stopped.wait(max(PROGRESS_EVERY_S, 1.0)):
+            self.update()
+
+    def update(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if not self.log or now - self.last_line < PROGRESS_EVERY_S:
+                return
+            done = ray.get(self.meter.read.remote())
+            if not done["rows"]:
+                return
+            elapsed = max(time.time() - done["first_at"], 1e-9)
+            line = f"progress: {done['rows']:,} rows and {done['tokens']:,} tokens done, {done['tokens'] / elapsed:,.0f} tokens/s"
+            if self.expected:
+                left = elapsed * max(self.expected - done["rows"], 0) / done["rows"]
+                line += f", {min(done['rows'] / self.expected, 1):.0%} of {self.expected:,} rows, about {left / 60:.0f} min left"
+            self.log(line)
+            self.last_line = now
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +82,18 @@ def logits_head(weight: torch.Tensor, bias: torch.Tensor | None, logits_dtype: t
     return weight.to(logits_dtype), bias.to(logits_dtype) if bias is not None else None
 
 
+@dataclass
+class Padding:
+    """Real and padded tokens of the body passes: padding efficiency = real / padded."""
+
+    real: int = 0
+    padded: int = 0
+
+    def add(self, real: int, padded: int) -> None:
+        self.real += real
+        self.padded += padded
+
+
 class Student:
     """A causal LM split into its body and its vocabulary projection, ready to score conversations on
     the device its `DevicePolicy` chose."""
@@ -107,6 +119,7 @@ class Student:
         self.logits_dtype = torch.float32 if options.logits_dtype == "float32" else head.weight.dtype
         self.head_weight, self.head_bias = logits_head(head.weight, head.bias, self.logits_dtype)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self.padding = Padding()  # of the body passes over rows (shared prompts run once, unpadded mostly)
 
     @property
     def device(self) -> str:
@@ -120,7 +133,9 @@ class Student:
         return cls(source.load_model(policy.dtype, policy.attention), source.load_tokenizer(), options, policy=policy)
 
     @torch.inference_mode()
-    def score(self, conversations: Sequence[EncodedConversation]) -> list[dict]:
+    def score(
+        self, conversations: Sequence[EncodedConversation], on_batch: Callable[[int, int], None] | None = None
+    ) -> list[dict]:
         """Per-trajectory stats, in the order given; results do not depend on how rows are batched.
 
         Trajectories of one prompt (several teachers answering one problem) share the prompt's tokens:
@@ -128,7 +143,7 @@ class Student:
         serve every trajectory of the prompt. Batches are planned over the remaining tokens of all rows
         together, so rows of different prompts and rows without a shared prompt fill the same batches.
         The keys and values of at most `prompt_cache_tokens` prompt tokens are held at a time: rows are
-        scored in windows of whole prompt groups.
+        scored in windows of whole prompt groups. `on_batch(rows, response tokens)` follows each batch.
         """
         share = self.options.share_prompts and full_attention_only(self.model.config)
         lengths = shared_prompt_lengths(conversations, self.options.min_shared_prompt) if share else [0] * len(conversations)
@@ -142,6 +157,8 @@ class Student:
                 rows = [(conversations[window[j]], shared[window[j]]) for j in batch]
                 for j, stats in zip(batch, self._score_fitting(rows, prompt_states)):
                     results[window[j]] = stats
+                if on_batch:
+                    on_batch(len(rows), sum(len(c.response_positions) for c, _ in rows))
         return results
 
     def _score_fitting(self, rows: Sequence[tuple[EncodedConversation, tuple]], prompt_states: dict) -> list[dict]:
@@ -237,6 +254,7 @@ class Student:
         width = max(prompts)
         inputs = [c.input_ids[p : c.response_positions[-1]] for (c, _), p in zip(batch, prompts)]
         input_ids, input_mask = self._right_padded(inputs)
+        self.padding.add(sum(map(len, inputs)), input_ids.numel())
         prompt_mask = (torch.arange(width)[None, :] < torch.tensor(prompts)[:, None]).to(self.device, torch.long)
         attention_mask = torch.cat([prompt_mask, input_mask], dim=1)
         position_ids = torch.tensor(prompts, device=self.device)[:, None] + torch.arange(input_ids.shape[1], device=self.device)

@@ -106,3 +106,21 @@ def test_a_scoring_call_is_sized_by_tokens_not_rows(tmp_path, student_dirs, corp
     assert (
         len(merged) == len(long_rows) and (merged["rank_surprisal_ratio_x"] - merged["rank_surprisal_ratio_y"]).abs().max() < 1e-6
     )
+
+
+def test_progress_is_counted_from_what_the_actors_scored(tmp_path, student_dirs, corpus, monkeypatch):
+    from pipeline import results
+
+    start_ray()
+    monkeypatch.setattr(results, "PROGRESS_EVERY_S", 0.0)
+    data = write_jsonl(tmp_path / "corpus.jsonl", corpus)
+    out = tmp_path / "out"
+    lines = []
+    result = run_job(job_config(tmp_path, [str(data)], str(out), {"tiny": student_dirs["chatml"]}), progress=lines.append)
+    assert lines and all(line.startswith("progress: ") and "tokens done" in line for line in lines)
+    done = [int(line.split()[1].replace(",", "")) for line in lines]
+    assert done == sorted(done) and done[-1] <= len(corpus)  # rows through the actors, never past the corpus
+    efficiency = result.padding_efficiency["tiny"]
+    assert 0 < efficiency <= 1
+    manifest = json.loads(next((out / "_runs").glob("*Z-??????.json")).read_text())
+    assert manifest["students"][0]["padding_efficiency"] == efficiency
