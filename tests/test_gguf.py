@@ -123,3 +123,18 @@ def test_a_qwen3_gguf_works_the_same_way(tmp_path, corpus, corpus_path):
         assert mine["token_ranks"] == theirs["token_ranks"]
         assert mine["rank_surprisal_ratio"] == pytest.approx(theirs["rank_surprisal_ratio"], abs=1e-5)
     assert StudentSource(str(gguf)).window() == 4096
+
+
+def test_a_gguf_on_s3_is_copied_once_per_node(tmp_path, llama_gguf, student_dirs, corpus, s3_endpoint):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.mkdir("models")
+    fs.put_file(str(llama_gguf), "models/tiny.gguf")
+    source = StudentSource("s3://models/tiny.gguf", tokenizer=str(student_dirs["chatml"]), endpoint_url=s3_endpoint)
+    local = source.weights()
+    assert local.startswith(str(models.CACHE_DIR)) and file_sha256(local) == file_sha256(llama_gguf)
+    assert source.weights() == local and len(list(models.CACHE_DIR.rglob("*.gguf"))) == 1  # fetched once
+    _, expected = score(StudentSource(str(llama_gguf), tokenizer=str(student_dirs["chatml"])), corpus)
+    _, got = score(source, corpus)
+    assert [s["token_ranks"] for s in got] == [s["token_ranks"] for s in expected]
