@@ -24,6 +24,7 @@ from pipeline.models import StudentSource
 from pipeline.output import STAGING_DIR, OutputStore, new_run_id, scoring_fingerprint
 from pipeline.ray_job import (
     CorpusSurvey,
+    DatasetPlan,
     RunStamp,
     StudentPlan,
     build_dataset,
@@ -32,6 +33,7 @@ from pipeline.ray_job import (
     survey_corpus,
 )
 from pipeline.results import Checkpoints, Progress, ScoringMeter, Tally, measure_block_task, padding_efficiency, write_summaries
+from pipeline.schema import RowContract
 from pipeline.spans import BUILTIN_TEMPLATES, DEFAULT_SCOPE, turn_markers
 from pipeline.storage import Corpus, Location, check_output, locate, plan_corpus
 
@@ -57,10 +59,11 @@ class RunResult:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What a run knows before Ray starts: its corpus, its output and each student's chat template."""
+    """What a run knows before Ray starts: its corpus, its output, its columns and its students."""
 
     corpus: Corpus
     root: Location
+    contract: RowContract
     students: list[StudentCheck]
     started: datetime
 
@@ -84,7 +87,7 @@ def plan_run(cfg: JobConfig) -> RunPlan:
     corpus = plan_corpus(cfg.input, cfg.storage)
     root = locate(cfg.output.path, cfg.storage)
     check_output(root)
-    return RunPlan(corpus, root, check_students(cfg), datetime.now(UTC))
+    return RunPlan(corpus, root, RowContract.of(cfg), check_students(cfg), datetime.now(UTC))
 
 
 def check_students(cfg: JobConfig) -> list[StudentCheck]:
@@ -211,10 +214,10 @@ def score_and_commit(
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
     stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
     meter = ScoringMeter.remote()
-    dataset = build_dataset(cfg, plan.corpus, students, survey, stamp, gpus, meter)
+    dataset = build_dataset(DatasetPlan(cfg, plan.contract, plan.corpus, students, survey, stamp, gpus, meter))
     partition_by = list(cfg.output.partition_by)
     tally = Tally(partition_by)
-    checkpoints = Checkpoints(cfg, store, known_rejects, tally)
+    checkpoints = Checkpoints(cfg, plan.contract, store, known_rejects, tally)
     reporter = Progress(progress, survey.trajectories * len(students), meter)
     for bundle in dataset.iter_internal_ref_bundles():
         refs = list(bundle.block_refs)
@@ -274,7 +277,7 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         students = plan_students(cfg, plan, store, mode, gpus)
-        survey = survey_corpus(cfg, plan.corpus)
+        survey = survey_corpus(cfg, plan.contract, plan.corpus)
         if survey.sample:
             print(survey.sample.describe(cfg.input.sample), flush=True)
         tally, committed, padding = score_and_commit(cfg, plan, store, mode, students, survey, gpus, progress)

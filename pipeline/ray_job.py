@@ -22,8 +22,8 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import pyarrow as pa
@@ -43,8 +43,6 @@ from pipeline.config import (
     batch_tokens,
     logits_chunk_tokens,
     metric_names,
-    row_columns,
-    shape_columns,
     token_budget,
 )
 from pipeline.errors import RowError
@@ -57,10 +55,10 @@ from pipeline.schema import (
     REJECT_KEY_COLUMNS,
     STAT_TYPES,
     TOKENIZED,
+    RowContract,
     Status,
     per_student,
     reject_keys,
-    score_columns,
     scored_key,
 )
 from pipeline.spans import DEFAULT_SCOPE, EncodedConversation, encode_conversation
@@ -172,12 +170,6 @@ def parse_batch(batch: pa.Table, corpus: Corpus, columns: list[str], column_type
     return table
 
 
-def parse(ds, cfg: JobConfig, corpus: Corpus):
-    """The parse stage over a dataset of raw records."""
-    kwargs = {"corpus": corpus, "columns": row_columns(cfg.input), "column_types": shape_columns(cfg.input)}
-    return ds.map_batches(parse_batch, fn_kwargs=kwargs, batch_format="pyarrow")
-
-
 def row_order(file_number: int, row_number: int) -> int:
     """A row's place in (file, row number) order as one integer: an id's first row has the smallest."""
     return file_number << 40 | row_number
@@ -252,13 +244,13 @@ def choose_groups(pairs: pa.Table, sample: SampleConfig) -> GroupSample:
     return GroupSample(len(eligible), frozenset(chosen))
 
 
-def survey_corpus(cfg: JobConfig, corpus: Corpus) -> CorpusSurvey:
+def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> CorpusSurvey:
     """Read and parse the corpus once to find repeated ids (a distributed group-by in Ray Data: no
     process holds every id) and count its rows (for the time-left estimate)."""
     file_numbers = {url: number for number, url in enumerate(corpus.urls)}
     sample = cfg.input.sample
     group_columns = [c for c in (sample.by, sample.shared_by) if c] if sample else []
-    ds = parse(ray.data.read_datasource(CorpusDatasource(corpus)), cfg, corpus)
+    ds = parse_stage(cfg, contract, corpus).apply(ray.data.read_datasource(CorpusDatasource(corpus)))
     ds = ds.map_batches(
         order_batch, fn_kwargs={"file_numbers": file_numbers, "group_columns": group_columns}, batch_format="pyarrow"
     )
@@ -512,57 +504,86 @@ def explode_batch(
 
 @dataclass(frozen=True)
 class Stage:
-    """A map stage of the scoring dataset: the columns it reads, adds and drops (or, when it `replaces`
-    the rows, the only columns it writes: `adds`)."""
+    """A map stage of the scoring dataset, in one object: its function (a callable class runs in an actor
+    pool), the columns it reads, adds and drops (or, when it `replaces` the rows, the only columns it
+    writes: `adds`), its arguments and its map settings (actor pool, resources, batch size)."""
 
     name: str
+    fn: Callable
     reads: tuple[str, ...]
     adds: tuple[str, ...]
     drops: tuple[str, ...] = ()
     replaces: bool = False
+    kwargs: dict = field(default_factory=dict)  # the function's (or the class constructor's) keyword arguments
+    settings: dict = field(default_factory=dict)  # map_batches settings beyond the batch format
 
     def output(self, columns: set[str]) -> set[str]:
         """The columns after this stage, given those before it."""
         return set(self.adds) if self.replaces else (columns | set(self.adds)) - set(self.drops)
 
+    def apply(self, ds):
+        arguments = {"fn_constructor_kwargs" if isinstance(self.fn, type) else "fn_kwargs": self.kwargs}
+        return ds.map_batches(self.fn, batch_format="pyarrow", **arguments, **self.settings)
 
-def scoring_stages(cfg: JobConfig) -> list[Stage]:
-    """The stages after `read`, declared in the row contract's names."""
-    columns = row_columns(cfg.input)
-    stats = stat_columns(metric_names(cfg.scoring))
-    parsed = tuple(PARSED_SCHEMA.names)
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """What the scoring stages are built from: the config, its row contract, the corpus, the students,
+    what the survey found, what every row carries, and where progress is counted."""
+
+    cfg: JobConfig
+    contract: RowContract
+    corpus: Corpus
+    students: list[StudentPlan]
+    survey: CorpusSurvey
+    stamp: RunStamp
+    gpus: float
+    meter: object = None  # a `results.ScoringMeter`
+
+
+def parse_stage(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Stage:
+    """Raw records to trajectories (the survey pass runs it too)."""
+    return Stage("parse", parse_batch, tuple(RAW_SCHEMA.names), (*PARSED_SCHEMA.names[2:], *contract.row), drops=("text",),
+                 kwargs={"corpus": corpus, "columns": list(contract.row), "column_types": contract.row_types})  # fmt: skip
+
+
+def scoring_stages(plan: DatasetPlan) -> list[Stage]:
+    """The stages after `read`, each with its function, arguments and declared columns."""
+    cfg, contract, survey = plan.cfg, plan.contract, plan.survey
+    by = cfg.input.sample.by if cfg.input.sample else None
     stages = [
-        Stage("parse", tuple(RAW_SCHEMA.names), (*parsed[2:], *columns), drops=("text",)),
-        Stage("dedupe", ("sample_id", "source_file", "row_number", "content_hash", "reject_reason", "reject_detail"), ()),
-        Stage("sample", ("reject_reason", *([cfg.input.sample.by] if cfg.input.sample else [])), ("sampled_out",)),
-    ]
-    for i, student in enumerate(cfg.students):
+        parse_stage(cfg, contract, plan.corpus),
+        Stage("dedupe", mark_duplicates, ("sample_id", "source_file", "row_number", "content_hash", "reject_reason", "reject_detail"), (),
+              kwargs={"duplicates": survey.duplicates, "file_urls": plan.corpus.urls}),
+        Stage("sample", mark_sampled_out, ("reject_reason", *([by] if by else [])), ("sampled_out",),
+              kwargs={"by": by, "chosen": [ray.put(survey.sample.chosen) if survey.sample else None]}),
+    ]  # fmt: skip
+    actor_args = {"options": scoring_options(cfg), "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
+                  "scoring_actors": cfg.compute.actors_per_student * len(cfg.students), "meter": plan.meter}  # fmt: skip
+    for i, student in enumerate(plan.students):
         name = functools.partial(per_student, index=i)
-        stages.append(Stage(f"tokenize {student.name}", ("sample_id", "content_hash", "reject_reason", "messages_json", "sampled_out"),
-                            tuple(name(c) for c in TOKENIZED)))  # fmt: skip
-        stages.append(Stage(f"score {student.name}", tuple(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail")),
-                            tuple(name(c) for c in stats), drops=(name("ids"), name("positions"))))  # fmt: skip
-    per_student_reads = [
-        per_student(c, i)
-        for i in range(len(cfg.students))
-        for c in (*stats, "truncated", "content_dropped", "skipped", "reject_reason", "reject_detail")
-    ]
-    explode_reads = (
-        "sample_id",
-        *columns,
-        "assistant_turns",
-        "degenerate",
-        "content_hash",
-        "sampled_out",
-        "source_file",
-        "row_number",
-        "reject_reason",
-        "reject_detail",
-        *per_student_reads,
-    )
-    stages.append(
-        Stage("explode", explode_reads, (*score_columns(cfg), "status", "reject_reason", "reject_detail"), replaces=True)
-    )
+        stages.append(Stage(
+            f"tokenize {student.config.name}", tokenize_batch,
+            ("sample_id", "content_hash", "reject_reason", "messages_json", "sampled_out"), tuple(name(c) for c in TOKENIZED),
+            kwargs={"index": i, "source": student.source, "max_model_len": student.settings["max_model_len"],
+                    "truncate": cfg.scoring.on_too_long == "truncate", "reasoning": cfg.scoring.reasoning,
+                    "scope": cfg.scoring.scope, "done_ref": [student.done_ref]},
+        ))  # fmt: skip
+        stages.append(Stage(
+            f"score {student.config.name}", ScoreActor,
+            tuple(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail")), tuple(name(c) for c in contract.stats),
+            drops=(name("ids"), name("positions")),
+            kwargs={"index": i, "student": student.config, "source": student.source, **actor_args},
+            settings={"compute": ray.data.ActorPoolStrategy(size=cfg.compute.actors_per_student), "num_cpus": cfg.compute.cpus_per_actor,
+                      "num_gpus": plan.gpus, "batch_size": None},  # a block at a time: blocks are sized by tokens
+        ))  # fmt: skip
+    per_student_reads = [per_student(c, i) for i in range(len(plan.students))
+                         for c in (*contract.stats, "truncated", "content_dropped", "skipped", "reject_reason", "reject_detail")]  # fmt: skip
+    explode_reads = ("sample_id", *contract.row, "assistant_turns", "degenerate", "content_hash", "sampled_out", "source_file",
+                     "row_number", "reject_reason", "reject_detail", *per_student_reads)  # fmt: skip
+    stages.append(Stage("explode", explode_batch, explode_reads, (*contract.scores, "status", "reject_reason", "reject_detail"),
+                        replaces=True, kwargs={"students": plan.students, "carried": list(contract.row),
+                                               "stats": list(contract.stats), "stamp": plan.stamp}))  # fmt: skip
     return stages
 
 
@@ -576,41 +597,15 @@ def check_stages(stages: list[Stage], available: list[str]) -> None:
         columns = stage.output(columns)
 
 
-def build_dataset(
-    cfg: JobConfig, corpus: Corpus, students: list[StudentPlan], survey: CorpusSurvey, stamp: RunStamp, gpus: float, meter=None
-):
-    """The lazy Ray dataset of long-format results for the corpus; the stages' columns are checked first."""
-    check_stages(scoring_stages(cfg), RAW_SCHEMA.names)
-    ds = ray.data.read_datasource(CorpusDatasource(corpus))
+def build_dataset(plan: DatasetPlan):
+    """The lazy Ray dataset of long-format results for the corpus: the stages' columns are checked
+    first, then each stage maps the blocks of the one before."""
+    stages = scoring_stages(plan)
+    check_stages(stages, RAW_SCHEMA.names)
+    ds = ray.data.read_datasource(CorpusDatasource(plan.corpus))
     # A scoring call takes one block: blocks hold about `batch_tokens` tokens, so that results,
     # checkpoints and progress keep coming whatever the row lengths (this dataset's context only).
-    ds.context.target_max_block_size = batch_tokens(cfg.scoring, gpus) * CORPUS_BYTES_PER_TOKEN
-    ds = parse(ds, cfg, corpus)
-    ds = ds.map_batches(
-        mark_duplicates, fn_kwargs={"duplicates": survey.duplicates, "file_urls": corpus.urls}, batch_format="pyarrow"
-    )
-    by = cfg.input.sample.by if cfg.input.sample else None
-    chosen = [ray.put(survey.sample.chosen)] if survey.sample else [None]
-    ds = ds.map_batches(mark_sampled_out, fn_kwargs={"by": by, "chosen": chosen}, batch_format="pyarrow")
-    actor_args = {"options": scoring_options(cfg), "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
-                  "scoring_actors": cfg.compute.actors_per_student * len(cfg.students), "meter": meter}  # fmt: skip
-    for i, student in enumerate(students):
-        ds = ds.map_batches(
-            tokenize_batch,
-            fn_kwargs={"index": i, "source": student.source, "max_model_len": student.settings["max_model_len"],
-                       "truncate": cfg.scoring.on_too_long == "truncate", "reasoning": cfg.scoring.reasoning, "scope": cfg.scoring.scope,
-                       "done_ref": [student.done_ref]},
-            batch_format="pyarrow",
-        )  # fmt: skip
-        ds = ds.map_batches(
-            ScoreActor,
-            fn_constructor_kwargs={"index": i, "student": student.config, "source": student.source, **actor_args},
-            compute=ray.data.ActorPoolStrategy(size=cfg.compute.actors_per_student),
-            num_cpus=cfg.compute.cpus_per_actor,
-            num_gpus=gpus,
-            batch_size=None,  # a block at a time: blocks are sized by tokens
-            batch_format="pyarrow",
-        )
-    stats = stat_columns(metric_names(cfg.scoring))
-    explode_args = {"students": students, "carried": row_columns(cfg.input), "stats": stats, "stamp": stamp}
-    return ds.map_batches(explode_batch, fn_kwargs=explode_args, batch_format="pyarrow")
+    ds.context.target_max_block_size = batch_tokens(plan.cfg.scoring, plan.gpus) * CORPUS_BYTES_PER_TOKEN
+    for stage in stages:
+        ds = stage.apply(ds)
+    return ds

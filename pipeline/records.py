@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import errors
-from pipeline.config import InputConfig, row_columns
+from pipeline.config import InputConfig
 from pipeline.errors import RowError
 from pipeline.spans import canonical_messages, split_reasoning, validate_messages
 
@@ -332,14 +332,14 @@ def fallback_sample_id(source_file: str, row_number: int) -> str:
 
 
 def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig, path_values: dict | None = None) -> list[dict]:
-    """A row's trajectories as output fields: sample_id and the row columns (`config.row_columns`)
-    always; content_hash and messages_json when valid, else reject_reason and reject_detail. A row that
-    is unusable as a whole is one reject.
+    """A row's trajectories as output fields: sample_id and the row columns it has (`config.row_columns`;
+    the parse stage fills the others with nulls) always; content_hash and messages_json when valid, else
+    reject_reason and reject_detail. A row that is unusable as a whole is one reject.
 
     `sample_id` is the row's own string or integer id, else a stable `file:row` id; a row of several
     trajectories adds `#<candidate index>` or `#<teacher>`.
     """
-    fields = {"sample_id": fallback_sample_id(source_file, row_number), **dict.fromkeys(row_columns(cfg)), **(path_values or {})}
+    fields = {"sample_id": fallback_sample_id(source_file, row_number), **(path_values or {})}
     try:
         try:
             row = json.loads(text)

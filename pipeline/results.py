@@ -18,7 +18,7 @@ from pipeline.aggregate import combine_sums, group_sums, summary_from_sums
 from pipeline.config import JobConfig
 from pipeline.output import OutputStore
 from pipeline.ray_job import cached_get
-from pipeline.schema import COUNT_COLUMNS, REJECT_COLUMNS, Status, partition_value, reject_keys, score_columns
+from pipeline.schema import COUNT_COLUMNS, REJECT_COLUMNS, RowContract, Status, partition_value, reject_keys
 from pipeline.storage import Location
 
 PROGRESS_EVERY_S = 30.0
@@ -113,8 +113,8 @@ class Checkpoints:
     are the run's `tally` now less the tally at the last committed piece (a stretch with nothing to write,
     such as rows all skipped, commits nothing and is counted by the next piece and the run manifest)."""
 
-    def __init__(self, cfg: JobConfig, store: OutputStore, known_rejects: ray.ObjectRef, tally: Tally):
-        self.cfg, self.store, self.known_rejects, self.tally = cfg, store, known_rejects, tally
+    def __init__(self, cfg: JobConfig, contract: RowContract, store: OutputStore, known_rejects: ray.ObjectRef, tally: Tally):
+        self.cfg, self.contract, self.store, self.known_rejects, self.tally = cfg, contract, store, known_rejects, tally
         self.max_rows = cfg.output.checkpoint_rows * len(cfg.students)  # long format: a row per student
         self.max_age_s = cfg.output.checkpoint_minutes * 60
         self.committed: list[str] = []
@@ -151,7 +151,7 @@ class Checkpoints:
         counts = self._piece_counts()
         wrote = False
         if sum(c[Status.SCORED] for c in counts):
-            scores = piece.map_batches(scores_batch, fn_kwargs={"columns": score_columns(self.cfg), "partition_by": partition_by},
+            scores = piece.map_batches(scores_batch, fn_kwargs={"columns": list(self.contract.scores), "partition_by": partition_by},
                                        batch_format="pyarrow")  # fmt: skip
             scores.write_parquet(staging.path, partition_cols=["student", *partition_by], **write_args)
             wrote = True

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import urllib.parse
+from dataclasses import dataclass
 from enum import StrEnum
 
 import pyarrow as pa
 
-from pipeline.config import JobConfig, metric_names, row_columns
+from pipeline.config import JobConfig, metric_names, row_columns, shape_columns
 from pipeline.metrics import stat_columns
 
 
@@ -75,20 +76,25 @@ def per_student(column: str, index: int) -> str:
     return f"{column}_{index}"
 
 
-def student_columns(cfg: JobConfig) -> list[str]:
-    """The columns each student's output row carries besides the row's own (explode stage)."""
-    return [
-        "student", "student_revision", "scoring_fingerprint", "reasoning_mode", "scope", "dtype", "rank_clip",
-        *stat_columns(metric_names(cfg.scoring)), "truncated", "content_dropped",
-    ]  # fmt: skip
+@dataclass(frozen=True)
+class RowContract:
+    """A run's columns, computed once from its config and handed to the stages and the writers."""
 
+    row: tuple[str, ...]  # passthrough, aligned candidate and corpus-shape columns (`config.row_columns`)
+    row_types: dict[str, str]  # the corpus shape's columns and their Arrow type names (`config.shape_columns`)
+    metrics: tuple[str, ...]  # `config.metric_names`
+    stats: tuple[str, ...]  # the per-trajectory statistics columns of those metrics
+    scores: tuple[str, ...]  # the score files' columns, in order
 
-def score_columns(cfg: JobConfig) -> list[str]:
-    """The score files' columns, the row columns (passthrough, corpus shape) after sample_id."""
-    return [
-        "sample_id", *row_columns(cfg.input), *student_columns(cfg), "assistant_turns", "degenerate",
-        "content_hash", "run_id", "scored_at", "source_file", "row_number",
-    ]  # fmt: skip
+    @classmethod
+    def of(cls, cfg: JobConfig) -> RowContract:
+        row, metrics = tuple(row_columns(cfg.input)), metric_names(cfg.scoring)
+        stats = tuple(stat_columns(metrics))
+        student = ("student", "student_revision", "scoring_fingerprint", "reasoning_mode", "scope", "dtype", "rank_clip",
+                   *stats, "truncated", "content_dropped")  # fmt: skip
+        scores = ("sample_id", *row, *student, "assistant_turns", "degenerate",
+                  "content_hash", "run_id", "scored_at", "source_file", "row_number")  # fmt: skip
+        return cls(row, shape_columns(cfg.input), metrics, stats, scores)
 
 
 def scored_key(sample_id: str, content_hash: str) -> str:

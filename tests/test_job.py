@@ -76,7 +76,7 @@ def test_mixed_corpus_two_students(ray_runtime, tmp_path, mixed_corpus, student_
     n_bad = len(BAD_JSONL_LINES) + 1
     for row in result.counts.to_pylist():
         assert row == {"student": row["student"], "read": len(good) + n_bad, "scored": len(good),
-                       "rejected": n_bad, "skipped": 0, "content_dropped": 0}  # fmt: skip
+                       "rejected": n_bad, "skipped": 0, "sampled_out": 0, "content_dropped": 0}  # fmt: skip
 
     scores = read_scores(out)
     expected_columns = {"sample_id", "problem_id", "source", "student", "student_revision", "rank_clip",
@@ -117,7 +117,15 @@ def test_scores_and_writes_through_s3(ray_runtime, tmp_path, corpus_path, studen
     result = run_job(cfg)
     rows = corpus_path.read_text().splitlines()
     assert result.counts.to_pylist() == [
-        {"student": "tiny", "read": len(rows), "scored": len(rows), "rejected": 0, "skipped": 0, "content_dropped": 0}
+        {
+            "student": "tiny",
+            "read": len(rows),
+            "scored": len(rows),
+            "rejected": 0,
+            "skipped": 0,
+            "sampled_out": 0,
+            "content_dropped": 0,
+        }
     ]
     assert fs.exists(f"corpora/out/_runs/{result.run_id}.json")
     assert not fs.exists(f"corpora/out/_staging/{result.run_id}")

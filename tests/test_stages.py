@@ -12,6 +12,8 @@ from pipeline import errors
 from pipeline.config import ConfigError, SampleConfig, load_config
 from pipeline.models import StudentSource
 from pipeline.ray_job import (
+    CorpusSurvey,
+    DatasetPlan,
     RunStamp,
     Stage,
     StudentPlan,
@@ -28,7 +30,7 @@ from pipeline.ray_job import (
     tokenize_batch,
 )
 from pipeline.results import Tally, measure_block, rejects_batch, scores_batch
-from pipeline.schema import RAW_SCHEMA, REJECT_COLUMNS, Status, reject_key, score_columns, scored_key
+from pipeline.schema import RAW_SCHEMA, REJECT_COLUMNS, RowContract, Status, reject_key, scored_key
 from pipeline.storage import Corpus, locate
 
 GOOD = [{"role": "user", "content": "Two and two?"}, {"role": "assistant", "content": "Four."}]
@@ -45,8 +47,23 @@ def cfg(tmp_path, student_dirs):
     return load_config(config)
 
 
+def corpus_of(cfg) -> Corpus:
+    return Corpus(locate("/c", None), ["/c/a.jsonl"], [], [cfg.input], {"/c/a.jsonl": 0}, {})
+
+
+def student_plan(cfg) -> StudentPlan:
+    settings = {"reasoning": "template", "dtype": "float32", "max_model_len": 4096}
+    return StudentPlan(cfg.students[0], StudentSource(cfg.students[0].path), "", "rev", "fp", settings, done_ref=None)
+
+
+def stages(cfg) -> list[Stage]:
+    plan = DatasetPlan(cfg, RowContract.of(cfg), corpus_of(cfg), [student_plan(cfg)], CorpusSurvey([], 0),
+                       RunStamp("run-1", datetime.now(UTC), 100), gpus=0)  # fmt: skip
+    return scoring_stages(plan)
+
+
 def stage(cfg, name) -> Stage:
-    return next(s for s in scoring_stages(cfg) if s.name.startswith(name))
+    return next(s for s in stages(cfg) if s.name.startswith(name))
 
 
 def assert_declared(before: pa.Table, after: pa.Table, declared: Stage):
@@ -63,7 +80,7 @@ def raw(rows) -> pa.Table:
 
 
 def parsed(cfg) -> pa.Table:
-    corpus = Corpus(locate("/c", None), ["/c/a.jsonl"], [], [cfg.input], {"/c/a.jsonl": 0}, {})
+    corpus = corpus_of(cfg)
     rows = [
         (json.dumps({"id": "a", "source": "t1", "messages": GOOD}), None),
         (json.dumps({"id": "b", "source": "t2"}), None),  # no messages
@@ -136,7 +153,7 @@ def test_tokenize_score_and_explode(cfg, student_dirs):
     actor = ScoreActor(0, cfg.students[0], scoring_options(cfg), threads=1, cpus_per_actor=1, scoring_actors=1)
     scored = actor(tokenized)
     assert_declared(tokenized, scored, stage(cfg, "score"))
-    student = StudentPlan(cfg.students[0], source, "", "rev", "fp", {"reasoning": "template", "dtype": "float32"}, done_ref=None)
+    student = student_plan(cfg)
     stamp = RunStamp("run-1", datetime.now(UTC), 100)
     exploded = explode_batch(
         scored, [student], ["source"], ["resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"], stamp
@@ -159,18 +176,18 @@ def test_results_of_a_block(cfg):
 
 
 def test_writers_keep_scored_rows_and_new_rejects(cfg):
-    rows = {name: [None, None] for name in score_columns(cfg)}
+    rows = {name: [None, None] for name in list(RowContract.of(cfg).scores)}
     rows.update(student=["tiny", "tiny"], source=["a/b=c", "t"], sample_id=["x", "y"], source_file=["f", "f"], row_number=[1, 2])
     block = pa.table(
         {**rows, "status": [Status.SCORED, Status.REJECTED], "reject_reason": [None, "bad"], "reject_detail": [None, "d"]}
     )
-    assert scores_batch(block, score_columns(cfg), ["source"])["sample_id"].to_pylist() == ["x"]
+    assert scores_batch(block, list(RowContract.of(cfg).scores), ["source"])["sample_id"].to_pylist() == ["x"]
     assert rejects_batch(block, [frozenset()]).column_names == REJECT_COLUMNS
     assert rejects_batch(block, [frozenset({reject_key("tiny", "f", 2, "bad")})]).num_rows == 0  # recorded by an earlier run
 
 
 def test_a_stage_that_reads_what_no_stage_adds_fails_before_any_work(cfg):
-    check_stages(scoring_stages(cfg), RAW_SCHEMA.names)
-    broken = [*scoring_stages(cfg)[:2], Stage("needs a column", ("no_such_column",), ())]
+    check_stages(stages(cfg), RAW_SCHEMA.names)
+    broken = [*stages(cfg)[:2], Stage("needs a column", repeated_ids, ("no_such_column",), ())]
     with pytest.raises(ConfigError, match="stage 'needs a column' reads \\['no_such_column'\\]"):
         check_stages(broken, RAW_SCHEMA.names)
