@@ -32,7 +32,7 @@ import yaml
 
 from benchmarks.scale import SYNTHETIC_CORPUS
 from pipeline.config import InputConfig, StorageConfig
-from pipeline.output import LOCK_FILE, STAGING_DIR, committed_files, read_manifests
+from pipeline.output import LOCK_FILE, RUNS_DIR, STAGING_DIR, committed_files, read_manifests, scores_prefix
 from pipeline.records import row_messages
 from pipeline.storage import Location, locate
 
@@ -91,7 +91,7 @@ def listing(root: Location) -> list[str]:
 
 def wait_for_moment(job: subprocess.Popen, root: Location, moment: str, run_seconds: float, rng: random.Random) -> bool:
     """Wait until `moment` (or the job's end: False)."""
-    manifests_before = sum(f.startswith("_runs/") for f in listing(root))
+    manifests_before = sum(f.startswith(f"{RUNS_DIR}/") for f in listing(root))
     deadline = time.monotonic() + rng.uniform(0.5, run_seconds)
     while job.poll() is None:
         files = listing(root) if moment != "random time" else []
@@ -99,7 +99,7 @@ def wait_for_moment(job: subprocess.Popen, root: Location, moment: str, run_seco
             return True
         if moment == "staging folder appears" and any(f.startswith(f"{STAGING_DIR}/") for f in files):
             return True
-        if moment == "manifest appears" and sum(f.startswith("_runs/") for f in files) > manifests_before:
+        if moment == "manifest appears" and sum(f.startswith(f"{RUNS_DIR}/") for f in files) > manifests_before:
             return True
         time.sleep(0.01 if moment != "random time" else 0.05)
     return False
@@ -109,13 +109,13 @@ def check_output(root: Location, scratch: Path, expected_rows: int) -> dict:
     """Rows once in a plain glob read, and debris (files no manifest lists, staging, lock)."""
     committed = set(committed_files(root))
     files = listing(root)
-    debris = [f for f in files if f not in committed and not f.startswith("_runs/")]
+    debris = [f for f in files if f not in committed and not f.startswith(f"{RUNS_DIR}/")]
     if root.scheme == "s3":
         local = scratch / f"fetched-{time.monotonic_ns()}"
         root.fs.get(root.path + "/", str(local), recursive=True)
-        glob = f"{local}/student=*/**/*.parquet"
+        glob = f"{local}/{scores_prefix()}*/**/*.parquet"
     else:
-        glob = f"{root.path}/student=*/**/*.parquet"
+        glob = f"{root.path}/{scores_prefix()}*/**/*.parquet"
     n, distinct = duckdb.sql(f"SELECT count(*), count(DISTINCT (sample_id, student)) FROM read_parquet('{glob}')").fetchall()[0]
     return {"rows": n, "distinct": distinct, "expected": expected_rows, "debris": len(debris), "debris_files": debris[:5]}
 

@@ -21,7 +21,7 @@ from ray._private import ray_constants
 from pipeline.config import ConfigError, JobConfig, StudentConfig, metric_names
 from pipeline.errors import RowError
 from pipeline.models import StudentSource
-from pipeline.output import STAGING_DIR, OutputStore, new_run_id, scoring_fingerprint
+from pipeline.output import OutputStore, new_run_id, scoring_fingerprint
 from pipeline.ray_job import (
     CorpusSurvey,
     DatasetPlan,
@@ -34,8 +34,9 @@ from pipeline.ray_job import (
 )
 from pipeline.results import Checkpoints, Progress, ScoringMeter, Tally, measure_block_task, padding_efficiency, write_summaries
 from pipeline.schema import RowContract
-from pipeline.spans import BUILTIN_TEMPLATES, DEFAULT_SCOPE, turn_markers
+from pipeline.spans import DEFAULT_SCOPE, turn_markers
 from pipeline.storage import Corpus, Location, check_output, locate, plan_corpus
+from pipeline.tokenizer import BUILTIN_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, 
             raise ConfigError(f"students.{student.name}: {exc}") from exc
         settings = scoring_settings(cfg, student, revision, check, gpus)
         fingerprint = scoring_fingerprint(settings)
-        paths = store.paths(store.committed_files(f"student={student.name}/")) if mode == "incremental" else []
+        paths = store.score_paths(student.name) if mode == "incremental" else []
         done_ref = scored_keys.remote(paths, store.root, fingerprint)
         students.append(
             StudentPlan(
@@ -210,7 +211,7 @@ def score_and_commit(
 ) -> tuple[Tally, list[str], dict[str, float]]:  # fmt: skip
     """Stream the results: each block counted where it lives, then added to a piece that is committed
     every checkpoint. Returns the run's tally, its committed files and each student's padding efficiency."""
-    reject_paths = store.paths(store.committed_files("_rejects/")) if mode == "incremental" else []
+    reject_paths = store.reject_paths() if mode == "incremental" else []
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
     stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
     meter = ScoringMeter.remote()
@@ -243,7 +244,7 @@ def finish(
     """After the last piece: the run's summaries and manifest (when it committed anything, or overwrites)."""
     if not (store.pieces_committed or mode == "overwrite"):
         return []
-    staging = plan.root.join(STAGING_DIR, store.run_id)
+    staging = store.run_staging()
     write_summaries(staging, store.run_id, tally)
     manifest = {
         "mode": mode,

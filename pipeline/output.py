@@ -27,7 +27,30 @@ from datetime import UTC, datetime
 
 from pipeline.storage import Location
 
-RUNS_DIR, STAGING_DIR, LOCK_FILE = "_runs", "_staging", "_lock.json"
+# The output layout; only this module spells its paths (readers and writers ask it):
+#   student=<name>/<partition col>=<value>/<run_id>_*.parquet   scores (hive-partitioned by pyarrow)
+#   _rejects/run_id=<run_id>/*.parquet                          quarantined rows
+#   _summary/run_id=<run_id>/by_student.parquet, ...             dataset-level values
+#   _runs/<run_id>-pNNNN.json, _runs/<run_id>.json               commit manifests
+#   _staging/<piece or run id>/                                  a piece before its commit
+#   _lock.json                                                   the running job's lock
+RUNS_DIR, STAGING_DIR, LOCK_FILE, REJECTS_DIR, SUMMARY_DIR = "_runs", "_staging", "_lock.json", "_rejects", "_summary"
+SCORES_PARTITION = "student"  # the first hive partition of the score files
+
+
+def scores_prefix(student: str | None = None) -> str:
+    """Relative path prefix of the score files (of one student)."""
+    return f"{SCORES_PARTITION}={student}/" if student else f"{SCORES_PARTITION}="
+
+
+def rejects_dir(base: Location, run_id: str) -> Location:
+    """A run's rejects folder under `base` (the root, or a staging folder in the final layout)."""
+    return base.join(REJECTS_DIR, f"run_id={run_id}")
+
+
+def summary_dir(base: Location, run_id: str) -> Location:
+    """A run's summary folder under `base` (the root, or a staging folder in the final layout)."""
+    return base.join(SUMMARY_DIR, f"run_id={run_id}")
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -336,6 +359,14 @@ class OutputStore:
     def paths(self, relative: list[str]) -> list[str]:
         return [self.root.join(f).path for f in relative]
 
+    def score_paths(self, student: str) -> list[str]:
+        """Committed score files of `student`."""
+        return self.paths(self.committed_files(scores_prefix(student)))
+
+    def reject_paths(self) -> list[str]:
+        """Committed reject files."""
+        return self.paths(self.committed_files(f"{REJECTS_DIR}/"))
+
     def _remove_debris(self) -> None:
         """Delete files no manifest lists: debris of interrupted runs (staging and half-written manifests
         included). The lock and other runs' attempts at it (`_lock.json.tmp-*`) are left to their writers."""
@@ -357,6 +388,10 @@ class OutputStore:
     def staging(self) -> Location:
         """Where the next piece is written, in the final layout."""
         return self.root.join(STAGING_DIR, self.piece_name)
+
+    def run_staging(self) -> Location:
+        """Where the run's own files (its summaries) are written after its last piece."""
+        return self.root.join(STAGING_DIR, self.run_id)
 
     def commit_piece(self, manifest: dict) -> list[str]:
         """Move the staged piece into place, then write its manifest; return its committed files."""
@@ -407,6 +442,11 @@ def read_manifests(root: Location) -> list[dict]:
 def committed_files(root: Location) -> list[str]:
     """Paths (relative to the root) of every committed file, for readers outside a run."""
     return [f for m in read_manifests(root) for f in m["files"]]
+
+
+def committed_score_files(root: Location) -> list[str]:
+    """Paths (relative to the root) of every committed score file, for readers outside a run."""
+    return [f for f in committed_files(root) if f.startswith(scores_prefix())]
 
 
 def write_manifest(root: Location, name: str, manifest: dict) -> None:

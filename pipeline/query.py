@@ -14,7 +14,7 @@ from pipeline.aggregate import dataset_rsr
 from pipeline.config import InputConfig, StorageConfig, input_sources
 from pipeline.errors import RowError
 from pipeline.metrics import COMPANIONS
-from pipeline.output import committed_files
+from pipeline.output import committed_score_files
 from pipeline.records import content_hash, read_records, row_trajectories
 from pipeline.selection import select_arm
 from pipeline.storage import format_of, locate, open_corpus_file, plan_corpus
@@ -23,7 +23,7 @@ from pipeline.storage import format_of, locate, open_corpus_file, plan_corpus
 def latest_scores(output: str, storage: StorageConfig | None = None) -> pd.DataFrame:
     """Committed scores, newest per (sample_id, student); partition columns come from the folders."""
     root = locate(output, storage or StorageConfig())
-    files = [root.join(f).path for f in committed_files(root) if f.startswith("student=")]
+    files = [root.join(f).path for f in committed_score_files(root)]
     if not files:
         raise FileNotFoundError(f"no committed scores under {root.url()}")
     dataset = pads.dataset(files, filesystem=root.arrow_fs(), format="parquet", partitioning="hive", partition_base_dir=root.path)

@@ -16,7 +16,7 @@ from ray.data.datasource import FilenameProvider
 
 from pipeline.aggregate import combine_sums, group_sums, summary_from_sums
 from pipeline.config import JobConfig
-from pipeline.output import OutputStore
+from pipeline.output import OutputStore, rejects_dir, summary_dir
 from pipeline.ray_job import cached_get
 from pipeline.schema import COUNT_COLUMNS, REJECT_COLUMNS, RowContract, Status, partition_value, reject_keys
 from pipeline.storage import Location
@@ -156,7 +156,7 @@ class Checkpoints:
             scores.write_parquet(staging.path, partition_cols=["student", *partition_by], **write_args)
             wrote = True
         if sum(c[Status.REJECTED] for c in counts):
-            rejects = staging.join("_rejects", f"run_id={self.store.run_id}")
+            rejects = rejects_dir(staging, self.store.run_id)
             new = piece.map_batches(rejects_batch, fn_kwargs={"known": [self.known_rejects]}, batch_format="pyarrow")
             new.write_parquet(rejects.path, **write_args)
             wrote = staging.fs.exists(rejects.path) or wrote
@@ -167,7 +167,7 @@ class Checkpoints:
 
 
 def write_summaries(staging: Location, run_id: str, tally: Tally) -> None:
-    directory = staging.join("_summary", f"run_id={run_id}")
+    directory = summary_dir(staging, run_id)
     staging.fs.makedirs(directory.path, exist_ok=True)
     for name, by in zip(("by_student", "by_partition"), groupings(tally.partition_by)):
         pq.write_table(tally.summary(by), directory.join(f"{name}.parquet").path, filesystem=staging.arrow_fs())
