@@ -21,7 +21,7 @@ from ray._private import ray_constants
 from pipeline.config import ConfigError, JobConfig, StudentConfig, metric_names
 from pipeline.errors import RowError
 from pipeline.models import StudentSource
-from pipeline.output import OutputStore, new_run_id, scoring_fingerprint
+from pipeline.output import OutputStore, new_run_id
 from pipeline.ray_job import (
     CorpusSurvey,
     DatasetPlan,
@@ -33,7 +33,7 @@ from pipeline.ray_job import (
     survey_corpus,
 )
 from pipeline.results import Checkpoints, Progress, ScoringMeter, Tally, measure_block_task, padding_efficiency, write_summaries
-from pipeline.schema import RowContract
+from pipeline.schema import RowContract, ScoringSettings
 from pipeline.spans import DEFAULT_SCOPE, turn_markers
 from pipeline.storage import Corpus, Location, check_output, locate, plan_corpus
 from pipeline.tokenizer import BUILTIN_TEMPLATES
@@ -161,21 +161,17 @@ def resolve_mode(configured: str, has_runs: bool) -> str:
     return "incremental" if has_runs else "full"
 
 
-def scoring_settings(cfg: JobConfig, student: StudentConfig, revision: str, check: StudentCheck, gpus: float) -> dict:
-    """Everything that changes a student's numbers. The tokenizer's files are part of the revision (a
-    hash of the model directory's files, the hub commit, or the GGUF's hash); `auto` dtype is resolved as
-    the actor will. Logits in another dtype than the student's enter only then, so that the fingerprints
-    of float32 students, whose logits were always float32, stay as they were; a scope enters only when it
-    is not the default, so that today's outputs are not rescored."""
+def scoring_settings(cfg: JobConfig, student: StudentConfig, revision: str, check: StudentCheck, gpus: float) -> ScoringSettings:
+    """A student's scoring settings: `auto` dtype resolved as the actor will; logits in another dtype than
+    the student's and a scope other than the default recorded only then."""
     dtype = student.dtype if student.dtype != "auto" else ("bfloat16" if gpus else "float32")
     s = cfg.scoring
-    settings = {
-        "student_revision": revision, "chat_template": check.chat_template, "reasoning": s.reasoning, "rank_clip": s.rank_clip,
-        "max_model_len": check.max_model_len, "on_too_long": s.on_too_long, "metrics": list(metric_names(s)), "dtype": dtype,
-    }  # fmt: skip
     logits_dtype = dtype if s.logits_dtype == "model" else s.logits_dtype
-    settings |= {"logits_dtype": logits_dtype} if logits_dtype != dtype else {}
-    return settings | ({"scope": s.scope} if s.scope != DEFAULT_SCOPE else {})
+    return ScoringSettings(
+        student_revision=revision, chat_template=check.chat_template, reasoning=s.reasoning, rank_clip=s.rank_clip,
+        max_model_len=check.max_model_len, on_too_long=s.on_too_long, metrics=metric_names(s), dtype=dtype,
+        logits_dtype=logits_dtype if logits_dtype != dtype else None, scope=s.scope if s.scope != DEFAULT_SCOPE else None,
+    )  # fmt: skip
 
 
 def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, gpus: float) -> list[StudentPlan]:
@@ -188,7 +184,7 @@ def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, 
         except FileNotFoundError as exc:
             raise ConfigError(f"students.{student.name}: {exc}") from exc
         settings = scoring_settings(cfg, student, revision, check, gpus)
-        fingerprint = scoring_fingerprint(settings)
+        fingerprint = settings.fingerprint
         paths = store.score_paths(student.name) if mode == "incremental" else []
         done_ref = scored_keys.remote(paths, store.root, fingerprint)
         students.append(

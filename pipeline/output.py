@@ -15,7 +15,6 @@ the holder renews while it runs. A new run takes it over at once when the holder
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
@@ -56,11 +55,6 @@ def summary_dir(base: Location, run_id: str) -> Location:
 def new_run_id(now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-
-
-def scoring_fingerprint(settings: dict) -> str:
-    """A hash of everything that changes a student's numbers (`pipeline.job.scoring_settings`)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class OutputLocked(RuntimeError):

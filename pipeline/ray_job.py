@@ -56,6 +56,7 @@ from pipeline.schema import (
     STAT_TYPES,
     TOKENIZED,
     RowContract,
+    ScoringSettings,
     Status,
     per_student,
     reject_keys,
@@ -83,12 +84,12 @@ class StudentPlan:
     tokens_from: str  # where the tokens come from (`StudentSource.tokens_from`)
     revision: str
     fingerprint: str
-    settings: dict  # `job.scoring_settings`, with the student's own `max_model_len`
+    settings: ScoringSettings
     done_ref: ray.ObjectRef  # set of `scored_key`s, built by a Ray task
 
     def manifest(self) -> dict:
         return {"name": self.config.name, "revision": self.revision, "fingerprint": self.fingerprint,
-                "tokens_from": self.tokens_from, "settings": self.settings}  # fmt: skip
+                "tokens_from": self.tokens_from, "settings": self.settings.as_dict()}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -473,9 +474,9 @@ def explode_batch(
             "student": (student.config.name, pa.string()),
             "student_revision": (student.revision, pa.string()),
             "scoring_fingerprint": (student.fingerprint, pa.string()),
-            "reasoning_mode": (student.settings["reasoning"], pa.string()),
-            "scope": (student.settings.get("scope", DEFAULT_SCOPE), pa.string()),
-            "dtype": (student.settings["dtype"], pa.string()),
+            "reasoning_mode": (student.settings.reasoning, pa.string()),
+            "scope": (student.settings.scope or DEFAULT_SCOPE, pa.string()),
+            "dtype": (student.settings.dtype, pa.string()),
             "rank_clip": (stamp.rank_clip, pa.int32()),
         }
         per_row = {column: batch[name(column)] for column in (*stats, "truncated", "content_dropped")}
@@ -565,7 +566,7 @@ def scoring_stages(plan: DatasetPlan) -> list[Stage]:
         stages.append(Stage(
             f"tokenize {student.config.name}", tokenize_batch,
             ("sample_id", "content_hash", "reject_reason", "messages_json", "sampled_out"), tuple(name(c) for c in TOKENIZED),
-            kwargs={"index": i, "source": student.source, "max_model_len": student.settings["max_model_len"],
+            kwargs={"index": i, "source": student.source, "max_model_len": student.settings.max_model_len,
                     "truncate": cfg.scoring.on_too_long == "truncate", "reasoning": cfg.scoring.reasoning,
                     "scope": cfg.scoring.scope, "done_ref": [student.done_ref]},
         ))  # fmt: skip

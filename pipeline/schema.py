@@ -8,7 +8,9 @@ per student in `COUNT_COLUMNS`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import urllib.parse
 from dataclasses import dataclass
 from enum import StrEnum
@@ -95,6 +97,32 @@ class RowContract:
         scores = ("sample_id", *row, *student, "assistant_turns", "degenerate",
                   "content_hash", "run_id", "scored_at", "source_file", "row_number")  # fmt: skip
         return cls(row, shape_columns(cfg.input), metrics, stats, scores)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """Everything that changes a student's numbers, and its fingerprint (in every score row and in the
+    incremental key). Optional settings enter only when set, so that outputs made before they existed
+    keep their fingerprints (a float32 student's logits were always float32; the default scope)."""
+
+    student_revision: str  # the weights and tokenizer: a folder's file hash, the hub commit, a GGUF's sha256
+    chat_template: str  # the effective template text
+    reasoning: str
+    rank_clip: int
+    max_model_len: int  # the smaller of scoring.max_model_len and the student's window
+    on_too_long: str
+    metrics: tuple[str, ...]
+    dtype: str  # resolved: auto is bfloat16 on GPU, float32 on CPU
+    logits_dtype: str | None = None  # set only when it is not the student's dtype
+    scope: str | None = None  # set only when it is not the default
+
+    def as_dict(self) -> dict:
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return settings | {"metrics": list(self.metrics)}
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def scored_key(sample_id: str, content_hash: str) -> str:

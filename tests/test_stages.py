@@ -30,7 +30,7 @@ from pipeline.ray_job import (
     tokenize_batch,
 )
 from pipeline.results import Tally, measure_block, rejects_batch, scores_batch
-from pipeline.schema import RAW_SCHEMA, REJECT_COLUMNS, RowContract, Status, reject_key, scored_key
+from pipeline.schema import RAW_SCHEMA, REJECT_COLUMNS, RowContract, ScoringSettings, Status, reject_key, scored_key
 from pipeline.storage import Corpus, locate
 
 GOOD = [{"role": "user", "content": "Two and two?"}, {"role": "assistant", "content": "Four."}]
@@ -52,7 +52,7 @@ def corpus_of(cfg) -> Corpus:
 
 
 def student_plan(cfg) -> StudentPlan:
-    settings = {"reasoning": "template", "dtype": "float32", "max_model_len": 4096}
+    settings = ScoringSettings("rev", "", "template", 100, 4096, "truncate", ("rsr",), "float32")
     return StudentPlan(cfg.students[0], StudentSource(cfg.students[0].path), "", "rev", "fp", settings, done_ref=None)
 
 
@@ -191,3 +191,11 @@ def test_a_stage_that_reads_what_no_stage_adds_fails_before_any_work(cfg):
     broken = [*stages(cfg)[:2], Stage("needs a column", repeated_ids, ("no_such_column",), ())]
     with pytest.raises(ConfigError, match="stage 'needs a column' reads \\['no_such_column'\\]"):
         check_stages(broken, RAW_SCHEMA.names)
+
+
+def test_fingerprints_of_the_typed_settings_equal_those_of_the_settings_dict_before():
+    """Outputs scored before the settings were typed must not be rescored: the same hash of the same dict."""
+    settings = ScoringSettings("rev", "tmpl", "template", 100, 8192, "truncate", ("rsr",), "float32")
+    before = {"student_revision": "rev", "chat_template": "tmpl", "reasoning": "template", "rank_clip": 100,
+              "max_model_len": 8192, "on_too_long": "truncate", "metrics": ["rsr"], "dtype": "float32"}  # fmt: skip
+    assert settings.fingerprint == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
