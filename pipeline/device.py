@@ -98,10 +98,6 @@ class DevicePolicy:
             f"logits {self.logits_chunk_tokens} positions at a time, statistics {self.statistics_rows or 'all'} rows per step"
         )
 
-    @staticmethod
-    def is_out_of_memory(exc: BaseException) -> bool:
-        return isinstance(exc, torch.OutOfMemoryError)
-
     def free_memory(self) -> str:
         """The device's free memory, for messages."""
         if not self.is_cuda:

@@ -64,7 +64,7 @@ from pipeline.schema import (
 )
 from pipeline.spans import DEFAULT_SCOPE, EncodedConversation, encode_conversation
 from pipeline.storage import Corpus, Location, format_of, open_corpus_file
-from pipeline.student import ScoringOptions, Student
+from pipeline.student import Rejected, ScoringOptions, Student
 
 RECORDS_PER_BLOCK = 1024
 # Bytes of corpus text per token (English prose and code run 3.5-4.5 with the usual vocabularies), which
@@ -440,8 +440,8 @@ class ScoreActor:
         columns = {column: [None] * len(ids) for column in self.columns}
         reasons, details = batch[name("reject_reason")].to_pylist(), batch[name("reject_detail")].to_pylist()
         for row, row_stats in zip(todo, stats):
-            if "reject_reason" in row_stats:  # too long for the device
-                reasons[row], details[row] = row_stats["reject_reason"], row_stats["reject_detail"]
+            if isinstance(row_stats, Rejected):  # too long for the device
+                reasons[row], details[row] = row_stats.reason, row_stats.detail
                 continue
             for column in self.columns:
                 columns[column][row] = row_stats[column]

@@ -64,6 +64,11 @@ def shared_prompt_lengths(conversations: Sequence[EncodedConversation], min_prom
     return [len(prompt) if len(prompt) >= min_prompt and counts[prompt] > 1 else 0 for prompt in prompts]
 
 
+def padded_tokens(rows: Sequence[tuple[EncodedConversation, tuple]]) -> int:
+    """Rows x longest row of a batch of (conversation, shared prompt) pairs: what the token budget bounds."""
+    return len(rows) * max(c.response_positions[-1] - len(prompt) for c, prompt in rows)
+
+
 def full_attention_only(config) -> bool:
     """Whether every layer attends to all earlier tokens: a gathered prompt cache with masked gaps is only
     exact then (a sliding window would count the gaps)."""
@@ -80,6 +85,14 @@ def logits_head(weight: torch.Tensor, bias: torch.Tensor | None, logits_dtype: t
     if logits_dtype == weight.dtype or weight.is_cuda:
         return weight, bias
     return weight.to(logits_dtype), bias.to(logits_dtype) if bias is not None else None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A trajectory the student could not score, with the reject reason (`pipeline.errors`) and why."""
+
+    reason: str
+    detail: str
 
 
 @dataclass
@@ -135,7 +148,7 @@ class Student:
     @torch.inference_mode()
     def score(
         self, conversations: Sequence[EncodedConversation], on_batch: Callable[[int, int], None] | None = None
-    ) -> list[dict]:
+    ) -> list[dict | Rejected]:
         """Per-trajectory stats, in the order given; results do not depend on how rows are batched.
 
         Trajectories of one prompt (several teachers answering one problem) share the prompt's tokens:
@@ -148,7 +161,7 @@ class Student:
         share = self.options.share_prompts and full_attention_only(self.model.config)
         lengths = shared_prompt_lengths(conversations, self.options.min_shared_prompt) if share else [0] * len(conversations)
         prompts = [tuple(c.input_ids[:n]) for c, n in zip(conversations, lengths)]  # () without a shared prompt
-        results: list[dict] = [{}] * len(conversations)
+        results: list[dict | Rejected] = [{}] * len(conversations)
         for window in self._prompt_windows(prompts):
             prompt_states = self._prompt_states(list(dict.fromkeys(prompts[i] for i in window if prompts[i])))
             shared = {i: prompts[i] if prompts[i] in prompt_states else () for i in window}  # a prompt too long to hold: unshared
@@ -161,21 +174,32 @@ class Student:
                     on_batch(len(rows), sum(len(c.response_positions) for c, _ in rows))
         return results
 
-    def _score_fitting(self, rows: Sequence[tuple[EncodedConversation, tuple]], prompt_states: dict) -> list[dict]:
-        """`_score_batch`, halving a batch that runs out of device memory (longest rows first) and lowering
-        the token budget for the rest of the run; a single row that does not fit gets a
-        `too_long_for_device` result instead of stats."""
+    def _score_fitting(self, rows: Sequence[tuple[EncodedConversation, tuple]], prompt_states: dict) -> list[dict | Rejected]:
+        """`_score_batch` (body and projection) under the out-of-memory back-off; a row that alone does
+        not fit gets a `too_long_for_device` reject instead of stats."""
+
+        def too_long(row: tuple[EncodedConversation, tuple]) -> list[Rejected]:
+            tokens = row[0].response_positions[-1] - len(row[1])
+            detail = f"{tokens} tokens after any shared prompt do not fit one pass ({self.policy.free_memory()})"
+            return [Rejected(errors.TOO_LONG_FOR_DEVICE, detail)]
+
+        return self._halving(rows, lambda batch: self._score_batch(batch, prompt_states), too_long, padded_tokens)
+
+    def _halving(
+        self, items: Sequence, run: Callable[[Sequence], list], alone: Callable[[object], list], tokens: Callable
+    ) -> list:
+        """`run(items)`; where the device runs out of memory, the token budget drops to half of what the
+        batch held (for the rest of the run) and each half runs again; an item that alone does not fit
+        gets `alone(item)`. The one back-off for every pass: the body with the projection, the prompt pass."""
         try:
-            return self._score_batch(rows, prompt_states)
+            return run(items)
         except torch.OutOfMemoryError:
             pass  # out of the handler first, so that the failed pass's tensors are freed
-        tokens = [c.response_positions[-1] - len(prompt) for c, prompt in rows]
-        if len(rows) == 1:
-            detail = f"{tokens[0]} tokens after any shared prompt do not fit one pass ({self.policy.free_memory()})"
-            return [{"reject_reason": errors.TOO_LONG_FOR_DEVICE, "reject_detail": detail}]
-        self._lower_token_budget(len(rows) * max(tokens) // 2)
-        half = len(rows) // 2
-        return self._score_fitting(rows[:half], prompt_states) + self._score_fitting(rows[half:], prompt_states)
+        if len(items) == 1:
+            return alone(items[0])
+        self._lower_token_budget(tokens(items) // 2)
+        half = len(items) // 2
+        return self._halving(items[:half], run, alone, tokens) + self._halving(items[half:], run, alone, tokens)
 
     def _lower_token_budget(self, budget: int) -> None:
         if budget < self.policy.token_budget:
@@ -200,23 +224,22 @@ class Student:
         return windows
 
     def _prompt_states(self, distinct: Sequence[tuple]) -> dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Per distinct prompt, each layer's keys and values [kv_heads, length, head_dim], from batched body passes."""
+        """Per distinct prompt, each layer's keys and values [kv_heads, length, head_dim], from batched body
+        passes under the out-of-memory back-off; a prompt that alone does not fit is left unshared."""
+
+        def states_of(prompts: Sequence[tuple]) -> list:
+            input_ids, attention_mask = self._right_padded(prompts)
+            cache = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).cache
+            return [
+                [(keys[row, :, : len(p)], values[row, :, : len(p)]) for keys, values, *_ in cache]
+                for row, p in enumerate(prompts)
+            ]
+
         states = {}
-        pending = plan_batches([len(p) for p in distinct], self.policy.token_budget)
-        while pending:
-            batch = pending.pop(0)
-            try:
-                input_ids, attention_mask = self._right_padded([distinct[i] for i in batch])
-                cache = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).cache
-            except torch.OutOfMemoryError:  # halve; a prompt that alone does not fit is left unshared
-                cache = None
-            if cache is None:
-                if len(batch) > 1:
-                    pending[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
-                continue
-            for row, i in enumerate(batch):
-                n = len(distinct[i])
-                states[distinct[i]] = [(keys[row, :, :n], values[row, :, :n]) for keys, values, *_ in cache]
+        for batch in plan_batches([len(p) for p in distinct], self.policy.token_budget):
+            prompts = [distinct[i] for i in batch]
+            found = self._halving(prompts, states_of, lambda _: [None], lambda ps: len(ps) * max(map(len, ps)))
+            states.update({prompt: state for prompt, state in zip(prompts, found) if state is not None})
         return states
 
     def _right_padded(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from pipeline.config import StudentConfig
 from pipeline.device import CPU_STATISTICS_ROWS, CPU_TOKEN_BUDGET, DevicePolicy
 from pipeline.ray_job import ScoreActor
 from pipeline.spans import encode_conversation
-from pipeline.student import ScoringOptions, Student
+from pipeline.student import Rejected, ScoringOptions, Student
 
 GiB = 2**30
 
@@ -89,11 +89,11 @@ def test_a_row_that_alone_does_not_fit_is_rejected_and_the_rest_scored(student_d
     lengths = sorted(c.response_positions[-1] for c in encoded)
     inject_out_of_memory(student, max_tokens=lengths[-2])  # only the longest row cannot fit
     results = student.score(encoded)
-    too_long = [r for r in results if "reject_reason" in r]
-    assert len(too_long) == 1 and too_long[0]["reject_reason"] == errors.TOO_LONG_FOR_DEVICE
-    assert f"{lengths[-1]} tokens" in too_long[0]["reject_detail"] and "n/a on CPU" in too_long[0]["reject_detail"]
+    too_long = [r for r in results if isinstance(r, Rejected)]
+    assert len(too_long) == 1 and too_long[0].reason == errors.TOO_LONG_FOR_DEVICE
+    assert f"{lengths[-1]} tokens" in too_long[0].detail and "n/a on CPU" in too_long[0].detail
     for want, got in zip(clean, results):
-        if "reject_reason" not in got:
+        if not isinstance(got, Rejected):
             assert got["rank_surprisal_ratio"] == pytest.approx(want["rank_surprisal_ratio"], abs=1e-6)
 
 
