@@ -69,7 +69,7 @@ def build_student(config_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.spans import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32)
@@ -116,7 +116,7 @@ def run_job(student: Path, corpus: Path, out: Path, dtype: str) -> tuple[float, 
 
 def long_rows(path: Path, tokenizer_dir: Path, limit: int, low: int = 2000, high: int = 8000) -> list[dict]:
     """The first `limit` rows whose answer has `low`-`high` tokens, the model's system prompt prepended."""
-    from pipeline.spans import load_tokenizer
+    from pipeline.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     rows = []

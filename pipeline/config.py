@@ -16,7 +16,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.metrics import METRICS
-from pipeline.spans import BUILTIN_TEMPLATES, REASONING_MODES, SCOPES
+from pipeline.spans import REASONING_MODES, SCOPES
+from pipeline.tokenizer import BUILTIN_TEMPLATES
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "arrow")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import fsspec
 
-from pipeline.spans import load_chat_template, load_tokenizer
+from pipeline.tokenizer import load_chat_template, load_tokenizer
 
 GGUF_SUFFIX = ".gguf"
 CACHE_DIR = Path(os.environ.get("RSR_CACHE_DIR", Path.home() / ".cache" / "rsr-pipeline"))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from pipeline import errors
 from pipeline.config import InputConfig
 from pipeline.errors import RowError
-from pipeline.spans import canonical_messages, split_reasoning, validate_messages
+from pipeline.messages import canonical_messages, split_reasoning, validate_messages
 
 BOM = b"\xef\xbb\xbf"
 READ_CHUNK_BYTES = 16 << 20

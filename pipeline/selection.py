@@ -24,9 +24,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.messages import THINK_CLOSE, THINK_OPEN
 from pipeline.metrics import BY_COLUMN
 from pipeline.output import AtomicObject, Precondition
-from pipeline.spans import THINK_CLOSE, THINK_OPEN
 from pipeline.storage import Location
 
 ARMS = ("lowest", "highest", "middle", "random")

@@ -39,38 +39,13 @@ from typing import Any
 
 from pipeline import errors
 from pipeline.errors import RowError
+from pipeline.messages import THINK_CLOSE, THINK_OPEN, canonical_messages, split_reasoning, validate_messages
 
-KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "ipython"})
 REASONING_MODES = ("template", "keep")
 # Which tokens of each assistant turn are scored: its whole body as rendered (the official definition),
 # the answer after the reasoning, only the reasoning, or the body without the tool calls it renders.
 SCOPES = ("assistant", "final", "reasoning", "no_tool_calls")
 DEFAULT_SCOPE = "assistant"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-# Message keys that reach the template besides role and content (agentic rows).
-TOOL_KEYS = ("tool_calls", "name", "tool_call_id")
-
-# Templates for students that ship none (base models), by name: `students[i].chat_template: chatml`.
-BUILTIN_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    "llama3": (
-        "{{ bos_token }}{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-    ),
-}
-# Texts on which a loaded tokenizer must encode exactly as its own tokenizer.json does: newline runs
-# before digits, runs of spaces, CJK, emoji, mixed scripts.
-TOKENIZER_PROBES = (
-    "x\n\n3 apples", "Total:\n\n\n42.\n 7", "a  b   c    d", "\t\tindent\n    code()", "你好，世界。日本語のテキスト",
-    "emoji 🙂👍🏽 and ZWJ 👨‍👩‍👧", "Ünïcödé façade naïve – “quotes”", "1234567890 + 0.5e-3 = x^2\n\n\n\n5",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,152 +75,6 @@ class TurnMarkers:
     def end(self) -> str:
         """The marker that ends a final turn ("" when whitespace closes turns)."""
         return self.ends[0] if self.ends else ""
-
-
-def load_chat_template(spec: str) -> str:
-    """A built-in template's text by name, else the text of a .jinja file."""
-    if spec in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[spec]
-    with open(spec, encoding="utf-8") as f:
-        return f.read()
-
-
-class TokenizerMismatch(ValueError):
-    """The loaded tokenizer does not encode as the model's own tokenizer.json."""
-
-
-def _reference_tokenizer(path: str):
-    """The model's tokenizer.json applied by the `tokenizers` library, or None when it ships none."""
-    from tokenizers import Tokenizer
-    from transformers.utils import cached_file
-
-    file = cached_file(path, "tokenizer.json", _raise_exceptions_for_missing_entries=False)
-    return Tokenizer.from_file(file) if file else None
-
-
-def _mismatch(tokenizer, reference) -> str | None:
-    for text in TOKENIZER_PROBES:
-        got = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if got != reference.encode(text, add_special_tokens=False).ids:
-            return f"{text!r} -> {tokenizer.convert_ids_to_tokens(got)}"
-    return None
-
-
-def load_tokenizer(path: str, chat_template: str | None = None):
-    """The student's tokenizer, encoding exactly as its own tokenizer.json does, with `chat_template`
-    (see `load_chat_template`) instead of its own when set.
-
-    transformers 5 rebuilds some tokenizer classes from their vocabulary and drops the file's
-    pre-tokenizer (SmolLM2's `GPT2Tokenizer`: "x\\n\\n3" becomes x, Ċ, Ċ, 3 instead of x, ĊĊ, 3); such a
-    tokenizer is loaded through the file itself instead. Raises TokenizerMismatch when neither way
-    reproduces the file on TOKENIZER_PROBES.
-    """
-    from transformers import AutoTokenizer, TokenizersBackend
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    reference = _reference_tokenizer(path)
-    if reference is not None and _mismatch(tokenizer, reference):
-        tokenizer = TokenizersBackend.from_pretrained(path)
-        if problem := _mismatch(tokenizer, reference):
-            raise TokenizerMismatch(f"the tokenizer of {path!r} does not encode as its tokenizer.json: {problem}")
-    if chat_template:
-        tokenizer.chat_template = load_chat_template(chat_template)
-    return tokenizer
-
-
-def _text_content(content: Any, i: int) -> Any:
-    """A message's content as text: a list of parts (OpenAI and HF multimodal messages) is the join of
-    its text parts; any other part cannot be scored as text."""
-    if not isinstance(content, list):
-        return content
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind != "text":
-            raise RowError(errors.UNSUPPORTED_CONTENT_PART, f"message {i} has a content part of type {str(kind)[:40]!r}")
-        if not isinstance(part.get("text"), str):
-            raise RowError(errors.NON_STRING_CONTENT, f"message {i} has a text part without a string text")
-        texts.append(part["text"])
-    return "".join(texts)
-
-
-def canonical_messages(messages: Any) -> Any:
-    """Messages as templates read them: `{role, content}`, `reasoning_content` when the message has
-    reasoning (given as `reasoning_content` or `thinking`), and the tool keys as given when present;
-    content parts joined. Anything malformed is passed on for `validate_messages` to name."""
-    if not isinstance(messages, list):
-        return messages
-    canonical = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            canonical.append(message)
-            continue
-        entry = {"role": message.get("role"), "content": _text_content(message.get("content"), i)}
-        reasoning = message.get("reasoning_content")
-        if reasoning is None:
-            reasoning = message.get("thinking")
-        if reasoning is not None and reasoning != "":
-            entry["reasoning_content"] = reasoning
-        for key in TOOL_KEYS:
-            if message.get(key) is not None:
-                entry[key] = message[key]
-        canonical.append(entry)
-    return canonical
-
-
-def _check_tool_calls(calls: Any, i: int) -> None:
-    if not isinstance(calls, list) or not all(
-        isinstance(c, dict) and isinstance((c.get("function") or c).get("name"), str) for c in calls
-    ):
-        raise RowError(errors.BAD_MESSAGE, f"message {i} tool_calls is not a list of calls with a function name")
-
-
-def validate_messages(messages: Any) -> list[dict]:
-    """Check the shape of canonical messages; raise RowError naming the first problem."""
-    if messages is None:
-        raise RowError(errors.MISSING_MESSAGES, "row has no messages")
-    if not isinstance(messages, list):
-        raise RowError(errors.MESSAGES_NOT_A_LIST, f"messages is a {type(messages).__name__}, not a list")
-    n_assistant = 0
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RowError(errors.BAD_MESSAGE, f"message {i} is a {type(message).__name__}, not an object")
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise RowError(errors.BAD_MESSAGE, f"message {i} has no string role")
-        if role not in KNOWN_ROLES:
-            raise RowError(errors.UNKNOWN_ROLE, f"message {i} has unknown role {role[:40]!r}")
-        content = message.get("content")
-        if content is None and role == "assistant" and message.get("tool_calls"):
-            content = ""  # a tool call alone: its content may be null
-        if not isinstance(content, str):
-            raise RowError(errors.NON_STRING_CONTENT, f"message {i} ({role}) content is {type(content).__name__}, not a string")
-        reasoning = message.get("reasoning_content")
-        if reasoning is not None and not isinstance(reasoning, str):
-            raise RowError(errors.NON_STRING_REASONING, f"message {i} reasoning is {type(reasoning).__name__}, not a string")
-        if "tool_calls" in message:
-            _check_tool_calls(message["tool_calls"], i)
-        if role == "assistant":
-            if not content.strip() and not (reasoning or "").strip() and not message.get("tool_calls"):
-                raise RowError(errors.EMPTY_ASSISTANT_CONTENT, f"assistant message {i} is empty")
-            n_assistant += 1
-    if n_assistant == 0:
-        raise RowError(errors.NO_ASSISTANT_TURN, "no assistant message")
-    return messages
-
-
-def split_reasoning(message: dict) -> tuple[str, str]:
-    """(reasoning, answer) of an assistant message: its `reasoning_content` (or `thinking`), else an
-    inline think block (everything before the last `</think>`, the opening tag removed), else no reasoning."""
-    content = message["content"] or ""
-    reasoning = message.get("reasoning_content") or message.get("thinking")
-    if reasoning:
-        return reasoning, content
-    if THINK_CLOSE not in content:
-        return "", content
-    reasoning, _, answer = content.rpartition(THINK_CLOSE)
-    reasoning = reasoning.lstrip()
-    return reasoning.removeprefix(THINK_OPEN), answer
 
 
 def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:

@@ -10,9 +10,9 @@ import pytest
 from pipeline import output
 from pipeline.job import run_job
 from pipeline.records import content_hash
-from pipeline.spans import BUILTIN_TEMPLATES
 from pipeline.storage import locate
 from pipeline.tiny_student import build_tiny_student
+from pipeline.tokenizer import BUILTIN_TEMPLATES
 from tests.conftest import write_jsonl
 from tests.test_job import job_config
 

@@ -15,8 +15,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.models import StudentSource
-from pipeline.spans import encode_conversation, load_tokenizer
+from pipeline.spans import encode_conversation
 from pipeline.student import ScoringOptions, Student
+from pipeline.tokenizer import load_tokenizer
 from tests.conftest import SHARED
 from tests.reference import CHATML_MARKERS, marker_ids, marker_positions
 

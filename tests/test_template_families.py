@@ -14,7 +14,9 @@ from transformers import AutoTokenizer
 
 from pipeline import errors
 from pipeline.errors import RowError
-from pipeline.spans import THINK_OPEN, encode_conversation, load_tokenizer, split_reasoning, turn_markers
+from pipeline.messages import THINK_OPEN, split_reasoning
+from pipeline.spans import encode_conversation, turn_markers
+from pipeline.tokenizer import load_tokenizer
 from tests.conftest import SHARED
 from tests.test_templates import GSM8K, QWEN3, tokenizer_for
 

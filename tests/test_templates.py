@@ -8,7 +8,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.spans import encode_conversation, split_reasoning
+from pipeline.messages import split_reasoning
+from pipeline.spans import encode_conversation
 from tests.conftest import SHARED
 from tests.reference import CHATML_MARKERS, LLAMA3_MARKERS, marker_ids, marker_positions
 
