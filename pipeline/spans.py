@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,15 +98,18 @@ def _render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) ->
 
 PROBE_QUESTION, PROBE_REPLY, PROBE_EARLIER_REPLY = "Probe question 7", "Probe reply 9", "Probe reply 8"
 PROBE_REASONING, PROBE_ARGUMENT, PROBE_RESULT = "Probe reasoning 6", "Probe value 3", "Probe result 5"
-_MARKERS: dict[tuple[int, str], TurnMarkers] = {}
+# Held per tokenizer object, weakly: keyed by id(), a dead tokenizer's markers would go to a later one.
+_MARKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def turn_markers(tokenizer) -> TurnMarkers:
-    """Read the assistant turn format off the tokenizer's chat template (cached)."""
-    key = (id(tokenizer), tokenizer.chat_template)
-    if key not in _MARKERS:
-        _MARKERS[key] = _probe_markers(tokenizer)
-    return _MARKERS[key]
+    """Read the assistant turn format off the tokenizer's chat template (cached for its template and
+    vocabulary size: a template set or tokens added later are read anew)."""
+    markers = _MARKERS.setdefault(tokenizer, {})
+    key = (tokenizer.chat_template, len(tokenizer))
+    if key not in markers:
+        markers[key] = _probe_markers(tokenizer)
+    return markers[key]
 
 
 def _special_tokens(tokenizer) -> list[str]:
