@@ -423,13 +423,17 @@ def encode_conversation(
     truncate: bool = True,
     reasoning: str = "template",
     scope: str = DEFAULT_SCOPE,
+    *,
+    canonical: bool = False,
 ) -> EncodedConversation:
     """Encode `messages` with the tokenizer's chat template and find the response token positions.
 
     `messages` may carry reasoning as `reasoning_content` or `thinking`, tool calls and tool results,
-    and content as a list of text parts. `reasoning`: "template" scores what the template renders,
-    "keep" every turn's reasoning and content as given (see the module docstring); both flag text the
-    template left out. Rows longer than `max_model_len` keep the first `max_model_len` tokens and are
+    and content as a list of text parts; they are made canonical and checked first (a RowError names a
+    malformed one), unless `canonical` says they already are (`pipeline.records` does both when it
+    parses a row, so the job need not repeat them per student). `reasoning`: "template" scores what
+    the template renders, "keep" every turn's reasoning and content as given (see the module
+    docstring); both flag text the template left out. Rows longer than `max_model_len` keep the first `max_model_len` tokens and are
     flagged truncated, or raise RowError(too_long) when `truncate` is False. `scope` chooses which
     tokens of each turn are scored (`scope_spans`); a row with none is a RowError(empty_scope).
     """
@@ -437,7 +441,8 @@ def encode_conversation(
         raise ValueError(f"reasoning must be one of {REASONING_MODES}, got {reasoning!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    messages = validate_messages(canonical_messages(messages))
+    if not canonical:
+        messages = validate_messages(canonical_messages(messages))
     markers = turn_markers(tokenizer)
     if reasoning == "keep":
         text, turns = _kept_conversation(tokenizer, messages, markers)
