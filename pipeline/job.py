@@ -189,7 +189,7 @@ def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, 
         done_ref = scored_keys.remote(paths, store.root, fingerprint)
         students.append(
             StudentPlan(
-                dataclasses.replace(student, dtype=settings["dtype"]),
+                dataclasses.replace(student, dtype=settings.dtype),
                 check.source,
                 check.tokens_from,
                 revision,
