@@ -258,7 +258,6 @@ def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Corp
     # The default hash shuffle starts aggregator actors for 200 partitions: ~30 s of fixed time on a
     # small runtime; the task-based sort shuffle costs well under a second once workers are warm.
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    ds.context.enable_progress_bar_name_truncation = False
     if sample:  # one read serves both group-bys
         ds = ds.materialize()
     groups = ds.groupby("sample_id").aggregate(Count(), Sum("valid"), Min("order")).materialize()  # kept in the object store
@@ -608,7 +607,6 @@ def build_dataset(plan: DatasetPlan):
     # A scoring call takes one block: blocks hold about `batch_tokens` tokens, so that results,
     # checkpoints and progress keep coming whatever the row lengths (this dataset's context only).
     ds.context.target_max_block_size = batch_tokens(plan.cfg.scoring, plan.gpus) * CORPUS_BYTES_PER_TOKEN
-    ds.context.enable_progress_bar_name_truncation = False  # the fused stages' names, whole, without a warning
     for stage in stages:
         ds = stage.apply(ds)
     return ds
