@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verbose:  # before Ray Data is imported; workers started later inherit both
             os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(resources.files("pipeline") / "ray_data_quiet.yaml"))
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' weight-loading bar
-        from pipeline.job import run_job  # imports Ray: only once the config is known to be good
         from ray.data import DataContext
+
+        from pipeline.job import run_job  # imports Ray: only once the config is known to be good
 
         # The fused stages' names, whole: Ray Data would otherwise cut them and warn that it did.
         DataContext.get_current().enable_progress_bar_name_truncation = False
