@@ -1,8 +1,10 @@
 import json
 import os
 import random
+import secrets
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -10,6 +12,11 @@ import pytest
 
 # Keep every Ray connection on loopback (../shared/notes/ray-on-this-machine.md); set before Ray starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Nothing shared with other Ray runtimes on the machine, as in the job's own (pipeline.job.ensure_ray): a
+# token instead of ~/.ray/auth_token, free ports for the head's metrics servers.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+for metrics_port in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT"):
+    os.environ.setdefault(metrics_port, "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray workers inherit the environment at ray.init: the S3 test server's dummy credentials go in first.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -77,7 +84,9 @@ def start_ray():
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # Its own temp dir: /tmp/ray's ray_current_cluster would make this join another cluster.
+        temp_dir = tempfile.mkdtemp(prefix="rsr-ray-", dir=os.environ.get("RAY_TMPDIR"))
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
         DataContext.get_current().execution_no_progress_timeout_s = 120
     return ray
 

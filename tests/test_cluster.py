@@ -17,22 +17,26 @@ from tests.conftest import REPO, free_port
 
 
 @pytest.fixture
-def two_node_cluster():
-    # With this process's local runtime up, the second node cannot fetch the job's working directory
-    # from its cluster (RuntimeEnvSetupError); the next test that needs the local runtime restarts it.
+def two_node_cluster(monkeypatch):
+    # The nodes start from this process, whose Ray state is one cluster's (starting the head points
+    # ray.experimental.internal_kv at its GCS): the local runtime goes; the next test that needs it restarts it.
     ray.shutdown()
     port = free_port()
     temp = Path(tempfile.mkdtemp(prefix="rsr-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
+    # Ray's default temp dir becomes the head's: Cluster writes the cluster's address there (not into
+    # /tmp/ray, where any plain ray.init() on the machine would join it), and the Jobs API reads it there
+    # for the job's driver; without it, the driver gets the first GCS of any runtime on the machine.
+    monkeypatch.setenv("RAY_TMPDIR", str(temp))
     # Each node has its own temp dir: a shared one lets one node's runtime-env cleanup delete the
     # working directory under the other's running driver.
-    # Own agent ports too: the default one is taken when this session's local Ray runtime is up.
+    # Own agent ports too: the default one is taken when another local runtime is up.
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 3, "include_dashboard": True, "dashboard_port": port, "temp_dir": str(temp / "h"),
+        head_node_args={"num_cpus": 3, "include_dashboard": True, "dashboard_port": port, "temp_dir": str(temp / "ray"),
                         "dashboard_agent_listen_port": free_port()},
     )  # fmt: skip
     try:
-        cluster.add_node(num_cpus=3, temp_dir=str(temp / "w"), dashboard_agent_listen_port=free_port())
+        cluster.add_node(num_cpus=3, temp_dir=str(temp / "worker"), dashboard_agent_listen_port=free_port())
         yield f"http://127.0.0.1:{port}"
     finally:
         cluster.shutdown()
