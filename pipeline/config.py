@@ -129,7 +129,7 @@ class ScoringConfig:
     reasoning: str = "template"  # template: score what the template renders | keep: every turn's reasoning as given
     scope: str = "assistant"  # assistant: every turn's body | final: the answers | reasoning | no_tool_calls
     metrics: Any = field(default_factory=lambda: ["rsr"])  # a list of rsr, entropy, top1, rank, logprob_std; or all
-    batch_tokens: str = "auto"  # tokens handed to a scoring actor at a time: auto (65,536 on CPU, 1,048,576 on GPU) or a number
+    batch_tokens: str = "auto"  # tokens handed to a scoring actor at a time: auto (32,768 on CPU, 1,048,576 on GPU) or a number
     rows_per_batch: int = 512  # superseded by batch_tokens (a scoring call is sized by tokens); kept so that old configs load
     logits_dtype: str = "float32"  # float32: vocabulary logits in float32 whatever the student's dtype | model: in its dtype
     prompt_cache_tokens: int = 16384  # prompt tokens shared by several rows whose keys/values are held at once
@@ -163,7 +163,7 @@ def token_budget(scoring: ScoringConfig) -> Optional[int]:
     return None if scoring.token_budget == "auto" else int(scoring.token_budget)
 
 
-CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 65536, 1048576  # a minute or two of scoring: a 135M student on 2 cores, a 7B on one GPU
+CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 32768, 1048576  # about a minute of scoring: a 135M student on 2 cores, a 7B on one GPU
 
 
 def batch_tokens(scoring: ScoringConfig, gpus: float) -> int:
