@@ -7,6 +7,7 @@ max |difference| in rank_surprisal_ratio from a float32 run of both.
   python -m benchmarks.bench --job --limit 600 --reference-batch-size 8   # + the default-settings job
   python -m benchmarks.bench --long --job          # long trajectories: AMC23 answers of 2k-8k tokens
   python -m benchmarks.bench --metrics-cost        # + the core again with scoring.metrics: all
+  python -m benchmarks.bench --logits-cost         # + the core again with bf16 logits (scoring.logits_dtype: model)
 
 --job also runs the scoring job as a user runs it, `python -m jobs.score --config FILE` with nothing
 set but the input, the student (and its dtype) and the output: every other setting at its default.
@@ -47,9 +48,9 @@ import torch
 from pipeline.spans import encode_conversation
 from pipeline.student import ScoringOptions, Student
 
-model_dir, corpus, out, dtype, threads, budget, limit, metrics = sys.argv[1:9]
+model_dir, corpus, out, dtype, threads, budget, limit, metrics, logits_dtype = sys.argv[1:10]
 torch.set_num_threads(int(threads))
-options = ScoringOptions(token_budget=int(budget), metrics=tuple(metrics.split(",")))
+options = ScoringOptions(token_budget=int(budget), metrics=tuple(metrics.split(",")), logits_dtype=logits_dtype)
 student = Student.load(model_dir, dtype=dtype, device="cpu", options=options)
 rows = [json.loads(line) for line in open(corpus) if line.strip()][: int(limit)]
 start = time.perf_counter()
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parity-limit", type=int, default=60, help="rows of the float32 parity run (0: skip)")
     parser.add_argument("--job", action="store_true", help="also time the default-settings job on the same rows")
     parser.add_argument("--metrics-cost", action="store_true", help="also time the core with scoring.metrics: all")
+    parser.add_argument("--logits-cost", action="store_true",
+                        help="also time the core with logits in the student's dtype (the default: float32 logits)")  # fmt: skip
     args = parser.parse_args(argv)
     args.limit = args.limit or (16 if args.long else 120)
 
@@ -169,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                              "--batch-size", str(args.reference_batch_size), "--threads", str(args.threads),
                              "--limit", str(limit)], args.threads)  # fmt: skip
 
-        def pipeline(dtype, limit, out, metrics=("rsr",)):
+        def pipeline(dtype, limit, out, metrics=("rsr",), logits_dtype="float32"):
             script = tmp / "pipeline_side.py"
             script.write_text(PIPELINE_SIDE)
             return run_side([str(script), str(student), str(corpus), str(out), dtype, str(args.threads),
-                             str(args.token_budget), str(limit), ",".join(metrics)], args.threads)  # fmt: skip
+                             str(args.token_budget), str(limit), ",".join(metrics), logits_dtype], args.threads)  # fmt: skip
 
         sides = {"reference": reference(args.dtype, args.limit, tmp / "ref.jsonl"),
                  "pipeline": pipeline(args.dtype, args.limit, tmp / "ours.jsonl")}  # fmt: skip
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             parity = max(abs(ref[k] - ours[k]) for k in ref)
         job_wall, job_tokens = run_job(student, corpus, tmp / "job", args.dtype) if args.job else (None, None)
         all_metrics = pipeline(args.dtype, args.limit, tmp / "all.jsonl", METRICS) if args.metrics_cost else None
+        model_logits = (
+            pipeline(args.dtype, args.limit, tmp / "model-logits.jsonl", logits_dtype="model") if args.logits_cost else None
+        )
 
     ref, ours = sides["reference"], sides["pipeline"]
     assert ref["tokens"] == ours["tokens"], "both sides must score the same response tokens"
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus_name = "AMC23 answers of 2k-8k tokens" if args.long else args.corpus.name
     print(f"\n{args.limit} rows of {corpus_name}, {ours['tokens']} response tokens, {args.dtype}, {args.threads} threads, "
           f"random-weight student of {args.model_config.name}; reference at batch size {args.reference_batch_size}, "
-          f"pipeline core at token budget {args.token_budget}")  # fmt: skip
+          f"pipeline core at token budget {args.token_budget}, float32 logits")  # fmt: skip
     print(f"{'':34}{'reference':>12}{'pipeline':>12}{'ratio':>9}")
     rows = [
         ("scored tokens/s, end to end", "e2e_tokens_per_s", True),
@@ -210,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         extra = all_metrics["seconds"] / ours["seconds"] - 1
         print(f"\nscoring only, metrics [rsr]: {ours['seconds']:.1f} s; metrics all: {all_metrics['seconds']:.1f} s "
               f"({extra:+.1%})")  # fmt: skip
+    if model_logits is not None:
+        cost = ours["seconds"] / model_logits["seconds"] - 1
+        print(f"\nscoring only, {args.dtype} logits: {model_logits['seconds']:.1f} s; float32 logits (the default): "
+              f"{ours['seconds']:.1f} s ({cost:+.1%})")  # fmt: skip
     if job_wall is not None:
         print(f"\n{'default-settings job (python -m jobs.score)':46}{'reference':>12}{'job':>12}{'ratio':>9}")
         print(f"{'wall time, end to end (s)':46}{ref['wall_s']:12.1f}{job_wall:12.1f}{ref['wall_s'] / job_wall:8.2f}x")
