@@ -1,4 +1,6 @@
-"""Response spans: which tokens of a chat-template encoding are the bodies of assistant turns.
+"""Response spans: which tokens of a chat-template encoding are the bodies of assistant turns. Reads a
+template's turn format off probe renders (`turn_markers`) and finds the turns of canonical messages
+(`pipeline.messages`) in their rendering (`encode_conversation`, `scope_spans`).
 
 Definition (the official RSR code's marker scan, generalized): for every assistant turn, the response
 tokens are what the student's chat template renders for that turn after each assistant message header
@@ -15,9 +17,14 @@ Everything is read off the template itself by rendering probe conversations (no 
 templates): the header is what the generation prompt and a rendered assistant turn have in common;
 the end markers are the special tokens that follow a final reply, an earlier reply, reasoning and a
 tool call; a document closer (Phi's `<|endoftext|>`) is what a render without a generation prompt
-appends and the prompted render lacks. Each turn is then found in the real rendering by scanning,
-starting where the rendering of the conversation before the turn ends, so text in a user or tool
-message can never pass for a turn.
+appends and the prompted render lacks; the lead-ins are what it writes from the end of a user message
+or a tool result to the body of the reply. Each turn is then found in the one rendering of the
+conversation, after the previous turn: its body starts at the lead-in right after the text of the
+message before it, with no lead-in earlier, and ends at an end marker that the next message's text
+follows. Where that cannot be checked (a text the template escapes, moves or leaves empty, a template
+that closes turns with whitespace), the turn is searched after the rendering of the conversation
+before it and up to where the rendering up to it ends, at the cost of rendering both. Either way text
+in a user or tool message never passes for a turn; a row whose turns all check is rendered once.
 
 Two ways to treat reasoning that a template drops (DeepSeek-R1-Distill drops every think block,
 Qwen3 and QwQ drop them from earlier turns, most templates ignore `reasoning_content`):
@@ -33,6 +40,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,6 +78,11 @@ class TurnMarkers:
     generation_prompt: str  # what add_generation_prompt appends: "<|im_start|>assistant\n<think>\n" (QwQ)
     closer: str  # what a render without a generation prompt appends at the very end: Phi's "<|endoftext|>"
     opener: str  # headerless templates: what ends the message before an assistant turn: " [/INST]"
+    # From the end of a user message's or a tool result's text through the header of the assistant turn
+    # after it, leading whitespace left out: {"user": "<|im_end|>\n<|im_start|>assistant\n", "tool": ...};
+    # DeepSeek writes no header after a tool result: "<｜tool▁output▁end｜><｜tool▁outputs▁end｜>".
+    lead_ins: dict[str, str]
+    rendered_per_message: int  # the most assistant messages it writes for one: harmony's analysis and final, 2
     renders_reasoning: bool  # a final assistant turn's reasoning field is rendered (Qwen3, gpt-oss)
 
     @property
@@ -138,16 +151,21 @@ def _end_after(tokenizer, messages: list[dict], text: str) -> str | None:
     return _marker_at(tokenizer, rendered, rendered.index(text) + len(text))
 
 
-def _tool_call_end(tokenizer, question: list[dict], known_ends: list[str]) -> str | None:
-    """The marker that ends a tool call: the first special token after its arguments, unless a known
-    end marker comes first (the call then sits inside an ordinary turn, as in ChatML templates)."""
+def _tool_round(tokenizer, question: list[dict]) -> str | None:
+    """The rendering of a tool call, its result and a reply, if the template renders tool calls."""
     arguments = json.dumps({"probe_argument": PROBE_ARGUMENT})  # OpenAI's shape: JSON text
     call = {"type": "function", "id": "probe_call", "function": {"name": "probe_tool", "arguments": arguments}}
-    rendered = _optional_render(tokenizer, [
+    return _optional_render(tokenizer, [
         *question, {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "name": "probe_tool", "tool_call_id": "probe_call", "content": PROBE_RESULT},
         {"role": "assistant", "content": PROBE_REPLY},
     ])  # fmt: skip
+
+
+def _tool_call_end(tokenizer, rendered: str | None, known_ends: list[str]) -> str | None:
+    """The marker that ends a tool call in the `_tool_round` rendering: the first special token after its
+    arguments, unless a known end marker comes first (the call then sits inside an ordinary turn, as in
+    ChatML templates)."""
     if not rendered or PROBE_RESULT not in rendered or PROBE_ARGUMENT not in rendered[: rendered.index(PROBE_RESULT)]:
         return None
     result_at = rendered.index(PROBE_RESULT)
@@ -156,6 +174,20 @@ def _tool_call_end(tokenizer, question: list[dict], known_ends: list[str]) -> st
         return None
     specials = sorted((after_call.find(t), t) for t in _special_tokens(tokenizer) if t in after_call)
     return specials[0][1] if specials else None
+
+
+def _lead_in_after_tool(rendered: str | None, header: str) -> str | None:
+    """What the `_tool_round` rendering writes from the tool result to the reply's body: through the
+    header, or all of it where there is none. None where it names the probe's call (Mistral's
+    `"call_id": "probe_call"}[/TOOL_RESULTS]`): that text differs from row to row."""
+    result_at = rendered.find(PROBE_RESULT) if rendered else -1
+    reply_at = rendered.find(PROBE_REPLY, result_at) if result_at >= 0 else -1
+    if reply_at < 0:
+        return None
+    between = rendered[result_at + len(PROBE_RESULT) : reply_at]
+    if header and header in between:
+        return between[: between.index(header) + len(header)]
+    return None if "probe_" in between else between
 
 
 def _probe_markers(tokenizer) -> TurnMarkers:
@@ -182,10 +214,11 @@ def _probe_markers(tokenizer) -> TurnMarkers:
     # Up to the generation prompt's first difference: QwQ's prompt also opens a think block, Qwen3's
     # rendered turn inserts an empty one; neither belongs to the header.
     header = os.path.commonprefix([generation_prompt, turn[:reply_at]]) or turn[:reply_at]
+    after_question = context[context.rindex(PROBE_QUESTION) + len(PROBE_QUESTION) :] if PROBE_QUESTION in context else None
     opener = ""
     if not header.strip():  # no assistant header: the body follows what ends the previous message
         header = ""
-        opener = context[context.rindex(PROBE_QUESTION) + len(PROBE_QUESTION) :] if PROBE_QUESTION in context else ""
+        opener = after_question or ""
         if not opener.strip():
             raise RowError(errors.TEMPLATE_ERROR, "the chat template marks neither an assistant turn nor the end of a user turn")
     after_body = turn[reply_at + len(PROBE_REPLY) :]
@@ -193,6 +226,7 @@ def _probe_markers(tokenizer) -> TurnMarkers:
     if final_end is None and after_body.strip():
         final_end = after_body.strip()
     reasoned = [*question, {**answer, "reasoning_content": PROBE_REASONING}]
+    tool_round = _tool_round(tokenizer, question)
     ends, earlier_end = [], final_end or ""
     if final_end:  # else whitespace closes turns
         earlier_end = (
@@ -200,7 +234,11 @@ def _probe_markers(tokenizer) -> TurnMarkers:
             or final_end
         )
         ends = [final_end, earlier_end, _end_after(tokenizer, reasoned, PROBE_REASONING)]
-        ends.append(_tool_call_end(tokenizer, question, [e for e in ends if e]))
+        ends.append(_tool_call_end(tokenizer, tool_round, [e for e in ends if e]))
+    lead_ins = {
+        "user": None if after_question is None else after_question + header,
+        "tool": _lead_in_after_tool(tool_round, header),
+    }
     rendered_reasoning = _optional_render(tokenizer, reasoned)
     return TurnMarkers(
         header=header,
@@ -210,6 +248,8 @@ def _probe_markers(tokenizer) -> TurnMarkers:
         generation_prompt=generation_prompt,
         closer=closer,
         opener=opener,
+        lead_ins={role: lead_in.lstrip() for role, lead_in in lead_ins.items() if lead_in and lead_in.strip()},
+        rendered_per_message=max(1, rendered_reasoning.count(header, len(context))) if header and rendered_reasoning else 1,
         renders_reasoning=bool(rendered_reasoning and PROBE_REASONING in rendered_reasoning),
     )
 
@@ -223,6 +263,63 @@ class Turn:
     end: int  # just after its last end marker
 
 
+_SPACE = re.compile(r"\s*")  # what str.strip() strips
+
+
+def _next_end(text: str, start: int, ends: Sequence[str]) -> tuple[int, str] | None:
+    found = [(at, marker) for marker in ends if (at := text.find(marker, start)) >= 0]
+    return min(found, key=lambda f: (f[0], -len(f[1]))) if found else None
+
+
+def _after_texts(text: str, messages: Sequence[dict], start: int) -> int | None:
+    """Where the texts of `messages` end in `text`, each found after the one before from `start` (as
+    templates strip it), or None where one is not there as given (a template that escapes or moves it)
+    or is empty (nothing shows where it is rendered, if at all)."""
+    for message in messages:
+        piece = message["content"].strip()
+        at = text.find(piece, start) if piece else -1
+        if at < 0:
+            return None
+        start = at + len(piece)
+    return start
+
+
+def _scanned_turn(
+    messages: Sequence[dict], run: list[int], first: int, text: str, cursor: int, markers: TurnMarkers
+) -> Turn | None:
+    """The turn of the assistant messages `run` read off `text` without rendering anything, or None
+    where that is not sure. Its body starts right after what the template writes between the message
+    before it and an assistant body (`markers.lead_ins`), which must follow the texts of the messages
+    since the previous turn (`messages[first:run[0]]`) and be the first one after `cursor`; it ends at
+    an end marker, goes on while the template writes another assistant message right after (no more of
+    them than the run's messages can make), and the text of the message after it must follow."""
+    i = run[0]
+    lead_in = markers.lead_ins.get(messages[i - 1]["role"]) if i else None
+    if not lead_in or not markers.ends:  # nothing to scan for, or whitespace closes turns
+        return None
+    after = _after_texts(text, messages[first:i], cursor)
+    if after is None:
+        return None
+    at = _SPACE.match(text, after).end()
+    if not text.startswith(lead_in, at) or text.find(lead_in, cursor) != at:
+        return None
+    body_start, bodies = at + len(lead_in), []
+    while True:
+        found = _next_end(text, body_start, markers.ends)
+        if found is None:
+            return None
+        bodies.append((body_start, found[0]))
+        turn_end = found[0] + len(found[1])
+        resume = _SPACE.match(text, turn_end).end()
+        if not markers.header or not text.startswith(markers.header, resume):
+            break
+        if len(bodies) == len(run) * markers.rendered_per_message:  # the next turn's: a message between rendered as nothing
+            return None
+        body_start = resume + len(markers.header)
+    following = messages[run[-1] + 1 : run[-1] + 2]  # none after the last turn
+    return Turn(run, bodies, turn_end) if _after_texts(text, following, turn_end) is not None else None
+
+
 def _prefix_length(tokenizer, messages: Sequence[dict], text: str, markers: TurnMarkers) -> int:
     """Where the rendering of `messages` ends inside `text`, or 0 where it is not a prefix of it
     (templates that render earlier turns differently once more follow)."""
@@ -234,11 +331,6 @@ def _prefix_length(tokenizer, messages: Sequence[dict], text: str, markers: Turn
         return 0
     prefix = prefix.removesuffix(markers.closer)
     return len(prefix) if text.startswith(prefix) else 0
-
-
-def _next_end(text: str, start: int, ends: Sequence[str]) -> tuple[int, str] | None:
-    found = [(at, marker) for marker in ends if (at := text.find(marker, start)) >= 0]
-    return min(found, key=lambda f: (f[0], -len(f[1]))) if found else None
 
 
 def _prompted_length(tokenizer, messages: Sequence[dict], text: str) -> int:
@@ -267,45 +359,59 @@ def _turn_start(tokenizer, messages: Sequence[dict], i: int, text: str, cursor: 
     raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: the start of its turn is not rendered")
 
 
+def _rendered_turn(tokenizer, messages: Sequence[dict], run: list[int], text: str, cursor: int, markers: TurnMarkers) -> Turn:
+    """The turn of the assistant messages `run`, found with the renderings of the conversation before
+    it and up to it (`_turn_start`)."""
+    i = run[0]
+    body_start = _turn_start(tokenizer, messages, i, text, cursor, markers)
+    # The turn never runs past where the rendering of the conversation up to it ends (when that
+    # rendering is a prefix): a template may write no end marker (DeepSeek's tool calls).
+    bound = _prefix_length(tokenizer, messages[: run[-1] + 1], text, markers)
+    if not markers.ends:  # whitespace closes turns: the turn ends where the next message's rendering starts
+        turn_end = bound or len(text)
+        body_end = turn_end - len(markers.after_body) if text.endswith(markers.after_body, 0, turn_end) else turn_end
+        if body_end < body_start:
+            raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: turn not found in the rendering")
+        return Turn(run, [(body_start, body_end)], turn_end)
+    bodies = []
+    while True:
+        found = _next_end(text, body_start, markers.ends)
+        if bound and (found is None or found[0] >= bound):
+            bodies.append((body_start, bound))
+            return Turn(run, bodies, bound)
+        if found is None:
+            raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: no end of turn {list(markers.ends)} rendered")
+        bodies.append((body_start, found[0]))
+        turn_end = found[0] + len(found[1])
+        # The turn goes on while the template writes another assistant message right after.
+        resume = _SPACE.match(text, turn_end).end()
+        if not markers.header or not text.startswith(markers.header, resume) or (bound and resume >= bound):
+            return Turn(run, bodies, turn_end)
+        body_start = resume + len(markers.header)
+
+
+def _assistant_runs(messages: Sequence[dict]) -> list[list[int]]:
+    """The indices of each run of consecutive assistant messages: one turn each."""
+    runs: list[list[int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+    return runs
+
+
 def _turns(tokenizer, messages: Sequence[dict], text: str, markers: TurnMarkers) -> list[Turn]:
-    """Every assistant turn of `messages` in `text`."""
-    turns, cursor, i = [], 0, 0
-    while i < len(messages):
-        if messages[i]["role"] != "assistant":
-            i += 1
-            continue
-        run = [i]
-        while run[-1] + 1 < len(messages) and messages[run[-1] + 1]["role"] == "assistant":
-            run.append(run[-1] + 1)
-        body_start = _turn_start(tokenizer, messages, i, text, cursor, markers)
-        # The turn never runs past where the rendering of the conversation up to it ends (when that
-        # rendering is a prefix): a template may write no end marker (DeepSeek's tool calls).
-        bound = _prefix_length(tokenizer, messages[: run[-1] + 1], text, markers)
-        if markers.ends:
-            bodies = []
-            while True:
-                found = _next_end(text, body_start, markers.ends)
-                if bound and (found is None or found[0] >= bound):
-                    bodies.append((body_start, bound))
-                    turn_end = bound
-                    break
-                if found is None:
-                    raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: no end of turn {list(markers.ends)} rendered")
-                bodies.append((body_start, found[0]))
-                turn_end = found[0] + len(found[1])
-                # The turn goes on while the template writes another assistant message right after.
-                resume = len(text) - len(text[turn_end:].lstrip())
-                if not markers.header or not text.startswith(markers.header, resume) or (bound and resume >= bound):
-                    break
-                body_start = resume + len(markers.header)
-        else:  # whitespace closes turns: the turn ends where the next message's rendering starts
-            turn_end = bound or len(text)
-            body_end = turn_end - len(markers.after_body) if text[:turn_end].endswith(markers.after_body) else turn_end
-            if body_end < body_start:
-                raise RowError(errors.TEMPLATE_ERROR, f"assistant message {i}: turn not found in the rendering")
-            bodies = [(body_start, body_end)]
-        turns.append(Turn(run, bodies, turn_end))
-        cursor, i = turn_end, run[-1] + 1
+    """Every assistant turn of `messages` in `text`, each searched after the previous one: read off
+    `text` alone where that is sure (`_scanned_turn`), else with renderings of the conversation up to
+    it (`_rendered_turn`), which cost a render of everything before the turn."""
+    turns, cursor, first = [], 0, 0
+    for run in _assistant_runs(messages):
+        turn = _scanned_turn(messages, run, first, text, cursor, markers)
+        turn = turn or _rendered_turn(tokenizer, messages, run, text, cursor, markers)
+        turns.append(turn)
+        cursor, first = turn.end, run[-1] + 1
     return turns
 
 
