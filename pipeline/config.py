@@ -53,26 +53,9 @@ class SampleConfig:
 
 
 @dataclass
-class SourceConfig:
-    """A part of the corpus with a shape of its own (`input.sources`); unset keys take the input section's."""
+class InputShape:
+    """The keys of one corpus part: where it is and its shape (which columns make a trajectory)."""
 
-    paths: list[str] = MISSING
-    format: Optional[str] = None
-    id_field: Optional[str] = None
-    messages_field: Optional[str] = None
-    prompt_field: Optional[str] = None
-    response_field: Optional[str] = None
-    reasoning_field: Optional[str] = None
-    system_field: Optional[str] = None
-    passthrough: Optional[list[str]] = None
-    candidates_field: Optional[str] = None
-    candidate_passthrough: Optional[list[str]] = None
-    response_groups: Optional[dict[str, ResponseGroup]] = None
-    path_fields: Optional[dict[str, str]] = None
-
-
-@dataclass
-class InputConfig:
     paths: list[str] = field(default_factory=list)  # files, directories, globs; local or s3://
     format: str = "auto"  # auto (by extension) | jsonl | json | parquet | arrow
     id_field: str = "id"
@@ -90,7 +73,25 @@ class InputConfig:
     response_groups: dict[str, ResponseGroup] = field(default_factory=dict)
     # Columns from each file's path below the input path that holds it: {teacher: "{teacher}/*.json"}.
     path_fields: dict[str, str] = field(default_factory=dict)
-    # More corpus parts, each with its own paths and shape (the keys above that it sets).
+
+
+def _source_config() -> type:
+    """The type of `input.sources` items: every key of InputShape, unset (None) unless given, `paths`
+    required. Derived, not copied: a new shape key is a source key too."""
+    fields = [("paths", "list[str]", field(default=MISSING))]
+    fields += [(f.name, f"Optional[{f.type}]", field(default=None)) for f in dataclasses.fields(InputShape) if f.name != "paths"]
+    source = dataclasses.make_dataclass("SourceConfig", fields)
+    source.__module__ = __name__  # omegaconf resolves the field types in this module
+    source.__doc__ = "A part of the corpus with a shape of its own (`input.sources`); unset keys take the input section's."
+    return source
+
+
+SourceConfig = _source_config()
+
+
+@dataclass
+class InputConfig(InputShape):
+    # More corpus parts, each with its own paths and shape (the keys of InputShape that it sets).
     sources: list[SourceConfig] = field(default_factory=list)
     sample: Optional[SampleConfig] = None  # score the rows of a seeded sample of groups only
 
@@ -136,12 +137,13 @@ class ScoringConfig:
 
 
 def shape_columns(input_cfg: InputConfig) -> dict[str, str]:
-    """The columns the corpus shapes add to each trajectory, with their Arrow type names."""
+    """The columns the corpus parts' shapes and path fields add to each trajectory, with their Arrow type names."""
+    from pipeline.records import shape_of  # the shape registry reads this module's types
+
     columns = {}
     for part in input_sources(input_cfg):
         columns.update({name: "string" for name in part.path_fields})
-        columns.update({"candidate_index": "int64"} if part.candidates_field else {})
-        columns.update({"teacher": "string"} if part.response_groups else {})
+        columns.update(shape_of(part).columns)
     return columns
 
 
@@ -240,16 +242,16 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
 
 def validate_shape(i: InputConfig, key: str, require) -> None:
     """The checks of one corpus part's shape; `key` prefixes the keys named in messages ("input.")."""
+    from pipeline.records import SHAPES, shape_of
+
     require(i.format in FORMATS, f"{key}format must be one of {FORMATS}, got {i.format!r}")
-    response_sources = [name for name, set_ in
-                        (("response_field", i.response_field), ("candidates_field", i.candidates_field), ("response_groups", i.response_groups)) if set_]  # fmt: skip
-    require(len(response_sources) <= 1, f"{key}{f' and {key}'.join(response_sources)} are exclusive: one source of responses")
-    require(
-        bool(i.prompt_field) == bool(i.response_field) or (i.prompt_field and response_sources),
-        f"{key}prompt_field and {key}response_field go together (or {key}prompt_field with {key}candidates_field or {key}response_groups)",
-    )
-    require(not i.reasoning_field or i.response_field, f"{key}reasoning_field needs {key}response_field")
-    require(not i.candidate_passthrough or i.candidates_field, f"{key}candidate_passthrough needs {key}candidates_field")
+    selecting = [shape.keys[0] for shape in SHAPES if shape.keys and shape.selected(i)]
+    require(len(selecting) <= 1, f"{key}{f' and {key}'.join(selecting)} are exclusive: one source of responses")
+    shape = shape_of(i)
+    for other in SHAPES:
+        for name in other.keys[1:] if other is not shape else ():
+            require(not getattr(i, name), f"{key}{name} needs {key}{other.keys[0]}")
+    shape.check(i, key, require)
     for name, pattern in i.path_fields.items():
         require("{" + name + "}" in pattern, f"{key}path_fields.{name}: the pattern {pattern!r} must name {{{name}}}")
     columns = [*i.passthrough, *i.candidate_passthrough, *shape_columns(i)]

@@ -15,7 +15,7 @@ from pipeline.config import InputConfig, StorageConfig, input_sources
 from pipeline.errors import RowError
 from pipeline.metrics import COMPANIONS
 from pipeline.output import committed_score_files
-from pipeline.records import content_hash, read_records, row_trajectories
+from pipeline.records import content_hash, read_records, row_trajectories, shape_of
 from pipeline.selection import select_arm
 from pipeline.storage import format_of, locate, open_corpus_file, plan_corpus
 
@@ -111,7 +111,7 @@ def _selected_trajectories(selected: pd.DataFrame, input_cfg: InputConfig, stora
         row, trajectories, part = found.get((source_file, int(row_number)), (None, {}, None))
         if scored_hash not in trajectories:
             raise ValueError(f"{source_file}:{row_number} changed since it was scored; re-run the scoring job")
-        yield row, trajectories[scored_hash], bool(part.candidates_field or part.response_groups)
+        yield row, trajectories[scored_hash], shape_of(part).several_per_row
 
 
 def original_rows(selected: pd.DataFrame, input_cfg: InputConfig, storage: StorageConfig | None = None) -> list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -273,14 +273,60 @@ def _group_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
     return trajectories
 
 
-def row_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
-    """The trajectories of a corpus row: one per candidate (`input.candidates_field`), one per teacher
-    (`input.response_groups`), else the row itself. Raises RowError when the row as a whole is unusable."""
-    if cfg.candidates_field:
-        return _candidate_trajectories(row, cfg)
-    if cfg.response_groups:
-        return _group_trajectories(row, cfg)
+def _row_trajectory(row: dict, cfg: InputConfig) -> list[Trajectory]:
     return [Trajectory("", {}, row_messages(row, cfg))]
+
+
+def _check_row(i: InputConfig, key: str, require: Callable[[bool, str], None]) -> None:
+    require(bool(i.prompt_field) == bool(i.response_field), f"{key}prompt_field and {key}response_field go together")
+    require(not i.reasoning_field or i.response_field, f"{key}reasoning_field needs {key}response_field")
+
+
+def _check_several(i: InputConfig, key: str, require: Callable[[bool, str], None]) -> None:
+    require(not i.response_field, f"{key}response_field and {key}{shape_of(i).keys[0]} are exclusive: one source of responses")
+    require(not i.reasoning_field, f"{key}reasoning_field needs {key}response_field")
+
+
+@dataclass(frozen=True)
+class CorpusShape:
+    """How the rows of a corpus part become trajectories. `keys`: the input keys it reads, the first of
+    which selects it (none: the default shape, one trajectory per row); `columns`: what it adds to every
+    trajectory (Arrow type names), `trajectories`: a row's trajectories (RowError when the row as a whole
+    is unusable), `check`: its configuration checks. Adding a corpus shape is its input keys in
+    `config.InputShape` and one entry in SHAPES."""
+
+    name: str
+    keys: tuple[str, ...]
+    columns: dict[str, str]
+    trajectories: Callable[[dict, InputConfig], list[Trajectory]]
+    check: Callable[[InputConfig, str, Callable[[bool, str], None]], None]
+
+    def selected(self, cfg: InputConfig) -> bool:
+        return not self.keys or bool(getattr(cfg, self.keys[0]))
+
+    @property
+    def several_per_row(self) -> bool:
+        return bool(self.keys)
+
+
+SHAPES = (
+    CorpusShape("candidates", ("candidates_field", "candidate_passthrough"), {"candidate_index": "int64"},
+                _candidate_trajectories, _check_several),
+    CorpusShape("teachers", ("response_groups",), {"teacher": "string"}, _group_trajectories, _check_several),
+    CorpusShape("row", (), {}, _row_trajectory, _check_row),  # messages, ShareGPT, or prompt and response columns
+)  # fmt: skip
+
+
+def shape_of(cfg: InputConfig) -> CorpusShape:
+    """The shape of a corpus part: the first whose selecting key is set, else one trajectory per row."""
+    selected = [shape for shape in SHAPES if shape.keys and shape.selected(cfg)]
+    return selected[0] if selected else SHAPES[-1]
+
+
+def row_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
+    """The trajectories of a corpus row, by its part's shape (`shape_of`). Raises RowError when the row
+    as a whole is unusable."""
+    return shape_of(cfg).trajectories(row, cfg)
 
 
 def content_hash(messages: list[dict]) -> str:

@@ -28,11 +28,27 @@ def test_demo_config_loads_with_overrides():
         ("scoring.reasoning=drop", "scoring.reasoning must be one of"),
         ("students.0.chat_template=missing.jinja", "students.0.chat_template 'missing.jinja' is neither a file"),
         ("input.prompt_field=question", "input.prompt_field and input.response_field go together"),
+        ("input.candidate_passthrough=[correct]", "input.candidate_passthrough needs input.candidates_field"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
         load_config(DEMO, [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [  # from the corpus-shape registry: one source of responses per corpus part
+        (["input.prompt_field=q", "input.response_field=r", "input.candidates_field=g"],
+         "input.response_field and input.candidates_field are exclusive"),
+        (["input.candidates_field=g", "input.response_groups={a: {response: r}}"],
+         "input.candidates_field and input.response_groups are exclusive"),
+        (["input.response_groups={a: {response: r}}", "input.reasoning_field=t"], "input.reasoning_field needs input.response_field"),
+    ],
+)  # fmt: skip
+def test_corpus_shapes_that_cannot_go_together(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(DEMO, overrides)
 
 
 def test_missing_config_file_and_input_paths(tmp_path):
