@@ -375,7 +375,8 @@ def tokenize_batch(
         encoded = reason = detail = None
         if reject is None and not skip and not sampled_out:
             try:
-                encoded = encode_conversation(tokenizer, json.loads(messages_json), max_model_len, truncate, reasoning, scope)
+                messages = json.loads(messages_json)  # canonical and checked at parse time
+                encoded = encode_conversation(tokenizer, messages, max_model_len, truncate, reasoning, scope, canonical=True)
             except RowError as exc:
                 reason, detail = exc.reason, exc.detail
         ids.append(encoded.input_ids if encoded else None)
