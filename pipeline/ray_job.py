@@ -144,9 +144,10 @@ class CorpusDatasource(FileBasedDatasource):
             yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
 
 
-def parse_batch(batch: pa.Table, corpus: Corpus, columns: list[str], column_types: dict[str, str]) -> pa.Table:
+def parse_batch(batch: pa.Table, corpus: Corpus, columns: list[str], column_types: dict) -> pa.Table:
     """Raw records to trajectories, each file's rows by the shape of its corpus part (several trajectories
-    per row for candidates and teachers), with the run's row `columns` (`config.row_columns`)."""
+    per row for candidates and teachers), with the run's row `columns` (`config.row_columns`) in
+    `column_types` (Arrow type names or types; a column without one takes the type of its values)."""
     rows = []
     for raw in batch.to_pylist():
         file_values = corpus.path_values.get(raw["source_file"], {})
@@ -165,10 +166,31 @@ def parse_batch(batch: pa.Table, corpus: Corpus, columns: list[str], column_type
             ]
         rows += [{"source_file": raw["source_file"], "row_number": raw["row_number"], **row} for row in parsed]
     table = pa.Table.from_pylist(rows, schema=PARSED_SCHEMA)
-    for name in columns:  # passthrough types come from the data
-        kind = pa.type_for_alias(column_types[name]) if name in column_types else None
-        table = table.append_column(name, pa.array([row.get(name) for row in rows], kind))
+    for name in columns:
+        kind = column_types.get(name)
+        kind = pa.type_for_alias(kind) if isinstance(kind, str) else kind
+        values = [row.get(name) for row in rows]
+        if kind == pa.string():  # a column whose values differ in type across the corpus is text
+            values = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
+        table = table.append_column(name, pa.array(values, kind))
     return table
+
+
+def row_column_types(schemas: list[pa.Schema], columns: tuple[str, ...]) -> dict[str, pa.DataType]:
+    """Each row column's one type across the corpus, from the schemas of the survey's blocks: its values'
+    type; text where they differ or are all null. Every score file of a run then has the same schema
+    (a block whose values of a column are all null would otherwise write a null-typed column, which
+    DuckDB and Spark cannot read beside the other files)."""
+    types = {}
+    for name in columns:
+        found = {schema.field(name).type for schema in schemas if name in schema.names} - {pa.null()}
+        types[name] = found.pop() if len(found) == 1 else pa.string()
+    return types
+
+
+@ray.remote(num_cpus=0)
+def block_schema(block: pa.Table) -> pa.Schema:
+    return block.schema
 
 
 def row_order(file_number: int, row_number: int) -> int:
@@ -179,9 +201,9 @@ def row_order(file_number: int, row_number: int) -> int:
 NOT_VALID = 1 << 62  # the order of an invalid row: never an id's first valid row
 
 
-def order_batch(batch: pa.Table, file_numbers: dict[str, int], group_columns: list[str]) -> pa.Table:
+def order_batch(batch: pa.Table, file_numbers: dict[str, int], group_columns: list[str], row_columns: list[str]) -> pa.Table:
     """Every parsed row as (sample_id, its `row_order` or NOT_VALID, whether it is valid), with the
-    sample's group columns as text (`input.sample`)."""
+    sample's group columns as text (`input.sample`) and the row columns as parsed (for their types)."""
     valid = pc.is_valid(batch["content_hash"]).to_pylist()
     places = zip(batch["source_file"].to_pylist(), batch["row_number"].to_pylist(), valid)
     order = [row_order(file_numbers[f], r) if ok else NOT_VALID for f, r, ok in places]
@@ -190,13 +212,15 @@ def order_batch(batch: pa.Table, file_numbers: dict[str, int], group_columns: li
             "sample_id": batch["sample_id"],
             "order": pa.array(order, pa.int64()),
             "valid": pa.array([int(ok) for ok in valid], pa.int64()),
-            **{column: pc.cast(batch[column], pa.string()) for column in group_columns},
+            **{f"group:{column}": pc.cast(batch[column], pa.string()) for column in group_columns},
+            **{column: batch[column] for column in row_columns},
         }
     )
 
 
 def valid_groups(batch: pa.Table, group_columns: list[str]) -> pa.Table:
-    return batch.filter(pc.equal(batch["valid"], 1)).select(group_columns)
+    valid = batch.filter(pc.equal(batch["valid"], 1)).select([f"group:{column}" for column in group_columns])
+    return valid.rename_columns(group_columns)
 
 
 def repeated_ids(batch: pa.Table) -> pa.Table:
@@ -211,6 +235,7 @@ class CorpusSurvey:
 
     duplicates: list  # references to `repeated_ids` tables
     trajectories: int  # parsed rows, rejects included: the rows each student's results will count
+    row_types: dict[str, pa.DataType]  # each row column's one type (`row_column_types`)
     sample: GroupSample | None = None
 
 
@@ -253,13 +278,15 @@ def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Corp
     group_columns = [c for c in (sample.by, sample.shared_by) if c] if sample else []
     ds = parse_stage(cfg, contract, corpus).apply(ray.data.read_datasource(CorpusDatasource(corpus)))
     ds = ds.map_batches(
-        order_batch, fn_kwargs={"file_numbers": file_numbers, "group_columns": group_columns}, batch_format="pyarrow"
+        order_batch,
+        fn_kwargs={"file_numbers": file_numbers, "group_columns": group_columns, "row_columns": list(contract.row)},
+        batch_format="pyarrow",
     )
     # The default hash shuffle starts aggregator actors for 200 partitions: ~30 s of fixed time on a
     # small runtime; the task-based sort shuffle costs well under a second once workers are warm.
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    if sample:  # one read serves both group-bys
-        ds = ds.materialize()
+    ds = ds.materialize()  # one read serves the group-bys and the row columns' types
+    schemas = ray.get([block_schema.remote(ref) for ref in ds.to_arrow_refs()])
     groups = ds.groupby("sample_id").aggregate(Count(), Sum("valid"), Min("order")).materialize()  # kept in the object store
     trajectories = int(groups.sum("count()") or 0) if groups.count() else 0
     chosen = None
@@ -270,7 +297,8 @@ def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Corp
         chosen = choose_groups(
             pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in group_columns}), sample
         )
-    return CorpusSurvey(groups.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs(), trajectories, chosen)
+    duplicates = groups.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs()
+    return CorpusSurvey(duplicates, trajectories, row_column_types(schemas, contract.row), chosen)
 
 
 @functools.lru_cache(maxsize=2)
@@ -543,10 +571,10 @@ class DatasetPlan:
     meter: object = None  # a `results.ScoringMeter`
 
 
-def parse_stage(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Stage:
-    """Raw records to trajectories (the survey pass runs it too)."""
+def parse_stage(cfg: JobConfig, contract: RowContract, corpus: Corpus, row_types: dict | None = None) -> Stage:
+    """Raw records to trajectories (the survey pass runs it too, before the row columns' types are known)."""
     return Stage("parse", parse_batch, tuple(RAW_SCHEMA.names), (*PARSED_SCHEMA.names[2:], *contract.row), drops=("text",),
-                 kwargs={"corpus": corpus, "columns": list(contract.row), "column_types": contract.row_types})  # fmt: skip
+                 kwargs={"corpus": corpus, "columns": list(contract.row), "column_types": {**(row_types or {}), **contract.row_types}})  # fmt: skip
 
 
 def scoring_stages(plan: DatasetPlan) -> list[Stage]:
@@ -554,7 +582,7 @@ def scoring_stages(plan: DatasetPlan) -> list[Stage]:
     cfg, contract, survey = plan.cfg, plan.contract, plan.survey
     by = cfg.input.sample.by if cfg.input.sample else None
     stages = [
-        parse_stage(cfg, contract, plan.corpus),
+        parse_stage(cfg, contract, plan.corpus, survey.row_types),
         Stage("dedupe", mark_duplicates, ("sample_id", "source_file", "row_number", "content_hash", "reject_reason", "reject_detail"), (),
               kwargs={"duplicates": survey.duplicates, "file_urls": plan.corpus.urls}),
         Stage("sample", mark_sampled_out, ("reject_reason", *([by] if by else [])), ("sampled_out",),

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import errors
-from pipeline.config import ConfigError, SampleConfig, load_config
+from pipeline.config import ConfigError, InputConfig, SampleConfig, load_config
 from pipeline.models import StudentSource
 from pipeline.ray_job import (
     CorpusSurvey,
@@ -25,6 +25,7 @@ from pipeline.ray_job import (
     parse_batch,
     reject_duplicates,
     repeated_ids,
+    row_column_types,
     row_order,
     scoring_stages,
     tokenize_batch,
@@ -57,7 +58,7 @@ def student_plan(cfg) -> StudentPlan:
 
 
 def stages(cfg) -> list[Stage]:
-    plan = DatasetPlan(cfg, RowContract.of(cfg), corpus_of(cfg), [student_plan(cfg)], CorpusSurvey([], 0),
+    plan = DatasetPlan(cfg, RowContract.of(cfg), corpus_of(cfg), [student_plan(cfg)], CorpusSurvey([], 0, {}),
                        RunStamp("run-1", datetime.now(UTC), 100), gpus=0)  # fmt: skip
     return scoring_stages(plan)
 
@@ -100,7 +101,8 @@ def test_parse(cfg):
 
 def test_survey_and_dedupe(cfg):
     table = parsed(cfg)
-    orders = order_batch(table, {"/c/a.jsonl": 0}, [])
+    orders = order_batch(table, {"/c/a.jsonl": 0}, [], ["source"])
+    assert orders["source"].to_pylist() == table["source"].to_pylist()  # for the row columns' types
     grouped = (
         orders.group_by("sample_id")
         .aggregate([("valid", "sum"), ("order", "min")])
@@ -199,3 +201,23 @@ def test_fingerprints_of_the_typed_settings_equal_those_of_the_settings_dict_bef
     before = {"student_revision": "rev", "chat_template": "tmpl", "reasoning": "template", "rank_clip": 100,
               "max_model_len": 8192, "on_too_long": "truncate", "metrics": ["rsr"], "dtype": "float32"}  # fmt: skip
     assert settings.fingerprint == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_row_columns_get_one_type_across_the_corpus():
+    """A block whose values of a column are all null must not write a null-typed column beside the
+    other blocks' booleans: every score file of a run has one schema."""
+    blocks = [pa.schema([("ok", pa.null()), ("n", pa.int64())]), pa.schema([("ok", pa.bool_()), ("n", pa.int64()), ("x", pa.null())]),
+              pa.schema([("mixed", pa.string())]), pa.schema([("mixed", pa.bool_())])]  # fmt: skip
+    types = row_column_types(blocks, ("ok", "n", "x", "mixed", "absent"))
+    assert types == {"ok": pa.bool_(), "n": pa.int64(), "x": pa.string(), "mixed": pa.string(), "absent": pa.string()}
+    rows = raw(
+        [
+            (json.dumps({"id": "a", "source": True, "messages": GOOD}), None),
+            (json.dumps({"id": "b", "source": "t", "messages": GOOD}), None),
+        ]
+    )
+    cfg_corpus = Corpus(
+        locate("/c", None), ["/c/a.jsonl"], [], [InputConfig(paths=["x"], passthrough=["source"])], {"/c/a.jsonl": 0}, {}
+    )
+    parsed_rows = parse_batch(rows, cfg_corpus, ["source"], {"source": pa.string()})
+    assert parsed_rows["source"].type == pa.string() and parsed_rows["source"].to_pylist() == ["true", "t"]
