@@ -48,5 +48,5 @@ def test_the_demo_is_quiet_on_a_non_tty(tmp_path, student_dirs, corpus_path):
     assert done.returncode == 0, done.stderr[-2000:]
     output = done.stdout + done.stderr
     assert " INFO " not in output and "Loading weights" not in output
-    assert "read  scored  rejected  skipped  content_dropped" in done.stdout  # the run summary as before
+    assert "read  scored  rejected  skipped  sampled_out  content_dropped" in done.stdout  # the run summary with its counts
     assert "dataset-level RSR" in done.stdout and "committed" in done.stdout
