@@ -10,7 +10,6 @@ After this, nothing needs the network.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(
-        f"demo student (trained SmolLM2-135M-Instruct, Q4_1 GGUF, sha256 {hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]}) -> {gguf}"
+        f"demo student (trained SmolLM2-135M-Instruct, Q4_1 GGUF, sha256 {file_sha256(gguf)[:16]}) -> {gguf}"
     )
     return 0
 
