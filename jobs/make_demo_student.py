@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except FetchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(
-        f"demo student (trained SmolLM2-135M-Instruct, Q4_1 GGUF, sha256 {file_sha256(gguf)[:16]}) -> {gguf}"
-    )
+    print(f"demo student (trained SmolLM2-135M-Instruct, Q4_1 GGUF, sha256 {file_sha256(gguf)[:16]}) -> {gguf}")
     return 0
 
 
