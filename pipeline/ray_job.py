@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -447,6 +448,7 @@ class ScoreActor:
 
         torch.set_num_threads(threads or default_torch_threads(cpus_per_actor, scoring_actors))
         self.index, self.name, self.meter = index, student.name, meter
+        self.started = False  # told the meter when scoring began
         source = source or StudentSource(student.path, student.tokenizer, student.chat_template)
         self.student = Student.load(source, dtype=student.dtype, options=options)
         self.columns = stat_columns(options.metrics)
@@ -461,9 +463,12 @@ class ScoreActor:
         ids, positions = batch[name("ids")].to_pylist(), batch[name("positions")].to_pylist()
         todo = [row for row, row_ids in enumerate(ids) if row_ids is not None]
         before = dataclasses.replace(self.student.padding)
+        if self.meter and todo and not self.started:
+            self.meter.start.remote(time.time())
+            self.started = True
         stats = self.student.score([EncodedConversation(ids[row], positions[row], False) for row in todo], on_batch=self._report)
         if self.meter:  # rows that needed no scoring (rejected, skipped, sampled out) are done too
-            self.meter.add.remote(len(ids) - len(todo), 0)
+            self.meter.add_unscored.remote(len(ids) - len(todo))
             padding = self.student.padding
             self.meter.add_padding.remote(self.name, padding.real - before.real, padding.padded - before.padded)
         columns = {column: [None] * len(ids) for column in self.columns}

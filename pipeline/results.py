@@ -179,14 +179,23 @@ class ScoringMeter:
     between commits) and, per student, the real and padded tokens of its batches (padding efficiency)."""
 
     def __init__(self):
-        self.rows = self.tokens = 0
+        self.rows = self.tokens = self.unscored = 0
         self.first_at: float | None = None
         self.padding: dict[str, list[int]] = {}
 
+    def start(self, at: float) -> None:
+        """An actor begins scoring: the rate and the time left are measured from the first start."""
+        self.first_at = min(self.first_at or at, at)
+
     def add(self, rows: int, tokens: int) -> None:
-        self.first_at = self.first_at or time.time()
+        """A scored batch."""
         self.rows += rows
         self.tokens += tokens
+
+    def add_unscored(self, rows: int) -> None:
+        """Rows done without scoring (rejected, skipped, sampled out, already scored): they count as done
+        but say nothing of the rate (a resumed run's first blocks are all of them)."""
+        self.unscored += rows
 
     def add_padding(self, student: str, real: int, padded: int) -> None:
         totals = self.padding.setdefault(student, [0, 0])
@@ -194,7 +203,13 @@ class ScoringMeter:
         totals[1] += padded
 
     def read(self) -> dict:
-        return {"rows": self.rows, "tokens": self.tokens, "first_at": self.first_at, "padding": self.padding}
+        return {
+            "rows": self.rows,
+            "unscored": self.unscored,
+            "tokens": self.tokens,
+            "first_at": self.first_at,
+            "padding": self.padding,
+        }
 
 
 def padding_efficiency(meter: dict) -> dict[str, float]:
@@ -230,10 +245,11 @@ class Progress:
             if not done["rows"]:
                 return
             elapsed = max(time.time() - done["first_at"], 1e-9)
-            line = f"progress: {done['rows']:,} rows and {done['tokens']:,} tokens done, {done['tokens'] / elapsed:,.0f} tokens/s"
+            rows = done["rows"] + done["unscored"]
+            line = f"progress: {rows:,} rows and {done['tokens']:,} tokens done, {done['tokens'] / elapsed:,.0f} tokens/s"
             if self.expected:
-                left = elapsed * max(self.expected - done["rows"], 0) / done["rows"]
-                line += f", {min(done['rows'] / self.expected, 1):.0%} of {self.expected:,} rows, about {left / 60:.0f} min left"
+                left = elapsed * max(self.expected - rows, 0) / done["rows"]  # at the rate rows are scored
+                line += f", {min(rows / self.expected, 1):.0%} of {self.expected:,} rows, about {left / 60:.0f} min left"
             self.log(line)
             self.last_line = now
 

@@ -124,3 +124,25 @@ def test_progress_is_counted_from_what_the_actors_scored(tmp_path, student_dirs,
     assert 0 < efficiency <= 1
     manifest = json.loads(next((out / "_runs").glob("*Z-??????.json")).read_text())
     assert manifest["students"][0]["padding_efficiency"] == efficiency
+
+
+def test_time_left_comes_from_the_rows_scored_not_the_rows_passed_through():
+    """A resumed run's first blocks are rows scored before: they count as done, not as speed."""
+    import time
+
+    import ray
+
+    from pipeline.results import Progress, ScoringMeter
+
+    start_ray()
+    meter, lines = ScoringMeter.remote(), []
+    progress = Progress(lines.append, 600, meter)
+    progress.stop()  # no ticker: lines only from update()
+    ray.get(meter.add_unscored.remote(74))
+    progress.update()
+    assert lines == []  # nothing scored yet: no rate to speak of
+    ray.get(meter.start.remote(time.time() - 60))
+    ray.get(meter.add.remote(26, 1000))
+    progress.update()
+    # 26 rows scored in about 60 s; 500 of 600 rows to go at that rate: about 19 minutes (not 0)
+    assert lines[0].startswith("progress: 100 rows and 1,000 tokens done, 17 tokens/s, 17% of 600 rows, about 19 min left")
