@@ -119,27 +119,51 @@ def reference_scores(folder, corpus, dtype):
     return {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
 
 
-def pipeline_scores(source, rows, dtype, logits_dtype="float32"):
-    student = Student.load(source, dtype=dtype, device="cpu", options=ScoringOptions(logits_dtype=logits_dtype))
+def pipeline_scores(source, rows, dtype, logits_dtype="float32", per_token=False):
+    options = ScoringOptions(logits_dtype=logits_dtype, per_token=per_token)
+    student = Student.load(source, dtype=dtype, device="cpu", options=options)
     stats = student.score([encode_conversation(student.tokenizer, r["messages"]) for r in rows])
     return {row["id"]: s for row, s in zip(rows, stats)}
 
 
+@torch.inference_mode()
+def exact_ranks(folder, tokenizer, row, rank_clip=100) -> list[int]:
+    """A row's clipped ranks from float64 logits (eager attention, the head over every position): the exact
+    answer where two float32 computations round a near-tie differently."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64, attn_implementation="eager").eval()
+    encoded = encode_conversation(tokenizer, row["messages"])
+    positions = encoded.response_positions
+    logits = model(input_ids=torch.tensor([encoded.input_ids]), use_cache=False).logits[0, [q - 1 for q in positions]]
+    target = logits.gather(1, torch.tensor([encoded.input_ids[q] for q in positions])[:, None])
+    return (1 + (logits > target).sum(-1)).clamp(max=rank_clip).tolist()
+
+
 def test_trained_student_matches_the_reference_in_float32(trained):
+    """Token counts, RSR within 1e-4 and every clipped rank equal to the reference's. A float32 rank can
+    only differ where the target and another token are tied to within rounding: the reference itself
+    flips such a rank with the shape of its head's matrix product (measured: a competitor 1.5e-5 above
+    the target over all positions, exactly tied over one). There, the pipeline's ranks must equal the
+    exact ones, from float64 logits."""
     source, folder, rows, corpus = trained
     expected = reference_scores(folder, corpus, "float32")
-    got = pipeline_scores(source, rows, "float32")
-    differences = []
-    for sample_id, ref in expected.items():
-        mine = got[sample_id]
+    got = pipeline_scores(source, rows, "float32", per_token=True)
+    differences, near_ties = [], []
+    for row in rows:
+        ref, mine = expected[row["id"]], got[row["id"]]
         n = mine["resp_token_length"]
-        assert n == ref["n_tokens"], sample_id
-        assert round(mine["avg_rank_clip"] * n) == round(ref["avg_rank"] * n), sample_id  # every clipped rank equal
+        assert n == ref["n_tokens"], row["id"]
         differences.append(abs(mine["rank_surprisal_ratio"] - ref["rsr"]))
+        if sum(mine["token_ranks"]) != round(ref["avg_rank"] * n):
+            assert mine["token_ranks"] == exact_ranks(folder, source.load_tokenizer(), row), row["id"]
+            near_ties.append(row["id"])
     assert len(differences) >= 100 and max(differences) <= 1e-4
+    assert len(near_ties) <= 2, near_ties  # a real rank error would show on many rows, not on a rare near-tie
     mean_rank = sum(s["avg_rank_clip"] for s in got.values()) / len(got)
     assert mean_rank < 10  # a trained student: likely tokens rank near 1, not near the clip
-    print(f"\nfloat32, {len(differences)} rows: max |dRSR| {max(differences):.2e}, mean avg_rank_clip {mean_rank:.2f}")
+    print(
+        f"\nfloat32, {len(differences)} rows: max |dRSR| {max(differences):.2e}, mean avg_rank_clip {mean_rank:.2f}; "
+        f"rank sums differing from the reference (pipeline = float64): {near_ties or 'none'}"
+    )
 
 
 def test_bfloat16_with_float32_logits_stays_near_float32(trained):
