@@ -139,7 +139,7 @@ def exact_ranks(folder, tokenizer, row, rank_clip=100) -> list[int]:
 
 
 def test_trained_student_matches_the_reference_in_float32(trained):
-    """Token counts, RSR within 1e-4 and every clipped rank equal to the reference's. A float32 rank can
+    """Token counts, surprisals within 1e-4, every clipped rank equal to the reference's and RSR within 1e-4. A float32 rank can
     only differ where the target and another token are tied to within rounding: the reference itself
     flips such a rank with the shape of its head's matrix product (measured: a competitor 1.5e-5 above
     the target over all positions, exactly tied over one). There, the pipeline's ranks must equal the
@@ -152,17 +152,21 @@ def test_trained_student_matches_the_reference_in_float32(trained):
         ref, mine = expected[row["id"]], got[row["id"]]
         n = mine["resp_token_length"]
         assert n == ref["n_tokens"], row["id"]
-        differences.append(abs(mine["rank_surprisal_ratio"] - ref["rsr"]))
+        assert abs(mine["avg_surprisal"] - ref["avg_surprisal"]) <= 1e-4, row["id"]
         if sum(mine["token_ranks"]) != round(ref["avg_rank"] * n):
-            assert mine["token_ranks"] == exact_ranks(folder, source.load_tokenizer(), row), row["id"]
-            near_ties.append(row["id"])
+            near_ties.append(row)  # one rank in ~100 tokens moves RSR by ~5e-3: judged by float64 below
+        else:
+            differences.append(abs(mine["rank_surprisal_ratio"] - ref["rsr"]))
     assert len(differences) >= 100 and max(differences) <= 1e-4
-    assert len(near_ties) <= 2, near_ties  # a real rank error would show on many rows, not on a rare near-tie
+    assert len(near_ties) <= 2, [row["id"] for row in near_ties]  # a real rank error shows on many rows, not on a rare near-tie
+    tokenizer = source.load_tokenizer()
+    for row in near_ties:
+        assert got[row["id"]]["token_ranks"] == exact_ranks(folder, tokenizer, row), row["id"]
     mean_rank = sum(s["avg_rank_clip"] for s in got.values()) / len(got)
     assert mean_rank < 10  # a trained student: likely tokens rank near 1, not near the clip
     print(
         f"\nfloat32, {len(differences)} rows: max |dRSR| {max(differences):.2e}, mean avg_rank_clip {mean_rank:.2f}; "
-        f"rank sums differing from the reference (pipeline = float64): {near_ties or 'none'}"
+        f"rank sums differing from the reference (pipeline = float64): {[row['id'] for row in near_ties] or 'none'}"
     )
 
 
