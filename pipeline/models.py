@@ -7,6 +7,7 @@ and every scoring actor loads the same weights through it. No Ray here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -73,17 +74,9 @@ class StudentSource:
         return str(local_copy(self.path, self.endpoint_url)) if self.gguf else os.path.expanduser(self.path)
 
     def load_tokenizer(self):
-        """The tokenizer the student scores with; see `tokens_from` for where it comes from."""
-        if self.tokenizer or not self.gguf:
-            tokenizer = load_tokenizer(os.path.expanduser(self.tokenizer or self.path), self.chat_template)
-        else:
-            tokenizer = gguf_tokenizer(self.weights())
-            if self.chat_template:
-                tokenizer.chat_template = load_chat_template(self.chat_template)
-        # Rows are cut at the student's window by the job itself (`max_model_len`, flagged truncated);
-        # the tokenizer's own limit would only print a warning per long row.
-        tokenizer.model_max_length = sys.maxsize
-        return tokenizer
+        """The tokenizer the student scores with, loaded once per process (the tokenize stage and the
+        scoring actor share it); see `tokens_from` for where it comes from."""
+        return _source_tokenizer(self)
 
     def tokens_from(self) -> str:
         """Where the tokens come from, for the log and the run manifest."""
@@ -191,6 +184,20 @@ def gguf_metadata(path: str) -> dict:
 
     metadata, _ = read_gguf_metadata(path, ("tokenizer.ggml.tokens",))
     return {key: metadata.get(f"tokenizer.ggml.{key}") for key in ("model", "pre", "tokens")}
+
+
+@functools.lru_cache(maxsize=8)
+def _source_tokenizer(source: StudentSource):
+    if source.tokenizer or not source.gguf:
+        tokenizer = load_tokenizer(os.path.expanduser(source.tokenizer or source.path), source.chat_template)
+    else:
+        tokenizer = gguf_tokenizer(source.weights())
+        if source.chat_template:
+            tokenizer.chat_template = load_chat_template(source.chat_template)
+    # Rows are cut at the student's window by the job itself (`max_model_len`, flagged truncated);
+    # the tokenizer's own limit would only print a warning per long row.
+    tokenizer.model_max_length = sys.maxsize
+    return tokenizer
 
 
 def gguf_tokenizer(path: str):

@@ -48,26 +48,10 @@ def fingerprint_mixes(scores: pd.DataFrame) -> list[str]:
     return warnings
 
 
-def select(
-    scores: pd.DataFrame,
-    student: str,
-    group_by: list[str] | None = None,
-    top_k: int | None = None,
-    top_fraction: float | None = None,
-    threshold: float | None = None,
-    ascending: bool | None = None,
-    by: str = "rank_surprisal_ratio",
-    where: dict[str, str] | None = None,
-    arm: str = "lowest",
-    seed: int = 0,
-    drop_truncated_groups: bool = False,
-) -> pd.DataFrame:
-    """Trajectories chosen by one student's `by` column, in the arm's order: by default the lowest arm,
-    the metric's most suitable end first (lowest RSR, highest top1_rate; `ascending` sets the order);
-    see `pipeline.selection` for the arms and `select_arm` for the arguments."""
-    return select_arm(
-        scores, student, group_by, top_k, top_fraction, threshold, ascending, by, where, arm, seed, drop_truncated_groups
-    ).chosen
+def select(scores: pd.DataFrame, student: str, **options) -> pd.DataFrame:
+    """Trajectories chosen by one student's column, in the arm's order: `select_arm`'s rows, with its
+    arguments (by default the lowest arm, the metric's most suitable end first); see `pipeline.selection`."""
+    return select_arm(scores, student, **options).chosen
 
 
 def teacher_table(scores: pd.DataFrame, teacher_column: str = "source") -> pd.DataFrame:

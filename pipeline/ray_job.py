@@ -367,11 +367,6 @@ def committed_reject_keys(paths: list[str], location: Location) -> set[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(source: StudentSource):
-    return source.load_tokenizer()
-
-
-@functools.lru_cache(maxsize=8)
 def cached_get(ref):
     """`ray.get` once per worker process for objects that many batches read (key sets); a value that
     is not a reference is its own value."""
@@ -394,7 +389,7 @@ def tokenize_batch(
     Ray hands over the reference, not a copy per call) were scored with the same scoring fingerprint
     before: they are marked skipped and not encoded.
     """
-    tokenizer = _tokenizer(source)
+    tokenizer = source.load_tokenizer()
     done = cached_get(done_ref[0])
     keys = [scored_key(s, h) for s, h in zip(batch["sample_id"].to_pylist(), batch["content_hash"].to_pylist())]
     skipped = [key in done for key in keys]
