@@ -215,7 +215,7 @@ def score_and_commit(
     partition_by = list(cfg.output.partition_by)
     tally = Tally(partition_by)
     checkpoints = Checkpoints(cfg, plan.contract, store, known_rejects, tally)
-    reporter = Progress(progress, survey.trajectories * len(students), meter)
+    reporter = Progress(progress, survey.trajectories * len(students), survey.text_bytes * len(students), meter)
     for bundle in dataset.iter_internal_ref_bundles():
         refs = list(bundle.block_refs)
         for ref, part in zip(refs, ray.get([measure_block_task.remote(ref, partition_by) for ref in refs])):

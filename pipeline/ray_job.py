@@ -203,8 +203,9 @@ NOT_VALID = 1 << 62  # the order of an invalid row: never an id's first valid ro
 
 
 def order_batch(batch: pa.Table, file_numbers: dict[str, int], group_columns: list[str], row_columns: list[str]) -> pa.Table:
-    """Every parsed row as (sample_id, its `row_order` or NOT_VALID, whether it is valid), with the
-    sample's group columns as text (`input.sample`) and the row columns as parsed (for their types)."""
+    """Every parsed row as (sample_id, its `row_order` or NOT_VALID, whether it is valid, the bytes of
+    its messages), with the sample's group columns as text (`input.sample`) and the row columns as
+    parsed (for their types)."""
     valid = pc.is_valid(batch["content_hash"]).to_pylist()
     places = zip(batch["source_file"].to_pylist(), batch["row_number"].to_pylist(), valid)
     order = [row_order(file_numbers[f], r) if ok else NOT_VALID for f, r, ok in places]
@@ -213,10 +214,17 @@ def order_batch(batch: pa.Table, file_numbers: dict[str, int], group_columns: li
             "sample_id": batch["sample_id"],
             "order": pa.array(order, pa.int64()),
             "valid": pa.array([int(ok) for ok in valid], pa.int64()),
+            "text_bytes": text_bytes(batch),
             **{f"group:{column}": pc.cast(batch[column], pa.string()) for column in group_columns},
             **{column: batch[column] for column in row_columns},
         }
     )
+
+
+def text_bytes(batch: pa.Table) -> pa.Array:
+    """Each row's messages in bytes (0 for a reject): the survey's and the actors' measure of the work,
+    for the time left (tokens are not known before the tokenize stage; rows vary a hundredfold)."""
+    return pc.fill_null(pc.binary_length(batch["messages_json"]), 0).combine_chunks().cast(pa.int64())
 
 
 def valid_groups(batch: pa.Table, group_columns: list[str]) -> pa.Table:
@@ -236,6 +244,7 @@ class CorpusSurvey:
 
     duplicates: list  # references to `repeated_ids` tables
     trajectories: int  # parsed rows, rejects included: the rows each student's results will count
+    text_bytes: int  # their messages in bytes: the work each student will do, for the time left
     row_types: dict[str, pa.DataType]  # each row column's one type (`row_column_types`)
     sample: GroupSample | None = None
 
@@ -273,7 +282,7 @@ def choose_groups(pairs: pa.Table, sample: SampleConfig) -> GroupSample:
 
 def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> CorpusSurvey:
     """Read and parse the corpus once to find repeated ids (a distributed group-by in Ray Data: no
-    process holds every id) and count its rows (for the time-left estimate)."""
+    process holds every id) and count its rows and their bytes (for the time-left estimate)."""
     file_numbers = {url: number for number, url in enumerate(corpus.urls)}
     sample = cfg.input.sample
     group_columns = [c for c in (sample.by, sample.shared_by) if c] if sample else []
@@ -288,8 +297,10 @@ def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Corp
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ds = ds.materialize()  # one read serves the group-bys and the row columns' types
     schemas = ray.get([block_schema.remote(ref) for ref in ds.to_arrow_refs()])
-    groups = ds.groupby("sample_id").aggregate(Count(), Sum("valid"), Min("order")).materialize()  # kept in the object store
-    trajectories = int(groups.sum("count()") or 0) if groups.count() else 0
+    groups = (
+        ds.groupby("sample_id").aggregate(Count(), Sum("valid"), Min("order"), Sum("text_bytes")).materialize()
+    )  # kept in the object store
+    trajectories, size = (int(groups.sum("count()") or 0), int(groups.sum("sum(text_bytes)") or 0)) if groups.count() else (0, 0)
     chosen = None
     if sample:  # the distinct (group, shared value) pairs of valid rows: problems x teachers, small
         valid = ds.map_batches(valid_groups, fn_kwargs={"group_columns": group_columns}, batch_format="pyarrow")
@@ -299,7 +310,7 @@ def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Corp
             pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in group_columns}), sample
         )
     duplicates = groups.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs()
-    return CorpusSurvey(duplicates, trajectories, row_column_types(schemas, contract.row), chosen)
+    return CorpusSurvey(duplicates, trajectories, size, row_column_types(schemas, contract.row), chosen)
 
 
 @functools.lru_cache(maxsize=2)
@@ -449,21 +460,24 @@ class ScoreActor:
         self.columns = stat_columns(options.metrics)
         print(f"student {student.name}: {self.student.policy.describe()}", flush=True)  # once per actor, on the driver's console
 
-    def _report(self, rows: int, tokens: int) -> None:
-        if self.meter:
-            self.meter.add.remote(rows, tokens)
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         name = functools.partial(per_student, index=self.index)
         ids, positions = batch[name("ids")].to_pylist(), batch[name("positions")].to_pylist()
         todo = [row for row, row_ids in enumerate(ids) if row_ids is not None]
+        sizes = text_bytes(batch).to_pylist()
         before = dataclasses.replace(self.student.padding)
         if self.meter and todo and not self.started:
             self.meter.start.remote(time.time())
             self.started = True
-        stats = self.student.score([EncodedConversation(ids[row], positions[row], False) for row in todo], on_batch=self._report)
+
+        def report(done: list[int], tokens: int) -> None:
+            if self.meter:
+                self.meter.add.remote(len(done), tokens, sum(sizes[todo[i]] for i in done))
+
+        stats = self.student.score([EncodedConversation(ids[row], positions[row], False) for row in todo], on_batch=report)
         if self.meter:  # rows that needed no scoring (rejected, skipped, sampled out) are done too
-            self.meter.add_unscored.remote(len(ids) - len(todo))
+            unscored = set(range(len(ids))) - set(todo)
+            self.meter.add_unscored.remote(len(unscored), sum(sizes[row] for row in unscored))
             padding = self.student.padding
             self.meter.add_padding.remote(self.name, padding.real - before.real, padding.padded - before.padded)
         columns = {column: [None] * len(ids) for column in self.columns}
@@ -601,7 +615,7 @@ def scoring_stages(plan: DatasetPlan) -> list[Stage]:
         ))  # fmt: skip
         stages.append(Stage(
             f"score {student.config.name}", ScoreActor,
-            tuple(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail")), tuple(name(c) for c in contract.stats),
+            ("messages_json", *(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail"))), tuple(name(c) for c in contract.stats),
             drops=(name("ids"), name("positions")),
             kwargs={"index": i, "student": student.config, "source": student.source, **actor_args},
             settings={"compute": ray.data.ActorPoolStrategy(size=cfg.compute.actors_per_student), "num_cpus": cfg.compute.cpus_per_actor,

@@ -175,11 +175,12 @@ def write_summaries(staging: Location, run_id: str, tally: Tally) -> None:
 
 @ray.remote(num_cpus=0)
 class ScoringMeter:
-    """What the scoring actors have done, as each batch finishes: rows and response tokens (progress
-    between commits) and, per student, the real and padded tokens of its batches (padding efficiency)."""
+    """What the scoring actors have done, as each batch finishes: rows, response tokens and the rows'
+    message bytes (progress between commits) and, per student, the real and padded tokens of its
+    batches (padding efficiency)."""
 
     def __init__(self):
-        self.rows = self.tokens = self.unscored = 0
+        self.rows = self.tokens = self.text_bytes = self.unscored = self.unscored_bytes = 0
         self.first_at: float | None = None
         self.padding: dict[str, list[int]] = {}
 
@@ -187,15 +188,17 @@ class ScoringMeter:
         """An actor begins scoring: the rate and the time left are measured from the first start."""
         self.first_at = min(self.first_at or at, at)
 
-    def add(self, rows: int, tokens: int) -> None:
+    def add(self, rows: int, tokens: int, text_bytes: int) -> None:
         """A scored batch."""
         self.rows += rows
         self.tokens += tokens
+        self.text_bytes += text_bytes
 
-    def add_unscored(self, rows: int) -> None:
+    def add_unscored(self, rows: int, text_bytes: int) -> None:
         """Rows done without scoring (rejected, skipped, sampled out, already scored): they count as done
         but say nothing of the rate (a resumed run's first blocks are all of them)."""
         self.unscored += rows
+        self.unscored_bytes += text_bytes
 
     def add_padding(self, student: str, real: int, padded: int) -> None:
         totals = self.padding.setdefault(student, [0, 0])
@@ -207,6 +210,8 @@ class ScoringMeter:
             "rows": self.rows,
             "unscored": self.unscored,
             "tokens": self.tokens,
+            "text_bytes": self.text_bytes,
+            "unscored_bytes": self.unscored_bytes,
             "first_at": self.first_at,
             "padding": self.padding,
         }
@@ -220,11 +225,13 @@ def padding_efficiency(meter: dict) -> dict[str, float]:
 class Progress:
     """A line every PROGRESS_EVERY_S seconds from the first scored batch on, counted from what the scoring
     actors have done (`ScoringMeter`), not from committed blocks: rows and tokens done, tokens/s, and the
-    time left against the `expected` rows the survey pass counted. A ticker thread keeps the lines coming
-    while the driver waits for a block."""
+    time left against the `expected_rows` and `expected_bytes` (of their messages) the survey pass
+    counted. The time left is measured in bytes, not rows: a chain of thought of 8,000 tokens beside
+    answers of 200 would make a row-based estimate wrong by the share of long rows still to come. A
+    ticker thread keeps the lines coming while the driver waits for a block."""
 
-    def __init__(self, log: Callable[[str], None] | None, expected: int, meter):
-        self.log, self.expected, self.meter = log, expected, meter
+    def __init__(self, log: Callable[[str], None] | None, expected_rows: int, expected_bytes: int, meter):
+        self.log, self.expected_rows, self.expected_bytes, self.meter = log, expected_rows, expected_bytes, meter
         self.last_line = 0.0
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -246,10 +253,11 @@ class Progress:
                 return
             elapsed = max(time.time() - done["first_at"], 1e-9)
             rows = done["rows"] + done["unscored"]
-            line = f"progress: {rows:,} rows and {done['tokens']:,} tokens done, {done['tokens'] / elapsed:,.0f} tokens/s"
-            if self.expected:
-                left = elapsed * max(self.expected - rows, 0) / done["rows"]  # at the rate rows are scored
-                line += f", {min(rows / self.expected, 1):.0%} of {self.expected:,} rows, about {left / 60:.0f} min left"
+            line = f"progress: {rows:,} of {self.expected_rows:,} rows and {done['tokens']:,} tokens done, {done['tokens'] / elapsed:,.0f} tokens/s"
+            if self.expected_bytes and done["text_bytes"]:
+                share = min((done["text_bytes"] + done["unscored_bytes"]) / self.expected_bytes, 1)
+                left = elapsed * (1 - share) * self.expected_bytes / done["text_bytes"]  # at the rate bytes are scored
+                line += f", {share:.0%} of the text, about {left / 60:.0f} min left"
             self.log(line)
             self.last_line = now
 

@@ -147,7 +147,7 @@ class Student:
 
     @torch.inference_mode()
     def score(
-        self, conversations: Sequence[EncodedConversation], on_batch: Callable[[int, int], None] | None = None
+        self, conversations: Sequence[EncodedConversation], on_batch: Callable[[list[int], int], None] | None = None
     ) -> list[dict | Rejected]:
         """Per-trajectory stats, in the order given; results do not depend on how rows are batched.
 
@@ -156,7 +156,8 @@ class Student:
         serve every trajectory of the prompt. Batches are planned over the remaining tokens of all rows
         together, so rows of different prompts and rows without a shared prompt fill the same batches.
         The keys and values of at most `prompt_cache_tokens` prompt tokens are held at a time: rows are
-        scored in windows of whole prompt groups. `on_batch(rows, response tokens)` follows each batch.
+        scored in windows of whole prompt groups. `on_batch(the batch's indices into `conversations`, its
+        response tokens)` follows each batch.
         """
         share = self.options.share_prompts and full_attention_only(self.model.config)
         lengths = shared_prompt_lengths(conversations, self.options.min_shared_prompt) if share else [0] * len(conversations)
@@ -171,7 +172,7 @@ class Student:
                 for j, stats in zip(batch, self._score_fitting(rows, prompt_states)):
                     results[window[j]] = stats
                 if on_batch:
-                    on_batch(len(rows), sum(len(c.response_positions) for c, _ in rows))
+                    on_batch([window[j] for j in batch], sum(len(c.response_positions) for c, _ in rows))
         return results
 
     def _score_fitting(self, rows: Sequence[tuple[EncodedConversation, tuple]], prompt_states: dict) -> list[dict | Rejected]:

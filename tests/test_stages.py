@@ -58,7 +58,7 @@ def student_plan(cfg) -> StudentPlan:
 
 
 def stages(cfg) -> list[Stage]:
-    plan = DatasetPlan(cfg, RowContract.of(cfg), corpus_of(cfg), [student_plan(cfg)], CorpusSurvey([], 0, {}),
+    plan = DatasetPlan(cfg, RowContract.of(cfg), corpus_of(cfg), [student_plan(cfg)], CorpusSurvey([], 0, 0, {}),
                        RunStamp("run-1", datetime.now(UTC), 100), gpus=0)  # fmt: skip
     return scoring_stages(plan)
 

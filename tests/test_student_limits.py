@@ -126,8 +126,9 @@ def test_progress_is_counted_from_what_the_actors_scored(tmp_path, student_dirs,
     assert manifest["students"][0]["padding_efficiency"] == efficiency
 
 
-def test_time_left_comes_from_the_rows_scored_not_the_rows_passed_through():
-    """A resumed run's first blocks are rows scored before: they count as done, not as speed."""
+def test_time_left_comes_from_the_text_scored_not_the_rows_passed_through():
+    """A resumed run's first blocks are rows scored before: they count as done, not as speed. The time
+    left is measured in the rows' bytes: short rows scored first say little of long ones to come."""
     import time
 
     import ray
@@ -136,13 +137,14 @@ def test_time_left_comes_from_the_rows_scored_not_the_rows_passed_through():
 
     start_ray()
     meter, lines = ScoringMeter.remote(), []
-    progress = Progress(lines.append, 600, meter)
+    progress = Progress(lines.append, 600, 1_000_000, meter)
     progress.stop()  # no ticker: lines only from update()
-    ray.get(meter.add_unscored.remote(74))
+    ray.get(meter.add_unscored.remote(74, 74_000))
     progress.update()
     assert lines == []  # nothing scored yet: no rate to speak of
     ray.get(meter.start.remote(time.time() - 60))
-    ray.get(meter.add.remote(26, 1000))
+    ray.get(meter.add.remote(26, 1000, 26_000))
     progress.update()
-    # 26 rows scored in about 60 s; 500 of 600 rows to go at that rate: about 19 minutes (not 0)
-    assert lines[0].startswith("progress: 100 rows and 1,000 tokens done, 17 tokens/s, 17% of 600 rows, about 19 min left")
+    # 26,000 bytes scored in about 60 s; 900,000 of 1,000,000 to go at that rate: about 35 minutes (not 0
+    # as the rows passed through would say, nor 19 as the rows scored would)
+    assert lines[0].startswith("progress: 100 of 600 rows and 1,000 tokens done, 17 tokens/s, 10% of the text, about 35 min left")
