@@ -10,6 +10,7 @@ from importlib import resources
 
 from pipeline.config import ConfigError, load_config
 from pipeline.output import OutputLocked
+from pipeline.schema import IncompleteRun
 from pipeline.storage import StorageError
 
 DEFAULT_CONFIG = "jobs/configs/demo.yaml"
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (StorageError, OutputLocked) as exc:
+    except (StorageError, OutputLocked, IncompleteRun) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_result(result)

@@ -32,7 +32,16 @@ from pipeline.ray_job import (
     scored_keys,
     survey_corpus,
 )
-from pipeline.results import Checkpoints, Progress, ScoringMeter, Tally, measure_block_task, padding_efficiency, write_summaries
+from pipeline.results import (
+    Checkpoints,
+    Progress,
+    ScoringMeter,
+    Tally,
+    check_accounted,
+    measure_block_task,
+    padding_efficiency,
+    write_summaries,
+)
 from pipeline.schema import RowContract, ScoringSettings
 from pipeline.spans import DEFAULT_SCOPE, turn_markers
 from pipeline.storage import Corpus, Location, check_output, locate, plan_corpus
@@ -206,7 +215,8 @@ def score_and_commit(
     gpus: float, progress: Callable[[str], None] | None,
 ) -> tuple[Tally, list[str], dict[str, float]]:  # fmt: skip
     """Stream the results: each block counted where it lives, then added to a piece that is committed
-    every checkpoint. Returns the run's tally, its committed files and each student's padding efficiency."""
+    every checkpoint; then check that they account for every row. Returns the run's tally, its committed
+    files and each student's padding efficiency."""
     reject_paths = store.reject_paths() if mode == "incremental" else []
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
     stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
@@ -224,6 +234,7 @@ def score_and_commit(
         reporter.update()
     reporter.stop()
     checkpoints.commit()
+    check_accounted(tally, survey.trajectories, [student.config.name for student in students])
     return tally, checkpoints.committed, padding_efficiency(ray.get(meter.read.remote()))
 
 

@@ -18,7 +18,7 @@ from pipeline.aggregate import combine_sums, group_sums, summary_from_sums
 from pipeline.config import JobConfig
 from pipeline.output import OutputStore, rejects_dir, summary_dir
 from pipeline.ray_job import cached_get
-from pipeline.schema import COUNT_COLUMNS, REJECT_COLUMNS, RowContract, Status, partition_value, reject_keys
+from pipeline.schema import COUNT_COLUMNS, REJECT_COLUMNS, IncompleteRun, RowContract, Status, partition_value, reject_keys
 from pipeline.storage import Location
 
 PROGRESS_EVERY_S = 30.0
@@ -87,6 +87,23 @@ class Tally:
         if by not in self.sums:
             return pa.table({key: pa.array([], pa.string()) for key in by})
         return summary_from_sums(self.sums[by], by)
+
+
+def check_accounted(tally: Tally, expected_rows: int, students: list[str]) -> None:
+    """Every student's results count each of the `expected_rows` the survey pass counted, and reconcile
+    (read = scored + rejected + skipped + sampled out). Ray Data can end a stream short without raising
+    (seen: a restarted scoring actor's retried block failed, and Ray logged it as an unhandled error):
+    such a run must fail, not commit part of the corpus as the whole."""
+    for student in students:
+        counts = tally.counts.get(student, dict.fromkeys(COUNT_COLUMNS, 0))
+        accounted = sum(counts[status] for status in Status)
+        if counts["read"] != expected_rows or accounted != expected_rows:
+            raise IncompleteRun(
+                f"student {student}: the results account for {accounted} of the {expected_rows} rows of the corpus "
+                f"({', '.join(f'{counts[s]} {s}' for s in Status)}); the others never came back from scoring (see "
+                "the errors above). The run is not committed; the pieces it committed stay, and a rerun with "
+                "output.mode auto skips their rows"
+            )
 
 
 def scores_batch(batch: pa.Table, columns: list[str], partition_by: list[str]) -> pa.Table:

@@ -67,7 +67,13 @@ TOKENIZED = {
 }
 STAT_TYPES = {"resp_token_length": pa.int64()}  # the other statistics are float64
 
-COUNT_COLUMNS = ["read", *Status, "content_dropped"]
+COUNT_COLUMNS = ["read", *Status, "content_dropped"]  # read = scored + rejected + skipped + sampled_out
+
+
+class IncompleteRun(RuntimeError):
+    """A run's results do not account for every row of the corpus: the run is not committed."""
+
+
 REJECT_COLUMNS = ["student", "source_file", "row_number", "sample_id", "reject_reason", "reject_detail", "content_hash", "run_id"]
 REJECT_KEY_COLUMNS = ["student", "source_file", "row_number", "reject_reason"]
 MAX_PARTITION_NAME = 200  # encoded bytes, under the usual 255-byte file-name limit with "column="
