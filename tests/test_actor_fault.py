@@ -1,5 +1,5 @@
 """A scoring actor killed mid-run: Ray restarts it, the job completes, and the output equals a clean
-run's, with no duplicate rows."""
+run's, with no duplicate rows. A results stream that ends short fails the run instead of committing it."""
 
 import os
 import signal
@@ -7,21 +7,37 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from pipeline import job
 from pipeline.job import run_job
+from pipeline.output import read_manifests
+from pipeline.schema import IncompleteRun
+from pipeline.storage import locate
 from tests.conftest import write_jsonl
 from tests.test_job import job_config, read_scores
 
 
 def score_actor_pids() -> list[int]:
-    """Ray titles actor processes after their class: ray::MapWorker(MapBatches(ScoreActor))."""
-    pids = []
+    """This test process's scoring actors (Ray titles them after their class: ray::MapWorker(...ScoreActor)):
+    descendants of this process only (the local runtime's raylet is its child), never a scoring job that
+    runs beside the tests."""
+    parents, titles = {}, {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"ScoreActor" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            titles[int(proc.name)] = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
             continue
-    return pids
+
+    def mine(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [pid for pid, title in titles.items() if b"ScoreActor" in title and mine(pid)]
 
 
 def kill_one_score_actor(job_done: threading.Event, report: dict, first_piece_dir: Path):
@@ -65,3 +81,32 @@ def test_killed_actor_changes_nothing(ray_runtime, tmp_path, corpus, student_dir
     faulty_scores = read_scores(tmp_path / "faulty")
     assert faulty_scores.num_rows == len(rows) == len(set(faulty_scores["sample_id"].to_pylist()))
     assert stats(faulty_scores) == stats(read_scores(tmp_path / "clean"))
+
+
+def test_a_results_stream_that_ends_short_fails_the_run(ray_runtime, tmp_path, corpus, student_dirs, monkeypatch):
+    """Ray Data has ended a stream without one block and without an error (a restarted actor's retried
+    block failed): the run must fail with the rows it misses, commit no run, and a rerun completes it."""
+    rows = [{**row, "id": f"{row['id']}-{copy}"} for copy in range(4) for row in corpus]
+    data = write_jsonl(tmp_path / "corpus.jsonl", rows)
+    cfg = job_config(tmp_path, [str(data)], str(tmp_path / "out"), {"tiny": student_dirs["chatml"]}, ["scoring.batch_tokens=500"])
+    build_dataset = job.build_dataset
+
+    class WithoutFirstBlock:
+        def __init__(self, plan):
+            self.dataset = build_dataset(plan)
+
+        def iter_internal_ref_bundles(self):
+            bundles = self.dataset.iter_internal_ref_bundles()
+            next(bundles)
+            yield from bundles
+
+    monkeypatch.setattr(job, "build_dataset", WithoutFirstBlock)
+    with pytest.raises(IncompleteRun, match=rf"account for \d+ of the {len(rows)} rows"):
+        run_job(cfg)
+    runs = [m for m in read_manifests(locate(str(tmp_path / "out"), None)) if "piece" not in m]
+    assert runs == []  # pieces may stay (their rows are scored); no run claims the corpus
+
+    monkeypatch.setattr(job, "build_dataset", build_dataset)
+    rerun = run_job(cfg)
+    counts = rerun.counts.to_pylist()[0]
+    assert counts["read"] == counts["scored"] + counts["skipped"] == len(rows)
