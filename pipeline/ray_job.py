@@ -300,7 +300,11 @@ def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Corp
     groups = (
         ds.groupby("sample_id").aggregate(Count(), Sum("valid"), Min("order"), Sum("text_bytes")).materialize()
     )  # kept in the object store
-    trajectories, size = (int(groups.sum("count()") or 0), int(groups.sum("sum(text_bytes)") or 0)) if groups.count() else (0, 0)
+    # One pass over the groups for both totals.
+    totals = (
+        groups.aggregate(Sum("count()", alias_name="rows"), Sum("sum(text_bytes)", alias_name="bytes")) if groups.count() else {}
+    )
+    trajectories, size = int(totals.get("rows") or 0), int(totals.get("bytes") or 0)
     chosen = None
     if sample:  # the distinct (group, shared value) pairs of valid rows: problems x teachers, small
         valid = ds.map_batches(valid_groups, fn_kwargs={"group_columns": group_columns}, batch_format="pyarrow")
@@ -476,8 +480,7 @@ class ScoreActor:
 
         stats = self.student.score([EncodedConversation(ids[row], positions[row], False) for row in todo], on_batch=report)
         if self.meter:  # rows that needed no scoring (rejected, skipped, sampled out) are done too
-            unscored = set(range(len(ids))) - set(todo)
-            self.meter.add_unscored.remote(len(unscored), sum(sizes[row] for row in unscored))
+            self.meter.add_unscored.remote(len(ids) - len(todo), sum(sizes) - sum(sizes[row] for row in todo))
             padding = self.student.padding
             self.meter.add_padding.remote(self.name, padding.real - before.real, padding.padded - before.padded)
         columns = {column: [None] * len(ids) for column in self.columns}
