@@ -17,7 +17,7 @@ from pipeline import errors
 from pipeline.device import DevicePolicy
 from pipeline.metrics import COMPANIONS
 from pipeline.models import StudentSource
-from pipeline.rsr import project_and_score, trajectory_stats
+from pipeline.rsr import VocabHead, project_and_score, trajectory_stats
 from pipeline.spans import EncodedConversation
 
 logger = logging.getLogger(__name__)
@@ -78,15 +78,6 @@ def full_attention_only(config) -> bool:
     return getattr(config, "sliding_window", None) is None
 
 
-def logits_head(weight: torch.Tensor, bias: torch.Tensor | None, logits_dtype: torch.dtype):
-    """The vocabulary projection's weight and bias for logits in `logits_dtype`. On CUDA a bfloat16 matrix
-    product accumulates in float32 and can return that result (`project_and_score`), so the weight stays
-    as it is; CPU matrix products return their inputs' dtype, so they get a float32 copy of the head."""
-    if logits_dtype == weight.dtype or weight.is_cuda:
-        return weight, bias
-    return weight.to(logits_dtype), bias.to(logits_dtype) if bias is not None else None
-
-
 @dataclass(frozen=True)
 class Rejected:
     """A trajectory the student could not score, with the reject reason (`pipeline.errors`) and why."""
@@ -129,8 +120,8 @@ class Student:
         self.options = options
         self.body = getattr(model, model.base_model_prefix)
         head = model.get_output_embeddings()
-        self.logits_dtype = torch.float32 if options.logits_dtype == "float32" else head.weight.dtype
-        self.head_weight, self.head_bias = logits_head(head.weight, head.bias, self.logits_dtype)
+        logits_dtype = torch.float32 if options.logits_dtype == "float32" else head.weight.dtype
+        self.head = VocabHead.of(head.weight, head.bias, logits_dtype)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self.padding = Padding()  # of the body passes over rows (shared prompts run once, unpadded mostly)
 
@@ -300,11 +291,9 @@ class Student:
         metrics = self.options.metrics
         ranks, surprisals, entropies = project_and_score(
             hidden[rows, positions - 1],
-            self.head_weight,
-            self.head_bias,
+            self.head,
             targets,
             self.policy.logits_chunk_tokens,
-            logits_dtype=self.logits_dtype,
             with_entropy=any(m.needs_entropy and m.name in metrics for m in COMPANIONS),
             statistics_rows=self.policy.statistics_rows,
         )

@@ -10,7 +10,7 @@ from pipeline import errors
 from pipeline.aggregate import dataset_rsr
 from pipeline.errors import RowError
 from pipeline.metrics import METRICS
-from pipeline.rsr import project_and_score, token_statistics, trajectory_stats
+from pipeline.rsr import VocabHead, project_and_score, token_statistics, trajectory_stats
 from pipeline.spans import encode_conversation
 from pipeline.student import ScoringOptions, Student, plan_batches, shared_prompt_lengths
 from tests.reference import CHATML_MARKERS, LLAMA3_MARKERS, marker_ids, marker_positions, reference_scores
@@ -117,7 +117,9 @@ def test_chunked_projection_equals_full_logits():
     hidden, weight, bias = torch.randn(37, 16), torch.randn(300, 16), torch.randn(300)
     targets = torch.randint(0, 300, (37,))
     full_rank, full_surprisal, full_entropy = token_statistics(hidden @ weight.T + bias, targets, with_entropy=True)
-    rank, surprisal, entropy = project_and_score(hidden, weight, bias, targets, chunk_tokens=8, with_entropy=True)
+    rank, surprisal, entropy = project_and_score(
+        hidden, VocabHead(weight, bias, weight.dtype), targets, chunk_tokens=8, with_entropy=True
+    )
     assert torch.equal(rank, full_rank)
     torch.testing.assert_close(surprisal, full_surprisal)
     torch.testing.assert_close(entropy, full_entropy)

@@ -52,22 +52,24 @@ def test_a_student_scores_within_its_own_window(tmp_path, short_window_student, 
 
 def test_bfloat16_students_keep_float32_logits(student_dirs):
     """The body runs in bfloat16; the vocabulary projection returns its float32 result unrounded (the
-    numbers of a float32 matrix product of the same bfloat16 inputs), or rounds it with `logits_dtype: model`."""
+    numbers of a float32 matrix product of the same bfloat16 inputs, summed in another order), or rounds
+    it with `logits_dtype: model`."""
     kept = Student.load(
         str(student_dirs["chatml"]), dtype="bfloat16", device="cpu", options=ScoringOptions(logits_dtype="float32")
     )
     rounded = Student.load(
         str(student_dirs["chatml"]), dtype="bfloat16", device="cpu", options=ScoringOptions(logits_dtype="model")
     )
-    weight = rounded.head_weight
-    assert weight.dtype == torch.bfloat16 and kept.head_weight.dtype == torch.float32
+    weight = rounded.head.weight
+    assert weight.dtype == torch.bfloat16 and kept.head.weight.dtype == torch.float32
     hidden = torch.randn(40, weight.shape[1]).to(torch.bfloat16)
     targets = torch.randint(0, weight.shape[0], (40,))
     exact = hidden.float() @ weight.float().T
-    _, surprisals, _ = project_and_score(hidden, kept.head_weight, None, targets, 16, logits_dtype=kept.logits_dtype)
-    assert torch.equal(surprisals, token_statistics(exact, targets)[1])
-    _, surprisals, _ = project_and_score(hidden, weight, None, targets, 16, logits_dtype=rounded.logits_dtype)
+    _, surprisals, _ = project_and_score(hidden, kept.head, targets, 16)
+    torch.testing.assert_close(surprisals, token_statistics(exact, targets)[1], rtol=1e-5, atol=1e-5)
+    _, surprisals, _ = project_and_score(hidden, rounded.head, targets, 16)
     assert torch.equal(surprisals, token_statistics(exact.to(torch.bfloat16), targets)[1])
+    assert (surprisals - token_statistics(exact, targets)[1]).abs().max() > 1e-3  # rounding shows
 
 
 def test_logits_dtype_enters_the_fingerprint_only_where_it_changes_numbers(tmp_path, student_dirs, corpus_path):
