@@ -62,6 +62,7 @@ def test_bfloat16_students_keep_float32_logits(student_dirs):
     )
     weight = rounded.head.weight
     assert weight.dtype == torch.bfloat16 and kept.head.weight.dtype == torch.float32
+    assert kept.head.bfloat16_head and not rounded.head.bfloat16_head  # the bfloat16-kernel path is the one tested
     hidden = torch.randn(40, weight.shape[1]).to(torch.bfloat16)
     targets = torch.randint(0, weight.shape[0], (40,))
     exact = hidden.float() @ weight.float().T
