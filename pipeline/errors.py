@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class RowError(ValueError):
     """A row that cannot be scored. `reason` is a stable code; the message says what was found."""
@@ -10,6 +12,14 @@ class RowError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A trajectory the student could not score, with the reject reason (below) and why."""
+
+    reason: str
+    detail: str
 
 
 # Stable reason codes (they land in the rejects table, so automation may match on them).

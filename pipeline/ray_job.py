@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,7 +47,7 @@ from pipeline.config import (
     metric_names,
     token_budget,
 )
-from pipeline.errors import RowError
+from pipeline.errors import Rejected, RowError
 from pipeline.metrics import stat_columns
 from pipeline.models import StudentSource
 from pipeline.records import fallback_sample_id, parse_row, read_records
@@ -65,7 +66,6 @@ from pipeline.schema import (
 )
 from pipeline.spans import DEFAULT_SCOPE, EncodedConversation, encode_conversation
 from pipeline.storage import Corpus, Location, format_of, open_corpus_file
-from pipeline.student import Rejected, ScoringOptions, Student
 
 RECORDS_PER_BLOCK = 1024
 # Bytes a tokenized row holds per token: its messages as text, the int32 ids of every token and the
@@ -76,6 +76,12 @@ RECORDS_PER_BLOCK = 1024
 # bytes of text per token it once assumed, a call got a third of its tokens: 0.86 padding efficiency
 # and a 600-row job 16% slower.) A truncated row holds more text than tokens: its block is smaller.
 TOKENIZED_BYTES_PER_TOKEN = 10
+
+# The student (torch, transformers) is imported where it runs, in the scoring actor and on the driver:
+# every Ray worker that runs a stage of this module imports the module, and the survey's read and
+# group-by workers took ~1.5 s each to import torch (on 120 rows the survey took 7 s instead of 4).
+if TYPE_CHECKING:
+    from pipeline.student import ScoringOptions
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,8 @@ class RunStamp:
 
 def scoring_options(cfg: JobConfig) -> ScoringOptions:
     """The scoring core's options from the config (the one place that maps one to the other)."""
+    from pipeline.student import ScoringOptions
+
     s = cfg.scoring
     return ScoringOptions(
         rank_clip=s.rank_clip,
@@ -458,6 +466,8 @@ class ScoreActor:
         meter=None,  # a `results.ScoringMeter`: what this actor scores, batch by batch
     ):
         import torch
+
+        from pipeline.student import Student
 
         torch.set_num_threads(threads or default_torch_threads(cpus_per_actor, scoring_actors))
         self.index, self.name, self.meter = index, student.name, meter

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 from pipeline import errors
 from pipeline.device import DevicePolicy
+from pipeline.errors import Rejected
 from pipeline.metrics import COMPANIONS
 from pipeline.models import StudentSource
 from pipeline.rsr import VocabHead, project_and_score, trajectory_stats
@@ -76,14 +77,6 @@ def full_attention_only(config) -> bool:
     if layer_types:
         return all(kind == "full_attention" for kind in layer_types)
     return getattr(config, "sliding_window", None) is None
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A trajectory the student could not score, with the reject reason (`pipeline.errors`) and why."""
-
-    reason: str
-    detail: str
 
 
 @dataclass

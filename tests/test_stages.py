@@ -3,6 +3,8 @@ declaration in `ray_job.scoring_stages` says, and does what it says to the rows.
 
 import hashlib
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -33,6 +35,7 @@ from pipeline.ray_job import (
 from pipeline.results import Tally, measure_block, rejects_batch, scores_batch
 from pipeline.schema import RAW_SCHEMA, REJECT_COLUMNS, RowContract, ScoringSettings, Status, reject_key, scored_key
 from pipeline.storage import Corpus, locate
+from tests.conftest import REPO
 
 GOOD = [{"role": "user", "content": "Two and two?"}, {"role": "assistant", "content": "Four."}]
 
@@ -221,3 +224,10 @@ def test_row_columns_get_one_type_across_the_corpus():
     )
     parsed_rows = parse_batch(rows, cfg_corpus, ["source"], {"source": pa.string()})
     assert parsed_rows["source"].type == pa.string() and parsed_rows["source"].to_pylist() == ["true", "t"]
+
+
+def test_the_stages_module_imports_without_torch():
+    # Every Ray worker that runs a stage imports this module: the survey's read and group-by workers too.
+    check = "import sys, pipeline.ray_job; assert not {'torch', 'transformers'} & set(sys.modules), 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
