@@ -1,5 +1,6 @@
 """One scoring run end to end, in named phases: plan (before Ray starts), plan the students, survey
-the corpus, score and stream the results into committed pieces, finish (summaries and the run manifest)."""
+the corpus while the scoring actors load their students, score and stream the results into committed
+pieces, finish (summaries and the run manifest)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -210,23 +211,38 @@ def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, 
     return students
 
 
+@dataclass
+class Scoring:
+    """The scoring dataset, started: its results as they come, and what its actors have done."""
+
+    blocks: Iterator  # of RefBundles
+    meter: object  # a `results.ScoringMeter`
+
+
+def start_scoring(cfg: JobConfig, plan: RunPlan, store: OutputStore, students: list[StudentPlan], survey, gpus: float) -> Scoring:
+    """Start the scoring dataset on the survey's reference: its actors start and load their students at
+    once, and its stages wait for the survey where they need it."""
+    stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
+    meter = ScoringMeter.remote()
+    dataset = build_dataset(DatasetPlan(cfg, plan.contract, plan.corpus, students, survey, stamp, gpus, meter))
+    return Scoring(dataset.iter_internal_ref_bundles(), meter)
+
+
 def score_and_commit(
     cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, students: list[StudentPlan], survey: CorpusSurvey,
-    gpus: float, progress: Callable[[str], None] | None,
+    scoring: Scoring, progress: Callable[[str], None] | None,
 ) -> tuple[Tally, list[str], dict[str, float]]:  # fmt: skip
     """Stream the results: each block counted where it lives, then added to a piece that is committed
     every checkpoint; then check that they account for every row. Returns the run's tally, its committed
     files and each student's padding efficiency."""
     reject_paths = store.reject_paths() if mode == "incremental" else []
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
-    stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
-    meter = ScoringMeter.remote()
-    dataset = build_dataset(DatasetPlan(cfg, plan.contract, plan.corpus, students, survey, stamp, gpus, meter))
+    meter = scoring.meter
     partition_by = list(cfg.output.partition_by)
     tally = Tally(partition_by)
     checkpoints = Checkpoints(cfg, plan.contract, store, known_rejects, tally)
     reporter = Progress(progress, survey.trajectories * len(students), survey.text_bytes * len(students), meter)
-    for bundle in dataset.iter_internal_ref_bundles():
+    for bundle in scoring.blocks:
         refs = list(bundle.block_refs)
         for ref, part in zip(refs, ray.get([measure_block_task.remote(ref, partition_by) for ref in refs])):
             tally.add(part)
@@ -271,8 +287,8 @@ def finish(
 
 
 def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None] | None = None) -> RunResult:
-    """One run: plan, take the output's lock, plan the students, survey the corpus, score while committing
-    pieces, finish. `quiet`: Ray logs warnings and up; `progress` receives progress lines."""
+    """One run: plan, take the output's lock, plan the students, survey the corpus while the scoring
+    actors load their students, score while committing pieces, finish. `quiet`: Ray logs warnings and up; `progress` receives progress lines."""
     started = time.perf_counter()
     plan = plan_run(cfg)
     lock = {"stale_after_s": cfg.output.lock_stale_minutes * 60, "beat_every_s": cfg.output.lock_heartbeat_seconds}
@@ -285,10 +301,12 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         students = plan_students(cfg, plan, store, mode, gpus)
-        survey = survey_corpus(cfg, plan.contract, plan.corpus)
+        survey_ref = survey_corpus.remote(cfg, plan.contract, plan.corpus)
+        scoring = start_scoring(cfg, plan, store, students, survey_ref, gpus)
+        survey = ray.get(survey_ref)
         if survey.sample:
             print(survey.sample.describe(cfg.input.sample), flush=True)
-        tally, committed, padding = score_and_commit(cfg, plan, store, mode, students, survey, gpus, progress)
+        tally, committed, padding = score_and_commit(cfg, plan, store, mode, students, survey, scoring, progress)
         committed += finish(cfg, plan, store, mode, students, survey, tally, padding)
     return RunResult(
         run_id=store.run_id,

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
-from ray.data.aggregate import Count, Min, Sum
+from ray.data.aggregate import Min, Sum
 from ray.data.context import ShuffleStrategy
 from ray.data.datasource import FileBasedDatasource
 
@@ -156,10 +156,13 @@ class CorpusDatasource(FileBasedDatasource):
             yield pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
 
 
-def parse_batch(batch: pa.Table, corpus: Corpus, columns: list[str], column_types: dict) -> pa.Table:
+def parse_batch(batch: pa.Table, corpus: Corpus, columns: list[str], column_types: dict, survey: Sequence = (None,)) -> pa.Table:
     """Raw records to trajectories, each file's rows by the shape of its corpus part (several trajectories
     per row for candidates and teachers), with the run's row `columns` (`config.row_columns`) in
-    `column_types` (Arrow type names or types; a column without one takes the type of its values)."""
+    `column_types` (Arrow type names or types) or else in the types the survey (the `CorpusSurvey`
+    behind the one-item list `survey`) found; a column with neither takes the type of its values."""
+    if survey[0] is not None:
+        column_types = {**cached_get(survey[0]).row_types, **column_types}
     rows = []
     for raw in batch.to_pylist():
         file_values = corpus.path_values.get(raw["source_file"], {})
@@ -201,8 +204,9 @@ def row_column_types(schemas: list[pa.Schema], columns: tuple[str, ...]) -> dict
 
 
 @ray.remote(num_cpus=0)
-def block_schema(block: pa.Table) -> pa.Schema:
-    return block.schema
+def block_summary(block: pa.Table) -> tuple[pa.Schema, int, int]:
+    """A surveyed block's schema (for the row columns' types), its rows and the bytes of their messages."""
+    return block.schema, block.num_rows, pc.sum(block["text_bytes"]).as_py() or 0
 
 
 def row_order(file_number: int, row_number: int) -> int:
@@ -243,17 +247,20 @@ def valid_groups(batch: pa.Table, group_columns: list[str]) -> pa.Table:
     return valid.rename_columns(group_columns)
 
 
+REPEATED_IDS = pa.schema([("sample_id", pa.string()), ("min(order)", pa.int64())])
+
+
 def repeated_ids(batch: pa.Table) -> pa.Table:
     """The ids that several valid rows carry, with the order of the first."""
     return batch.filter(pc.greater(batch["sum(valid)"], 1)).select(["sample_id", "min(order)"])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per run: cached by identity in the workers
 class CorpusSurvey:
     """What one pass over the parsed corpus tells before scoring: the repeated ids, the row count and,
     with `input.sample`, the sampled groups."""
 
-    duplicates: list  # references to `repeated_ids` tables
+    duplicates: pa.Table  # `repeated_ids`: each id that several valid rows carry, with the order of the first
     trajectories: int  # parsed rows, rejects included: the rows each student's results will count
     text_bytes: int  # their messages in bytes: the work each student will do, for the time left
     row_types: dict[str, pa.DataType]  # each row column's one type (`row_column_types`)
@@ -291,9 +298,12 @@ def choose_groups(pairs: pa.Table, sample: SampleConfig) -> GroupSample:
     return GroupSample(len(eligible), frozenset(chosen))
 
 
+@ray.remote(num_cpus=0)  # it waits on Ray Data's tasks
 def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> CorpusSurvey:
     """Read and parse the corpus once to find repeated ids (a distributed group-by in Ray Data: no
-    process holds every id) and count its rows and their bytes (for the time-left estimate)."""
+    process holds every id, only the repeated ones) and count its rows and their bytes (for the time-left
+    estimate). A task, so that the scoring actors start and load their students while it runs: the
+    stages that need it wait on its reference (on 120 rows this hid ~2.4 s of a ~9 s survey and load)."""
     file_numbers = {url: number for number, url in enumerate(corpus.urls)}
     sample = cfg.input.sample
     group_columns = [c for c in (sample.by, sample.shared_by) if c] if sample else []
@@ -306,16 +316,11 @@ def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Corp
     # The default hash shuffle starts aggregator actors for 200 partitions: ~30 s of fixed time on a
     # small runtime; the task-based sort shuffle costs well under a second once workers are warm.
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    ds = ds.materialize()  # one read serves the group-bys and the row columns' types
-    schemas = ray.get([block_schema.remote(ref) for ref in ds.to_arrow_refs()])
-    groups = (
-        ds.groupby("sample_id").aggregate(Count(), Sum("valid"), Min("order"), Sum("text_bytes")).materialize()
-    )  # kept in the object store
-    # One pass over the groups for both totals.
-    totals = (
-        groups.aggregate(Sum("count()", alias_name="rows"), Sum("sum(text_bytes)", alias_name="bytes")) if groups.count() else {}
-    )
-    trajectories, size = int(totals.get("rows") or 0), int(totals.get("bytes") or 0)
+    # Not a task's progress bars, which reach the driver's console as stray lines: its progress is logged
+    # (to Ray Data's log file only, at INFO).
+    ds.context.use_ray_tqdm = False
+    ds = ds.materialize()  # one read serves the group-bys, the totals and the row columns' types
+    blocks = ray.get([block_summary.remote(ref) for ref in ds.to_arrow_refs()])
     chosen = None
     if sample:  # the distinct (group, shared value) pairs of valid rows: problems x teachers, small
         valid = ds.map_batches(valid_groups, fn_kwargs={"group_columns": group_columns}, batch_format="pyarrow")
@@ -324,31 +329,35 @@ def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Corp
         chosen = choose_groups(
             pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in group_columns}), sample
         )
-    duplicates = groups.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs()
-    return CorpusSurvey(duplicates, trajectories, size, row_column_types(schemas, contract.row), chosen)
+    groups = ds.groupby("sample_id").aggregate(Sum("valid"), Min("order"))
+    repeated = ray.get(groups.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs())
+    # A group-by over no valid row yields blocks without columns.
+    duplicates = pa.concat_tables([REPEATED_IDS.empty_table(), *(table for table in repeated if table.num_rows)])
+    schemas, rows, sizes = zip(*blocks) if blocks else ((), (), ())
+    return CorpusSurvey(duplicates, sum(rows), sum(sizes), row_column_types(schemas, contract.row), chosen)
 
 
 @functools.lru_cache(maxsize=2)
-def _first_rows(refs: tuple) -> dict[str, int]:
-    # A group-by over no valid row yields blocks without columns.
-    tables = [table for table in map(cached_get, refs) if table.num_rows]
-    return {s: o for table in tables for s, o in zip(table["sample_id"].to_pylist(), table["min(order)"].to_pylist())}
+def _first_rows(survey) -> dict[str, int]:
+    repeated = cached_get(survey).duplicates
+    return dict(zip(repeated["sample_id"].to_pylist(), repeated["min(order)"].to_pylist()))
 
 
-def mark_sampled_out(batch: pa.Table, by: str | None, chosen: list) -> pa.Table:
-    """The sample stage: a valid row whose group is not among the chosen ones (the set behind the
-    one-item list `chosen`) is sampled out; without `input.sample` no row is."""
+def mark_sampled_out(batch: pa.Table, by: str | None, survey: list) -> pa.Table:
+    """The sample stage: a valid row whose group is not among the ones the survey (the `CorpusSurvey`
+    behind the one-item list `survey`) chose is sampled out; without `input.sample` no row is."""
     if by is None:
         return batch.append_column("sampled_out", pa.array([False] * batch.num_rows, pa.bool_()))
-    groups = cached_get(chosen[0])
+    groups = cached_get(survey[0]).sample.chosen
     values, reasons = pc.cast(batch[by], pa.string()).to_pylist(), batch["reject_reason"].to_pylist()
     out = [reason is None and value not in groups for value, reason in zip(values, reasons)]
     return batch.append_column("sampled_out", pa.array(out, pa.bool_()))
 
 
-def mark_duplicates(batch: pa.Table, duplicates: list, file_urls: list[str]) -> pa.Table:
-    """The dedupe stage: `reject_duplicates` with the repeated ids the survey found (`duplicates`)."""
-    return reject_duplicates(batch, _first_rows(tuple(duplicates)), file_urls)
+def mark_duplicates(batch: pa.Table, survey: list, file_urls: list[str]) -> pa.Table:
+    """The dedupe stage: `reject_duplicates` with the repeated ids the survey found (the `CorpusSurvey`
+    behind the one-item list `survey`)."""
+    return reject_duplicates(batch, _first_rows(survey[0]), file_urls)
 
 
 def reject_duplicates(batch: pa.Table, first_rows: dict[str, int], file_urls: list[str]) -> pa.Table:
@@ -589,22 +598,22 @@ class Stage:
 @dataclass(frozen=True)
 class DatasetPlan:
     """What the scoring stages are built from: the config, its row contract, the corpus, the students,
-    what the survey found, what every row carries, and where progress is counted."""
+    what the survey finds, what every row carries, and where progress is counted."""
 
     cfg: JobConfig
     contract: RowContract
     corpus: Corpus
     students: list[StudentPlan]
-    survey: CorpusSurvey
+    survey: object  # the reference of `survey_corpus` (or a `CorpusSurvey`): the stages wait on it
     stamp: RunStamp
     gpus: float
     meter: object = None  # a `results.ScoringMeter`
 
 
-def parse_stage(cfg: JobConfig, contract: RowContract, corpus: Corpus, row_types: dict | None = None) -> Stage:
+def parse_stage(cfg: JobConfig, contract: RowContract, corpus: Corpus, survey=None) -> Stage:
     """Raw records to trajectories (the survey pass runs it too, before the row columns' types are known)."""
     return Stage("parse", parse_batch, tuple(RAW_SCHEMA.names), (*PARSED_SCHEMA.names[2:], *contract.row), drops=("text",),
-                 kwargs={"corpus": corpus, "columns": list(contract.row), "column_types": {**(row_types or {}), **contract.row_types}})  # fmt: skip
+                 kwargs={"corpus": corpus, "columns": list(contract.row), "column_types": contract.row_types, "survey": [survey]})  # fmt: skip
 
 
 def scoring_stages(plan: DatasetPlan) -> list[Stage]:
@@ -612,11 +621,11 @@ def scoring_stages(plan: DatasetPlan) -> list[Stage]:
     cfg, contract, survey = plan.cfg, plan.contract, plan.survey
     by = cfg.input.sample.by if cfg.input.sample else None
     stages = [
-        parse_stage(cfg, contract, plan.corpus, survey.row_types),
+        parse_stage(cfg, contract, plan.corpus, survey),
         Stage("dedupe", mark_duplicates, ("sample_id", "source_file", "row_number", "content_hash", "reject_reason", "reject_detail"), (),
-              kwargs={"duplicates": survey.duplicates, "file_urls": plan.corpus.urls}),
+              kwargs={"survey": [survey], "file_urls": plan.corpus.urls}),
         Stage("sample", mark_sampled_out, ("reject_reason", *([by] if by else [])), ("sampled_out",),
-              kwargs={"by": by, "chosen": [ray.put(survey.sample.chosen) if survey.sample else None]}),
+              kwargs={"by": by, "survey": [survey]}),
     ]  # fmt: skip
     actor_args = {"options": scoring_options(cfg), "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
                   "scoring_actors": cfg.compute.actors_per_student * len(cfg.students), "meter": plan.meter}  # fmt: skip

@@ -14,8 +14,10 @@ from pipeline import errors
 from pipeline.config import ConfigError, InputConfig, SampleConfig, load_config
 from pipeline.models import StudentSource
 from pipeline.ray_job import (
+    REPEATED_IDS,
     CorpusSurvey,
     DatasetPlan,
+    GroupSample,
     RunStamp,
     Stage,
     StudentPlan,
@@ -61,7 +63,7 @@ def student_plan(cfg) -> StudentPlan:
 
 
 def stages(cfg) -> list[Stage]:
-    plan = DatasetPlan(cfg, RowContract.of(cfg), corpus_of(cfg), [student_plan(cfg)], CorpusSurvey([], 0, 0, {}),
+    plan = DatasetPlan(cfg, RowContract.of(cfg), corpus_of(cfg), [student_plan(cfg)], CorpusSurvey(REPEATED_IDS.empty_table(), 0, 0, {}),
                        RunStamp("run-1", datetime.now(UTC), 100), gpus=0)  # fmt: skip
     return scoring_stages(plan)
 
@@ -121,8 +123,8 @@ def test_survey_and_dedupe(cfg):
 
 def test_sample(cfg):
     table = parsed(cfg)
-    chosen = [frozenset({"t2"})]  # the groups chosen by the survey (`choose_groups`)
-    after = mark_sampled_out(table, "source", chosen)
+    survey = CorpusSurvey(REPEATED_IDS.empty_table(), 4, 0, {}, GroupSample(2, frozenset({"t2"})))  # t2 chosen
+    after = mark_sampled_out(table, "source", [survey])
     assert_declared(table, after, stage(cfg, "sample"))
     # a valid row outside the chosen groups is sampled out; rejects stay rejects
     assert after["sampled_out"].to_pylist() == [True, False, False, True]
