@@ -288,7 +288,8 @@ def finish(
 
 def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None] | None = None) -> RunResult:
     """One run: plan, take the output's lock, plan the students, survey the corpus while the scoring
-    actors load their students, score while committing pieces, finish. `quiet`: Ray logs warnings and up; `progress` receives progress lines."""
+    actors load their students, score while committing pieces, finish. `quiet`: Ray logs warnings and
+    up; `progress` receives progress lines."""
     started = time.perf_counter()
     plan = plan_run(cfg)
     lock = {"stale_after_s": cfg.output.lock_stale_minutes * 60, "beat_every_s": cfg.output.lock_heartbeat_seconds}
