@@ -131,7 +131,7 @@ class ScoringConfig:
     scope: str = "assistant"  # assistant: every turn's body | final: the answers | reasoning | no_tool_calls
     metrics: Any = field(default_factory=lambda: ["rsr"])  # a list of rsr, entropy, top1, rank, logprob_std; or all
     batch_tokens: str = "auto"  # tokens handed to a scoring actor at a time: auto (32,768 on CPU, 1,048,576 on GPU) or a number
-    rows_per_batch: int = 512  # superseded by batch_tokens (a scoring call is sized by tokens); kept so that old configs load
+    rows_per_batch: Optional[int] = None  # removed: a scoring call is sized by batch_tokens; set, the config fails saying so
     logits_dtype: str = "float32"  # float32: vocabulary logits in float32 whatever the student's dtype | model: in its dtype
     prompt_cache_tokens: int = 16384  # prompt tokens shared by several rows whose keys/values are held at once
 
@@ -291,6 +291,11 @@ def validate(job: JobConfig) -> None:
     require(
         s.batch_tokens == "auto" or (s.batch_tokens.isdigit() and int(s.batch_tokens) >= 1),
         f"scoring.batch_tokens must be auto or a number >= 1, got {s.batch_tokens!r}",
+    )
+    require(
+        s.rows_per_batch is None,
+        f"scoring.rows_per_batch ({s.rows_per_batch}) is no longer used: a scoring call is sized by tokens, "
+        "scoring.batch_tokens (auto: 32,768 on CPU, 1,048,576 on GPU); remove it or set batch_tokens",
     )
     require(s.logits_dtype in LOGITS_DTYPES, f"scoring.logits_dtype must be one of {LOGITS_DTYPES}, got {s.logits_dtype!r}")
     require(s.prompt_cache_tokens >= 0, f"scoring.prompt_cache_tokens must be >= 0, got {s.prompt_cache_tokens}")

@@ -29,6 +29,7 @@ def test_demo_config_loads_with_overrides():
         ("students.0.chat_template=missing.jinja", "students.0.chat_template 'missing.jinja' is neither a file"),
         ("input.prompt_field=question", "input.prompt_field and input.response_field go together"),
         ("input.candidate_passthrough=[correct]", "input.candidate_passthrough needs input.candidates_field"),
+        ("scoring.rows_per_batch=64", "is no longer used: a scoring call is sized by tokens, scoring.batch_tokens"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
