@@ -11,6 +11,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -215,17 +216,22 @@ def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, 
 class Scoring:
     """The scoring dataset, started: its results as they come, and what its actors have done."""
 
-    blocks: Iterator  # of RefBundles
+    blocks: Future[Iterator]  # of RefBundles, once the first is ready
     meter: object  # a `results.ScoringMeter`
 
 
 def start_scoring(cfg: JobConfig, plan: RunPlan, store: OutputStore, students: list[StudentPlan], survey, gpus: float) -> Scoring:
     """Start the scoring dataset on the survey's reference: its actors start and load their students at
-    once, and its stages wait for the survey where they need it."""
+    once, and its stages wait for the survey where they need it. Started on a thread of its own, because
+    Ray Data returns the iterator only once the first block is scored: meanwhile the driver reports the
+    survey and then the progress."""
     stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
     meter = ScoringMeter.remote()
     dataset = build_dataset(DatasetPlan(cfg, plan.contract, plan.corpus, students, survey, stamp, gpus, meter))
-    return Scoring(dataset.iter_internal_ref_bundles(), meter)
+    starter = ThreadPoolExecutor(1, thread_name_prefix="start-scoring")
+    blocks = starter.submit(dataset.iter_internal_ref_bundles)
+    starter.shutdown(wait=False)  # its one thread ends once the iterator is there
+    return Scoring(blocks, meter)
 
 
 def score_and_commit(
@@ -242,7 +248,7 @@ def score_and_commit(
     tally = Tally(partition_by)
     checkpoints = Checkpoints(cfg, plan.contract, store, known_rejects, tally)
     reporter = Progress(progress, survey.trajectories * len(students), survey.text_bytes * len(students), meter)
-    for bundle in scoring.blocks:
+    for bundle in scoring.blocks.result():
         refs = list(bundle.block_refs)
         for ref, part in zip(refs, ray.get([measure_block_task.remote(ref, partition_by) for ref in refs])):
             tally.add(part)
