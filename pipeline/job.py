@@ -1,6 +1,5 @@
 """One scoring run end to end, in named phases: plan (before Ray starts), plan the students, survey
-the corpus while the scoring actors load their students, score and stream the results into committed
-pieces, finish (summaries and the run manifest)."""
+the corpus, score and stream the results into committed pieces, finish (summaries and the run manifest)."""
 
 from __future__ import annotations
 
@@ -10,8 +9,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -212,43 +210,23 @@ def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, 
     return students
 
 
-@dataclass
-class Scoring:
-    """The scoring dataset, started: its results as they come, and what its actors have done."""
-
-    blocks: Future[Iterator]  # of RefBundles, once the first is ready
-    meter: object  # a `results.ScoringMeter`
-
-
-def start_scoring(cfg: JobConfig, plan: RunPlan, store: OutputStore, students: list[StudentPlan], survey, gpus: float) -> Scoring:
-    """Start the scoring dataset on the survey's reference: its actors start and load their students at
-    once, and its stages wait for the survey where they need it. Started on a thread of its own, because
-    Ray Data returns the iterator only once the first block is scored: meanwhile the driver reports the
-    survey and then the progress."""
-    stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
-    meter = ScoringMeter.remote()
-    dataset = build_dataset(DatasetPlan(cfg, plan.contract, plan.corpus, students, survey, stamp, gpus, meter))
-    starter = ThreadPoolExecutor(1, thread_name_prefix="start-scoring")
-    blocks = starter.submit(dataset.iter_internal_ref_bundles)
-    starter.shutdown(wait=False)  # its one thread ends once the iterator is there
-    return Scoring(blocks, meter)
-
-
 def score_and_commit(
     cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, students: list[StudentPlan], survey: CorpusSurvey,
-    scoring: Scoring, progress: Callable[[str], None] | None,
+    gpus: float, progress: Callable[[str], None] | None,
 ) -> tuple[Tally, list[str], dict[str, float]]:  # fmt: skip
     """Stream the results: each block counted where it lives, then added to a piece that is committed
     every checkpoint; then check that they account for every row. Returns the run's tally, its committed
     files and each student's padding efficiency."""
     reject_paths = store.reject_paths() if mode == "incremental" else []
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
-    meter = scoring.meter
+    stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
+    meter = ScoringMeter.remote()
+    dataset = build_dataset(DatasetPlan(cfg, plan.contract, plan.corpus, students, ray.put(survey), stamp, gpus, meter))
     partition_by = list(cfg.output.partition_by)
     tally = Tally(partition_by)
     checkpoints = Checkpoints(cfg, plan.contract, store, known_rejects, tally)
     reporter = Progress(progress, survey.trajectories * len(students), survey.text_bytes * len(students), meter)
-    for bundle in scoring.blocks.result():
+    for bundle in dataset.iter_internal_ref_bundles():
         refs = list(bundle.block_refs)
         for ref, part in zip(refs, ray.get([measure_block_task.remote(ref, partition_by) for ref in refs])):
             tally.add(part)
@@ -293,9 +271,8 @@ def finish(
 
 
 def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None] | None = None) -> RunResult:
-    """One run: plan, take the output's lock, plan the students, survey the corpus while the scoring
-    actors load their students, score while committing pieces, finish. `quiet`: Ray logs warnings and
-    up; `progress` receives progress lines."""
+    """One run: plan, take the output's lock, plan the students, survey the corpus, score while committing
+    pieces, finish. `quiet`: Ray logs warnings and up; `progress` receives progress lines."""
     started = time.perf_counter()
     plan = plan_run(cfg)
     lock = {"stale_after_s": cfg.output.lock_stale_minutes * 60, "beat_every_s": cfg.output.lock_heartbeat_seconds}
@@ -308,12 +285,10 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         students = plan_students(cfg, plan, store, mode, gpus)
-        survey_ref = survey_corpus.remote(cfg, plan.contract, plan.corpus)
-        scoring = start_scoring(cfg, plan, store, students, survey_ref, gpus)
-        survey = ray.get(survey_ref)
+        survey = survey_corpus(cfg, plan.contract, plan.corpus)
         if survey.sample:
             print(survey.sample.describe(cfg.input.sample), flush=True)
-        tally, committed, padding = score_and_commit(cfg, plan, store, mode, students, survey, scoring, progress)
+        tally, committed, padding = score_and_commit(cfg, plan, store, mode, students, survey, gpus, progress)
         committed += finish(cfg, plan, store, mode, students, survey, tally, padding)
     return RunResult(
         run_id=store.run_id,

@@ -298,12 +298,10 @@ def choose_groups(pairs: pa.Table, sample: SampleConfig) -> GroupSample:
     return GroupSample(len(eligible), frozenset(chosen))
 
 
-@ray.remote(num_cpus=0)  # it waits on Ray Data's tasks
 def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> CorpusSurvey:
     """Read and parse the corpus once to find repeated ids (a distributed group-by in Ray Data: no
     process holds every id, only the repeated ones) and count its rows and their bytes (for the time-left
-    estimate). A task, so that the scoring actors start and load their students while it runs: the
-    stages that need it wait on its reference (on 120 rows this hid ~2.4 s of a ~9 s survey and load)."""
+    estimate)."""
     file_numbers = {url: number for number, url in enumerate(corpus.urls)}
     sample = cfg.input.sample
     group_columns = [c for c in (sample.by, sample.shared_by) if c] if sample else []
@@ -316,9 +314,6 @@ def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> Corp
     # The default hash shuffle starts aggregator actors for 200 partitions: ~30 s of fixed time on a
     # small runtime; the task-based sort shuffle costs well under a second once workers are warm.
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    # Not a task's progress bars, which reach the driver's console as stray lines: its progress is logged
-    # (to Ray Data's log file only, at INFO).
-    ds.context.use_ray_tqdm = False
     ds = ds.materialize()  # one read serves the group-bys, the totals and the row columns' types
     blocks = ray.get([block_summary.remote(ref) for ref in ds.to_arrow_refs()])
     chosen = None
@@ -604,7 +599,7 @@ class DatasetPlan:
     contract: RowContract
     corpus: Corpus
     students: list[StudentPlan]
-    survey: object  # the reference of `survey_corpus` (or a `CorpusSurvey`): the stages wait on it
+    survey: object  # the reference of the `CorpusSurvey` (`ray.put`): every stage worker gets it once
     stamp: RunStamp
     gpus: float
     meter: object = None  # a `results.ScoringMeter`
