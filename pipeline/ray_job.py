@@ -255,7 +255,7 @@ def repeated_ids(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.greater(batch["sum(valid)"], 1)).select(["sample_id", "min(order)"])
 
 
-@dataclass(frozen=True, eq=False)  # one object per run: cached by identity in the workers
+@dataclass(frozen=True, eq=False)  # hashed by identity: `cached_get` may be handed the survey itself, not its reference
 class CorpusSurvey:
     """What one pass over the parsed corpus tells before scoring: the repeated ids, the row count and,
     with `input.sample`, the sampled groups."""
