@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 import ray
+import ray._private.node
 from omegaconf import OmegaConf
 from ray._private import ray_constants
 
@@ -154,14 +155,41 @@ def ensure_ray(cfg: JobConfig, quiet: bool) -> None:
     # Scoring actors hold their CPUs for the whole run: without logical CPUs beyond theirs, the
     # read and tokenize tasks never get a slot and the job hangs (2 actors on a 2-core machine).
     actor_cpus = cfg.compute.cpus_per_actor * cfg.compute.actors_per_student * len(cfg.students)
-    ray.init(
-        num_cpus=int(os.cpu_count() + actor_cpus + 0.999),
-        include_dashboard=False,
-        # Not /tmp/ray: a plain ray.init() joins the cluster named in its ray_current_cluster (written by
-        # `ray start` and ray.cluster_utils) instead of starting one. Ray's logs of the run stay here.
-        _temp_dir=tempfile.mkdtemp(prefix="rsr-ray-", dir=os.environ.get("RAY_TMPDIR")),
-        **log_level,
-    )
+    start_local_ray(num_cpus=int(os.cpu_count() + actor_cpus + 0.999), include_dashboard=False, **log_level)
+
+
+NODE_START_ATTEMPTS = 3
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """ray.init of a new local runtime in a temp dir of its own. Not /tmp/ray: a plain ray.init() joins
+    the cluster named in its ray_current_cluster (written by `ray start` and ray.cluster_utils) instead
+    of starting one. Ray's logs of the run stay there.
+    Ray gives its raylet a fixed 30 s to register with the GCS, which a machine busy with other work can
+    miss: the attempt's processes are stopped and the runtime started afresh."""
+    for attempt in range(1, NODE_START_ATTEMPTS + 1):
+        temp_dir = tempfile.mkdtemp(prefix="rsr-ray-", dir=os.environ.get("RAY_TMPDIR"))
+        try:
+            ray.init(_temp_dir=temp_dir, **init_kwargs)
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == NODE_START_ATTEMPTS:
+                raise
+            _stop_unfinished_node(exc)
+            print(f"Ray's node did not register within Ray's 30 s (a busy machine?): starting it again, "
+                  f"attempt {attempt + 1} of {NODE_START_ATTEMPTS}", flush=True)  # fmt: skip
+
+
+def _stop_unfinished_node(exc: BaseException) -> None:
+    """Stop the processes of a node whose start raised `exc`: ray.init keeps no handle on a node that
+    failed to start, so it is found in the failed constructor's frame."""
+    tb = exc.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("self")
+        if isinstance(node, ray._private.node.Node):
+            node.kill_all_processes(check_alive=False, allow_graceful=True)
+            return
+        tb = tb.tb_next
 
 
 def resolve_mode(configured: str, has_runs: bool) -> str:

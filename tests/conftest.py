@@ -4,7 +4,6 @@ import random
 import secrets
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -83,10 +82,10 @@ def start_ray():
     import ray
     from ray.data import DataContext
 
+    from pipeline.job import start_local_ray
+
     if not ray.is_initialized():
-        # Its own temp dir: /tmp/ray's ray_current_cluster would make this join another cluster.
-        temp_dir = tempfile.mkdtemp(prefix="rsr-ray-", dir=os.environ.get("RAY_TMPDIR"))
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
+        start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
         DataContext.get_current().execution_no_progress_timeout_s = 120
     return ray
 

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import duckdb
+import pytest
 import yaml
 
 from tests.conftest import REPO, free_port
@@ -72,3 +73,51 @@ def test_two_local_jobs_at_once_share_no_ray_state(tmp_path, corpus_path, studen
     assert not list((ray_tmp / "ray").glob("session_*"))
     assert not (home / ".ray").exists()
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# Freezes the first raylet this process starts (SIGSTOP, as a starved process looks to the GCS), so that
+# Ray's fixed 30 s for the node to register runs out; then reports the frozen raylet's fate.
+START_WITH_A_FROZEN_RAYLET = """
+import os, signal, threading, time
+from pathlib import Path
+import ray
+from pipeline.job import start_local_ray
+
+frozen = []
+
+def freeze_first_raylet():
+    while not frozen:
+        for proc in Path("/proc").iterdir():
+            try:
+                command = (proc / "cmdline").read_bytes().split(b"\\0")
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == os.getpid() and command[0].endswith(b"/raylet"):
+                os.kill(int(proc.name), signal.SIGSTOP)
+                frozen.append(proc)
+                return
+        time.sleep(0.01)
+
+threading.Thread(target=freeze_first_raylet, daemon=True).start()
+start_local_ray(num_cpus=1, include_dashboard=False)
+print("result", ray.get(ray.remote(lambda: 1 + 1).remote()))
+gone = not frozen[0].exists() or (frozen[0] / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+print("first raylet gone", gone)
+"""
+
+
+def test_a_node_that_misses_rays_start_deadline_is_replaced():
+    """A local runtime whose raylet misses Ray's registration deadline (a busy machine) is stopped and
+    started again; the job gets a working runtime."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("finds the raylet through /proc (Linux)")
+    ray_tmp = tempfile.mkdtemp(prefix="rsr-iso-", dir="/tmp")  # short: Ray's socket paths are limited
+    try:
+        proc = subprocess.run([sys.executable, "-c", START_WITH_A_FROZEN_RAYLET], cwd=REPO, capture_output=True,
+                              env={**os.environ, "RAY_TMPDIR": ray_tmp}, text=True, timeout=600)  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting it again, attempt 2 of 3" in proc.stdout
+    assert "result 2" in proc.stdout and "first raylet gone True" in proc.stdout

@@ -72,7 +72,8 @@ def test_runs_that_start_together_on_a_stale_lock_take_it_over_once(root):
 
 def test_a_lock_rewritten_in_place_never_crashes_a_reader(tmp_path):
     """A writer outside the protocol rewrites the lock in place (truncate, then write) in a tight loop
-    while other runs start: each refuses with the holder's name."""
+    while other runs start: each refuses, naming the holder, or (where the writer stalled mid-write through
+    all of a reader's retries, as on a busy machine) an unreadable lock; none crashes or takes it over."""
     root = locate(str(tmp_path / "out"), StorageConfig())
     record = json.dumps({"run_id": "nightly-7", "host": "another-host", "pid": 1, "beat": datetime.now(UTC).isoformat()})
     write_lock(root, json.loads(record))
@@ -94,7 +95,10 @@ def test_a_lock_rewritten_in_place_never_crashes_a_reader(tmp_path):
     finally:
         done.set()
         writer.join()
-    assert all("run nightly-7 (process 1 on another-host) holds" in o for o in outcomes), set(outcomes)
+    named, unreadable = "run nightly-7 (process 1 on another-host) holds", "run (unreadable lock) (process -1"
+    assert all(named in o or unreadable in o for o in outcomes), set(outcomes)
+    # The writer leaves the lock whole twice as long as half-written: the retries read it whole.
+    assert any(named in o for o in outcomes), set(outcomes)
 
 
 def test_the_heartbeat_never_overwrites_a_lock_another_run_took(root):
