@@ -396,10 +396,11 @@ def committed_reject_keys(paths: list[str], location: Location) -> set[str]:
     return set(reject_keys(table))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=64)
 def cached_get(ref):
-    """`ray.get` once per worker process for objects that many batches read (key sets); a value that
-    is not a reference is its own value."""
+    """`ray.get` once per worker process for objects that many batches read: a run's survey, its known
+    rejects and one set of done keys per student (room for many students; bounded because each cached
+    reference keeps its object in the object store); a value that is not a reference is its own value."""
     return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
