@@ -1,8 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 
 from jobs.score import main
 from pipeline.config import ConfigError, load_config
 from pipeline.storage import expand_inputs
+from tests.conftest import REPO
 
 DEMO = "jobs/configs/demo.yaml"
 
@@ -76,3 +80,13 @@ def test_directories_and_globs_expand_and_report_skipped_files(tmp_path):
 def test_cli_exits_2_with_the_message(capsys):
     assert main(["--config", DEMO, "scoring.rank_clip=-1"]) == 2
     assert "scoring.rank_clip must be >= 1" in capsys.readouterr().err
+
+
+def test_a_bad_config_fails_before_torch_or_ray_is_imported():
+    """The config check is the job's first step and needs neither: a bad config fails in a second."""
+    check = (
+        "import sys; from jobs.score import main; code = main(['--config', 'jobs/configs/demo.yaml', 'scoring.rank_clip=-1']); "
+        "print(code, sorted({'torch', 'transformers', 'ray'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
+    assert result.stdout.split() == ["2", "[]"], result.stderr
