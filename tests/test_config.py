@@ -83,9 +83,9 @@ def test_cli_exits_2_with_the_message(capsys):
 
 
 def test_a_bad_config_fails_before_torch_or_ray_is_imported():
-    """The config check is the job's first step and needs neither: a bad config fails in a second."""
+    """The config check is the job's first step and needs neither."""
     check = (
-        "import sys; from jobs.score import main; code = main(['--config', 'jobs/configs/demo.yaml', 'scoring.rank_clip=-1']); "
+        f"import sys; from jobs.score import main; code = main(['--config', {DEMO!r}, 'scoring.rank_clip=-1']); "
         "print(code, sorted({'torch', 'transformers', 'ray'} & set(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
