@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.metrics import METRICS
@@ -229,7 +229,9 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
             if not sep:
                 raise ConfigError(f"override {override!r} is not key=value")
             parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
-            OmegaConf.update(cfg, key.strip(), parsed, merge=False)
+            # A list replaces the configured one either way, but only a merge builds its typed items
+            # (students=[{name: a, path: b}]); a mapping replaces the configured one.
+            OmegaConf.update(cfg, key.strip(), parsed, merge=isinstance(parsed, ListConfig))
         job: JobConfig = OmegaConf.to_object(cfg)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {config_file}") from exc

@@ -17,6 +17,18 @@ def test_demo_config_loads_with_overrides():
     assert cfg.input.paths == ["a.jsonl", "b/"] and cfg.output.partition_by == ["source"]
 
 
+def test_overrides_set_lists_of_typed_items_and_replace_mappings():
+    cfg = load_config(DEMO, ["students=[{name: a, path: p}, {name: b, path: q, dtype: bfloat16}]",
+                             "input.sources=[{paths: [t.jsonl], prompt_field: q, response_groups: {x: {response: r}}}]",
+                             "input.response_groups={y: {response: s}}", "input.prompt_field=q"])  # fmt: skip
+    assert [(s.name, s.path, s.dtype) for s in cfg.students] == [("a", "p", "auto"), ("b", "q", "bfloat16")]
+    assert cfg.input.sources[0].response_groups["x"].response == "r" and cfg.input.sources[0].candidates_field is None
+    assert list(cfg.input.response_groups) == ["y"]
+    cfg = load_config(DEMO, ["input.response_groups={y: {response: s}}", "input.response_groups={z: {response: s}}",
+                             "input.prompt_field=q"])  # fmt: skip
+    assert list(cfg.input.response_groups) == ["z"]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
