@@ -33,7 +33,7 @@ import yaml
 from benchmarks.scale import SYNTHETIC_CORPUS
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.output import LOCK_FILE, RUNS_DIR, STAGING_DIR, committed_files, read_manifests, scores_prefix
-from pipeline.records import row_messages
+from pipeline.shapes import row_messages
 from pipeline.storage import Location, locate
 
 MOMENTS = ("random time", "staging folder appears", "manifest appears")

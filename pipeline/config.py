@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import MISSING, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.metrics import METRICS
+from pipeline.shapes import SHAPES, shape_of
 from pipeline.spans import REASONING_MODES, SCOPES
 from pipeline.tokenizer import BUILTIN_TEMPLATES
 
@@ -32,14 +34,6 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ResponseGroup:
-    """One teacher's columns in a row that holds several teachers' responses."""
-
-    response: str = MISSING
-    reasoning: Optional[str] = None
-
-
-@dataclass
 class SampleConfig:
     """Score only the rows of `n` groups (`by`: a row column such as problem_id): the eligible groups with
     the smallest seeded hash of their value, so that a growing corpus changes the sample only where a new
@@ -53,8 +47,8 @@ class SampleConfig:
 
 
 @dataclass
-class InputShape:
-    """The keys of one corpus part: where it is and its shape (which columns make a trajectory)."""
+class CorpusKeys:
+    """The keys every corpus part has: where it is and the columns that make a trajectory of a row."""
 
     paths: list[str] = field(default_factory=list)  # files, directories, globs; local or s3://
     format: str = "auto"  # auto (by extension) | jsonl | json | parquet | arrow
@@ -66,22 +60,26 @@ class InputShape:
     reasoning_field: Optional[str] = None
     system_field: Optional[str] = None  # a row-level system prompt, for every shape (ShareGPT rows: `system` when unset)
     passthrough: list[str] = field(default_factory=list)  # row fields copied to the output
-    # Several trajectories per row: a list column of candidate responses (strings or message lists) after
-    # the row's prompt, with list columns aligned with it; or several teachers' response columns.
-    candidates_field: Optional[str] = None
-    candidate_passthrough: list[str] = field(default_factory=list)
-    response_groups: dict[str, ResponseGroup] = field(default_factory=dict)
     # Columns from each file's path below the input path that holds it: {teacher: "{teacher}/*.json"}.
     path_fields: dict[str, str] = field(default_factory=dict)
+
+
+# Dataclass fields come base last to first: the common keys, then each shape's in SHAPES order.
+@dataclass
+class InputShape(*reversed([shape.keys for shape in SHAPES if shape.keys]), CorpusKeys):
+    """The keys of one corpus part: the common ones and each corpus shape's (`pipeline.shapes.SHAPES`)."""
 
 
 def _source_config() -> type:
     """The type of `input.sources` items: every key of InputShape, unset (None) unless given, `paths`
     required. Derived, not copied: a new shape key is a source key too."""
-    fields = [("paths", "list[str]", field(default=MISSING))]
-    fields += [(f.name, f"Optional[{f.type}]", field(default=None)) for f in dataclasses.fields(InputShape) if f.name != "paths"]
+    types = typing.get_type_hints(InputShape)
+    fields = [("paths", list[str], field(default=MISSING))]
+    fields += [
+        (f.name, Optional[types[f.name]], field(default=None)) for f in dataclasses.fields(InputShape) if f.name != "paths"
+    ]
     source = dataclasses.make_dataclass("SourceConfig", fields)
-    source.__module__ = __name__  # omegaconf resolves the field types in this module
+    source.__module__ = __name__  # pickled by reference (Ray ships configs to its workers)
     source.__doc__ = "A part of the corpus with a shape of its own (`input.sources`); unset keys take the input section's."
     return source
 
@@ -138,8 +136,6 @@ class ScoringConfig:
 
 def shape_columns(input_cfg: InputConfig) -> dict[str, str]:
     """The columns the corpus parts' shapes and path fields add to each trajectory, with their Arrow type names."""
-    from pipeline.records import shape_of  # the shape registry reads this module's types
-
     columns = {}
     for part in input_sources(input_cfg):
         columns.update({name: "string" for name in part.path_fields})
@@ -244,15 +240,13 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
 
 def validate_shape(i: InputConfig, key: str, require) -> None:
     """The checks of one corpus part's shape; `key` prefixes the keys named in messages ("input.")."""
-    from pipeline.records import SHAPES, shape_of
-
     require(i.format in FORMATS, f"{key}format must be one of {FORMATS}, got {i.format!r}")
-    selecting = [shape.keys[0] for shape in SHAPES if shape.keys and shape.selected(i)]
+    selecting = [shape.key_names[0] for shape in SHAPES if shape.several_per_row and shape.selected(i)]
     require(len(selecting) <= 1, f"{key}{f' and {key}'.join(selecting)} are exclusive: one source of responses")
     shape = shape_of(i)
     for other in SHAPES:
-        for name in other.keys[1:] if other is not shape else ():
-            require(not getattr(i, name), f"{key}{name} needs {key}{other.keys[0]}")
+        for name in other.key_names[1:] if other is not shape else ():
+            require(not getattr(i, name), f"{key}{name} needs {key}{other.key_names[0]}")
     shape.check(i, key, require)
     for name, pattern in i.path_fields.items():
         require("{" + name + "}" in pattern, f"{key}path_fields.{name}: the pattern {pattern!r} must name {{{name}}}")

@@ -15,8 +15,9 @@ from pipeline.config import InputConfig, StorageConfig, input_sources
 from pipeline.errors import RowError
 from pipeline.metrics import COMPANIONS
 from pipeline.output import committed_score_files
-from pipeline.records import content_hash, read_records, row_trajectories, shape_of
+from pipeline.records import content_hash, read_records
 from pipeline.selection import select_arm
+from pipeline.shapes import row_trajectories, shape_of
 from pipeline.storage import format_of, locate, open_corpus_file, plan_corpus
 
 

@@ -1,4 +1,5 @@
-"""Corpus files to raw records, and raw records to validated rows. No Ray here.
+"""Corpus files to raw records, and raw records to trajectories' output fields (through the corpus
+shapes, `pipeline.shapes`). No Ray here.
 
 Reading never fails on one bad row: each line or row becomes a record (its JSON text) or a read
 error with a reason, so that the job can quarantine it with its file and line number.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -18,7 +19,8 @@ import pyarrow.parquet as pq
 from pipeline import errors
 from pipeline.config import InputConfig
 from pipeline.errors import RowError
-from pipeline.messages import canonical_messages, split_reasoning, validate_messages
+from pipeline.messages import split_reasoning
+from pipeline.shapes import column_value, row_trajectories
 
 BOM = b"\xef\xbb\xbf"
 READ_CHUNK_BYTES = 16 << 20
@@ -121,214 +123,6 @@ def read_records(f: BinaryIO, fmt: str) -> Iterator[RawRecord]:
         yield RawRecord(0, None, errors.EMPTY_FILE, "file holds no rows")
 
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def _from_sharegpt(message: Any) -> Any:
-    """A ShareGPT turn (`{from, value}`) as `{role, content}`; anything else as it is."""
-    if isinstance(message, dict) and "role" not in message and "from" in message:
-        source = message["from"]
-        role = SHAREGPT_ROLES.get(source, source) if isinstance(source, str) else source
-        return {"role": role, "content": message.get("value")}
-    return message
-
-
-def _field(row: dict, name: str, reason: str, what: str, required: bool = True) -> str | None:
-    value = row.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str):
-        found = "missing" if value is None else f"a {type(value).__name__}"
-        raise RowError(reason, f"{what} field {name!r} is {found}, not a string")
-    return value
-
-
-def _system_message(row: dict, cfg: InputConfig, sharegpt: bool = False) -> list[dict]:
-    """The row-level system prompt (`input.system_field`; ShareGPT rows: `system` when unset) as a message."""
-    name = cfg.system_field or ("system" if sharegpt else None)
-    system = _field(row, name, errors.BAD_SYSTEM, "system", required=False) if name else None
-    return [{"role": "system", "content": system}] if system else []
-
-
-def _assistant(response: str, reasoning: str | None) -> dict:
-    return {"role": "assistant", "content": response, **({"reasoning_content": reasoning} if reasoning else {})}
-
-
-def _conversation(row: dict, cfg: InputConfig) -> Any:
-    """The row's messages (ShareGPT turns converted), with the row-level system prompt unless they hold
-    their own; None when the row has no messages. Malformed values are passed on for validation."""
-    if cfg.messages_field in row:
-        messages = row[cfg.messages_field]
-    elif "conversations" in row:  # ShareGPT rows, with messages_field left at its default
-        messages = row["conversations"]
-    else:
-        return None
-    if not isinstance(messages, list):
-        return messages
-    sharegpt = any(isinstance(m, dict) and "from" in m and "role" not in m for m in messages)
-    messages = [_from_sharegpt(m) for m in messages]
-    has_system = any(isinstance(m, dict) and m.get("role") == "system" for m in messages)
-    return messages if has_system else [*_system_message(row, cfg, sharegpt), *messages]
-
-
-def _prompt_messages(row: dict, cfg: InputConfig) -> list[dict]:
-    """The prompt of a row whose responses are elsewhere (candidates, teachers' columns): the prompt
-    column (with the system prompt), else the row's messages up to its final assistant turn."""
-    if cfg.prompt_field:
-        return [
-            *_system_message(row, cfg),
-            {"role": "user", "content": _field(row, cfg.prompt_field, errors.BAD_PROMPT, "prompt")},
-        ]
-    messages = _conversation(row, cfg)
-    if messages is None:
-        raise RowError(errors.MISSING_MESSAGES, f"row has neither {cfg.messages_field!r} nor input.prompt_field for its prompt")
-    if not isinstance(messages, list):
-        raise RowError(errors.MESSAGES_NOT_A_LIST, f"messages is a {type(messages).__name__}, not a list")
-    while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
-        messages = messages[:-1]
-    return messages
-
-
-def row_messages(row: dict, cfg: InputConfig) -> list[dict]:
-    """A one-trajectory corpus row as validated canonical messages, whatever its shape: `messages` (with
-    optional `reasoning_content` or `thinking`), ShareGPT `conversations` of `{from, value}`, or prompt
-    and response columns. Raises RowError naming the problem."""
-    if cfg.messages_field not in row and cfg.prompt_field and cfg.prompt_field in row:
-        response = _field(row, cfg.response_field, errors.BAD_RESPONSE, "response")
-        reasoning = (
-            _field(row, cfg.reasoning_field, errors.NON_STRING_REASONING, "reasoning", required=False)
-            if cfg.reasoning_field
-            else None
-        )
-        messages = [*_prompt_messages(row, cfg), _assistant(response, reasoning)]
-    else:
-        messages = _conversation(row, cfg)
-    if messages is None:
-        looked_for = [cfg.messages_field, *([cfg.prompt_field] if cfg.prompt_field else []), "conversations"]
-        raise RowError(errors.MISSING_MESSAGES, f"row has none of the fields {looked_for}")
-    return validate_messages(canonical_messages(messages))
-
-
-@dataclass(frozen=True)
-class Trajectory:
-    """One trajectory of a row: its sample_id suffix, the columns the corpus shape gives it, and its
-    canonical messages or why it is rejected."""
-
-    suffix: str
-    columns: dict
-    messages: list[dict] | None = None
-    error: RowError | None = None
-
-
-def _validated(messages: list) -> tuple[list[dict] | None, RowError | None]:
-    try:
-        return validate_messages(canonical_messages(messages)), None
-    except RowError as exc:
-        return None, exc
-
-
-def _candidate_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
-    candidates = row.get(cfg.candidates_field)
-    if not isinstance(candidates, list) or not candidates:
-        found = (
-            "missing" if candidates is None else f"a {type(candidates).__name__}" if not isinstance(candidates, list) else "empty"
-        )
-        raise RowError(errors.BAD_CANDIDATES, f"candidates field {cfg.candidates_field!r} is {found}, not a list of responses")
-    for name in cfg.candidate_passthrough:
-        aligned = row.get(name)
-        if not isinstance(aligned, list) or len(aligned) != len(candidates):
-            length = len(aligned) if isinstance(aligned, list) else type(aligned).__name__
-            raise RowError(errors.MISALIGNED_CANDIDATES, f"{name!r} has {length} items for {len(candidates)} candidates")
-    prompt = _prompt_messages(row, cfg)
-    trajectories = []
-    for k, candidate in enumerate(candidates):
-        columns = {"candidate_index": k, **{name: _passthrough_value(row[name][k]) for name in cfg.candidate_passthrough}}
-        turns = (
-            [_assistant(candidate, None)]
-            if isinstance(candidate, str)
-            else candidate
-            if isinstance(candidate, list)
-            else [candidate]
-        )
-        messages, error = _validated([*prompt, *(_from_sharegpt(m) for m in turns)])
-        trajectories.append(Trajectory(f"#{k}", columns, messages, error))
-    return trajectories
-
-
-def _group_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
-    prompt = _prompt_messages(row, cfg)
-    trajectories = []
-    for teacher, group in cfg.response_groups.items():
-        try:
-            response = _field(row, group.response, errors.BAD_RESPONSE, f"{teacher} response")
-            reasoning = (
-                _field(row, group.reasoning, errors.NON_STRING_REASONING, f"{teacher} reasoning", required=False)
-                if group.reasoning
-                else None
-            )
-            messages, error = _validated([*prompt, _assistant(response, reasoning)])
-        except RowError as exc:
-            messages, error = None, exc
-        trajectories.append(Trajectory(f"#{teacher}", {"teacher": teacher}, messages, error))
-    return trajectories
-
-
-def _row_trajectory(row: dict, cfg: InputConfig) -> list[Trajectory]:
-    return [Trajectory("", {}, row_messages(row, cfg))]
-
-
-def _check_row(i: InputConfig, key: str, require: Callable[[bool, str], None]) -> None:
-    require(bool(i.prompt_field) == bool(i.response_field), f"{key}prompt_field and {key}response_field go together")
-    require(not i.reasoning_field or i.response_field, f"{key}reasoning_field needs {key}response_field")
-
-
-def _check_several(i: InputConfig, key: str, require: Callable[[bool, str], None]) -> None:
-    require(not i.response_field, f"{key}response_field and {key}{shape_of(i).keys[0]} are exclusive: one source of responses")
-    require(not i.reasoning_field, f"{key}reasoning_field needs {key}response_field")
-
-
-@dataclass(frozen=True)
-class CorpusShape:
-    """How the rows of a corpus part become trajectories. `keys`: the input keys it reads, the first of
-    which selects it (none: the default shape, one trajectory per row); `columns`: what it adds to every
-    trajectory (Arrow type names), `trajectories`: a row's trajectories (RowError when the row as a whole
-    is unusable), `check`: its configuration checks. Adding a corpus shape is its input keys in
-    `config.InputShape` and one entry in SHAPES."""
-
-    name: str
-    keys: tuple[str, ...]
-    columns: dict[str, str]
-    trajectories: Callable[[dict, InputConfig], list[Trajectory]]
-    check: Callable[[InputConfig, str, Callable[[bool, str], None]], None]
-
-    def selected(self, cfg: InputConfig) -> bool:
-        return not self.keys or bool(getattr(cfg, self.keys[0]))
-
-    @property
-    def several_per_row(self) -> bool:
-        return bool(self.keys)
-
-
-SHAPES = (
-    CorpusShape("candidates", ("candidates_field", "candidate_passthrough"), {"candidate_index": "int64"},
-                _candidate_trajectories, _check_several),
-    CorpusShape("teachers", ("response_groups",), {"teacher": "string"}, _group_trajectories, _check_several),
-    CorpusShape("row", (), {}, _row_trajectory, _check_row),  # messages, ShareGPT, or prompt and response columns
-)  # fmt: skip
-
-
-def shape_of(cfg: InputConfig) -> CorpusShape:
-    """The shape of a corpus part: the first whose selecting key is set, else one trajectory per row."""
-    selected = [shape for shape in SHAPES if shape.keys and shape.selected(cfg)]
-    return selected[0] if selected else SHAPES[-1]
-
-
-def row_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
-    """The trajectories of a corpus row, by its part's shape (`shape_of`). Raises RowError when the row
-    as a whole is unusable."""
-    return shape_of(cfg).trajectories(row, cfg)
-
-
 def content_hash(messages: list[dict]) -> str:
     """The hash of a row's canonical messages: the same trajectory in two corpus shapes hashes the same."""
     canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -367,11 +161,6 @@ def trajectory_flags(messages: list[dict]) -> tuple[int, str | None]:
     return len(turns), reason
 
 
-def _passthrough_value(value: Any) -> Any:
-    # Nested values become JSON text so that every file yields the same column types.
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
-
-
 def fallback_sample_id(source_file: str, row_number: int) -> str:
     """The stable id of a row that has no usable id of its own."""
     return f"{source_file}:{row_number}"
@@ -396,7 +185,7 @@ def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig, pa
         row_id = row.get(cfg.id_field)
         if isinstance(row_id, (str, int)) and not isinstance(row_id, bool) and row_id != "":
             fields["sample_id"] = str(row_id)
-        fields.update({name: _passthrough_value(row.get(name)) for name in cfg.passthrough})
+        fields.update({name: column_value(row.get(name)) for name in cfg.passthrough})
         trajectories = row_trajectories(row, cfg)
     except RowError as exc:
         return [{**fields, "reject_reason": exc.reason, "reject_detail": exc.detail}]

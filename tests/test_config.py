@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -102,3 +103,65 @@ def test_a_bad_config_fails_before_torch_or_ray_is_imported():
     )
     result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
     assert result.stdout.split() == ["2", "[]"], result.stderr
+
+
+# A corpus shape the project does not have (preference pairs: a prompt, a chosen and a rejected
+# response), added as one SHAPES entry before the config schema is built from the registry.
+PAIRS_SHAPE = """
+import json, sys
+from dataclasses import dataclass
+from typing import Optional
+
+from pipeline import shapes
+from pipeline.messages import canonical_messages, validate_messages
+
+@dataclass
+class PairKeys:
+    chosen_field: Optional[str] = None
+    rejected_field: Optional[str] = None
+
+def pair_trajectories(row, cfg):
+    prompt = shapes.prompt_messages(row, cfg)
+    return [shapes.Trajectory(f"#{side}", {"preference": side},
+                              validate_messages(canonical_messages([*prompt, {"role": "assistant", "content": row[name]}])))
+            for side, name in (("chosen", cfg.chosen_field), ("rejected", cfg.rejected_field))]
+
+def check_pairs(i, key, require):
+    require(i.rejected_field, f"{key}chosen_field needs {key}rejected_field too")
+
+shapes.SHAPES = (shapes.CorpusShape("pairs", PairKeys, {"preference": "string"}, pair_trajectories, check_pairs), *shapes.SHAPES)
+
+from pipeline.config import ConfigError, load_config
+from pipeline.records import parse_row
+from pipeline.schema import RowContract
+
+base = ["input.paths=[x.jsonl]", "students=[{name: s, path: p}]", "input.prompt_field=question"]
+errors = []
+for extra in (["input.rejected_field=worse"], ["input.chosen_field=better"],
+              ["input.chosen_field=better", "input.rejected_field=worse", "input.response_groups={t: {response: a}}"]):
+    try:
+        load_config(None, base + extra)
+    except ConfigError as exc:
+        errors.append(str(exc).splitlines()[1:])
+cfg = load_config(None, base + ["input.chosen_field=better", "input.rejected_field=worse", "output.partition_by=[preference]"])
+row = {"id": "q1", "question": "2+2?", "better": "4", "worse": "5"}
+parsed = parse_row(json.dumps(row), "x.jsonl", 1, cfg.input)
+print(json.dumps({"errors": errors, "row_columns": list(RowContract.of(cfg).row),
+                  "parsed": [(p["sample_id"], p["preference"], json.loads(p["messages_json"])[-1]["content"]) for p in parsed]}))
+"""
+
+
+def test_a_new_corpus_shape_is_one_registry_entry():
+    """Its keys join the config schema (and `input.sources` items), the generic checks (a second key
+    needs the first; two sources of responses are exclusive) and its own apply, its column joins the row
+    contract (so output.partition_by accepts it), and rows parse through it."""
+    result = subprocess.run([sys.executable, "-c", PAIRS_SHAPE], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["errors"] == [
+        ["  - input.rejected_field needs input.chosen_field", "  - input.prompt_field and input.response_field go together"],
+        ["  - input.chosen_field needs input.rejected_field too"],
+        ["  - input.chosen_field and input.response_groups are exclusive: one source of responses"],
+    ]
+    assert out["row_columns"] == ["preference"]
+    assert out["parsed"] == [["q1#chosen", "chosen", "4"], ["q1#rejected", "rejected", "5"]]

@@ -15,7 +15,8 @@ import zstandard
 
 from pipeline.config import ConfigError, InputConfig
 from pipeline.job import run_job
-from pipeline.records import content_hash, row_messages
+from pipeline.records import content_hash
+from pipeline.shapes import row_messages
 from pipeline.spans import encode_conversation
 from pipeline.student import ScoringOptions, Student
 from tests.test_job import job_config

@@ -13,7 +13,7 @@ import pytest
 from jobs import select as select_job
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.query import latest_scores
-from pipeline.records import content_hash, row_messages
+from pipeline.records import content_hash
 from pipeline.selection import (
     dataset_info_entry,
     describe_selection,
@@ -25,6 +25,7 @@ from pipeline.selection import (
     update_dataset_info,
     write_whole,
 )
+from pipeline.shapes import row_messages
 from pipeline.storage import locate
 from tests.conftest import REPO, write_jsonl
 from tests.test_select_report import scored_output  # noqa: F401 (a fixture: one real scoring run)
