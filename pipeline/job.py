@@ -19,7 +19,7 @@ import ray._private.node
 from omegaconf import OmegaConf
 from ray._private import ray_constants
 
-from pipeline.config import ConfigError, JobConfig, StudentConfig, metric_names
+from pipeline.config import ConfigError, JobConfig, StudentConfig
 from pipeline.errors import RowError
 from pipeline.models import StudentSource
 from pipeline.output import OutputStore, new_run_id
@@ -198,15 +198,17 @@ def resolve_mode(configured: str, has_runs: bool) -> str:
     return "incremental" if has_runs else "full"
 
 
-def scoring_settings(cfg: JobConfig, student: StudentConfig, revision: str, check: StudentCheck, gpus: float) -> ScoringSettings:
-    """A student's scoring settings: `auto` dtype resolved as the actor will; logits in another dtype than
-    the student's and a scope other than the default recorded only then."""
+def scoring_settings(
+    cfg: JobConfig, contract: RowContract, student: StudentConfig, revision: str, check: StudentCheck, gpus: float
+) -> ScoringSettings:
+    """A student's scoring settings: the run's metrics, `auto` dtype resolved as the actor will; logits in
+    another dtype than the student's and a scope other than the default recorded only then."""
     dtype = student.dtype if student.dtype != "auto" else ("bfloat16" if gpus else "float32")
     s = cfg.scoring
     logits_dtype = dtype if s.logits_dtype == "model" else s.logits_dtype
     return ScoringSettings(
         student_revision=revision, chat_template=check.chat_template, reasoning=s.reasoning, rank_clip=s.rank_clip,
-        max_model_len=check.max_model_len, on_too_long=s.on_too_long, metrics=metric_names(s), dtype=dtype,
+        max_model_len=check.max_model_len, on_too_long=s.on_too_long, metrics=contract.metrics, dtype=dtype,
         logits_dtype=logits_dtype if logits_dtype != dtype else None, scope=s.scope if s.scope != DEFAULT_SCOPE else None,
     )  # fmt: skip
 
@@ -220,7 +222,7 @@ def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, 
             revision = check.source.revision()
         except FileNotFoundError as exc:
             raise ConfigError(f"students.{student.name}: {exc}") from exc
-        settings = scoring_settings(cfg, student, revision, check, gpus)
+        settings = scoring_settings(cfg, plan.contract, student, revision, check, gpus)
         fingerprint = settings.fingerprint
         paths = store.score_paths(student.name) if mode == "incremental" else []
         done_ref = scored_keys.remote(paths, store.root, fingerprint)

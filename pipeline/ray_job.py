@@ -44,7 +44,6 @@ from pipeline.config import (
     StudentConfig,
     batch_tokens,
     logits_chunk_tokens,
-    metric_names,
     token_budget,
 )
 from pipeline.errors import Rejected, RowError
@@ -111,8 +110,8 @@ class RunStamp:
     rank_clip: int
 
 
-def scoring_options(cfg: JobConfig) -> ScoringOptions:
-    """The scoring core's options from the config (the one place that maps one to the other)."""
+def scoring_options(cfg: JobConfig, contract: RowContract) -> ScoringOptions:
+    """The scoring core's options from the config and the run's metrics (the one place that maps one to the other)."""
     from pipeline.student import ScoringOptions
 
     s = cfg.scoring
@@ -121,7 +120,7 @@ def scoring_options(cfg: JobConfig) -> ScoringOptions:
         token_budget=token_budget(s),
         logits_chunk_tokens=logits_chunk_tokens(s),
         prompt_cache_tokens=s.prompt_cache_tokens,
-        metrics=metric_names(s),
+        metrics=contract.metrics,
         logits_dtype=s.logits_dtype,
     )
 
@@ -623,7 +622,7 @@ def scoring_stages(plan: DatasetPlan) -> list[Stage]:
         Stage("sample", mark_sampled_out, ("reject_reason", *([by] if by else [])), ("sampled_out",),
               kwargs={"by": by, "survey": [survey]}),
     ]  # fmt: skip
-    actor_args = {"options": scoring_options(cfg), "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
+    actor_args = {"options": scoring_options(cfg, contract), "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
                   "scoring_actors": cfg.compute.actors_per_student * len(cfg.students), "meter": plan.meter}  # fmt: skip
     for i, student in enumerate(plan.students):
         name = functools.partial(per_student, index=i)

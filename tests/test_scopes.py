@@ -8,6 +8,7 @@ from pipeline.errors import RowError
 from pipeline.job import check_students, scoring_settings
 from pipeline.messages import split_reasoning
 from pipeline.records import trajectory_flags
+from pipeline.schema import RowContract
 from pipeline.spans import encode_conversation
 from pipeline.tokenizer import load_tokenizer
 from tests.test_job import job_config
@@ -85,10 +86,10 @@ def test_scopes_on_a_tiny_students_template(student_dirs):
 def test_a_scope_enters_the_fingerprint_only_when_it_is_not_the_default(tmp_path, student_dirs, corpus_path):
     cfg = job_config(tmp_path, [str(corpus_path)], str(tmp_path / "out"), {"tiny": student_dirs["chatml"]})
     (check,) = check_students(cfg)
-    default = scoring_settings(cfg, cfg.students[0], "rev", check, gpus=0)
+    default = scoring_settings(cfg, RowContract.of(cfg), cfg.students[0], "rev", check, gpus=0)
     assert default.scope is None and "scope" not in default.as_dict()
     cfg.scoring.scope = "final"
-    final = scoring_settings(cfg, cfg.students[0], "rev", check, gpus=0)
+    final = scoring_settings(cfg, RowContract.of(cfg), cfg.students[0], "rev", check, gpus=0)
     assert final.as_dict()["scope"] == "final" and final.fingerprint != default.fingerprint
 
 

@@ -157,7 +157,9 @@ def test_tokenize_score_and_explode(cfg, student_dirs):
     tokenized = tokenize_batch(table, 0, source, 4096, True, "template", [done])
     assert_declared(table, tokenized, stage(cfg, "tokenize"))
     assert tokenized["ids_0"].to_pylist()[0] and tokenized["ids_0"].to_pylist()[1] is None  # rejects are not encoded
-    actor = ScoreActor(0, cfg.students[0], scoring_options(cfg), threads=1, cpus_per_actor=1, scoring_actors=1)
+    actor = ScoreActor(
+        0, cfg.students[0], scoring_options(cfg, RowContract.of(cfg)), threads=1, cpus_per_actor=1, scoring_actors=1
+    )
     scored = actor(tokenized)
     assert_declared(tokenized, scored, stage(cfg, "score"))
     student = student_plan(cfg)

@@ -12,6 +12,7 @@ import torch
 from pipeline.job import check_students, run_job, scoring_settings
 from pipeline.query import latest_scores
 from pipeline.rsr import project_and_score, token_statistics
+from pipeline.schema import RowContract
 from pipeline.spans import encode_conversation
 from pipeline.student import ScoringOptions, Student
 from tests.conftest import start_ray, write_jsonl
@@ -76,12 +77,14 @@ def test_bfloat16_students_keep_float32_logits(student_dirs):
 def test_logits_dtype_enters_the_fingerprint_only_where_it_changes_numbers(tmp_path, student_dirs, corpus_path):
     cfg = job_config(tmp_path, [str(corpus_path)], str(tmp_path / "out"), {"tiny": student_dirs["chatml"]})
     (check,) = check_students(cfg)
-    float32 = scoring_settings(cfg, cfg.students[0], "rev", check, gpus=0)
+    float32 = scoring_settings(cfg, RowContract.of(cfg), cfg.students[0], "rev", check, gpus=0)
     assert "logits_dtype" not in float32.as_dict()  # float32 students keep their fingerprints
     cfg.students[0].dtype = "bfloat16"
-    assert scoring_settings(cfg, cfg.students[0], "rev", check, gpus=0).as_dict()["logits_dtype"] == "float32"
+    assert (
+        scoring_settings(cfg, RowContract.of(cfg), cfg.students[0], "rev", check, gpus=0).as_dict()["logits_dtype"] == "float32"
+    )
     cfg.scoring.logits_dtype = "model"
-    assert "logits_dtype" not in scoring_settings(cfg, cfg.students[0], "rev", check, gpus=0).as_dict()
+    assert "logits_dtype" not in scoring_settings(cfg, RowContract.of(cfg), cfg.students[0], "rev", check, gpus=0).as_dict()
 
 
 def test_a_scoring_call_is_sized_by_tokens_not_rows(tmp_path, student_dirs, corpus):
