@@ -17,7 +17,7 @@ from omegaconf import MISSING, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.metrics import METRICS
-from pipeline.shapes import SHAPES, shape_of
+from pipeline.shapes import SHAPES, InputShape, shape_of
 from pipeline.spans import REASONING_MODES, SCOPES
 from pipeline.tokenizer import BUILTIN_TEMPLATES
 
@@ -44,30 +44,6 @@ class SampleConfig:
     n: int = MISSING
     seed: int = 0
     shared_by: Optional[str] = None
-
-
-@dataclass
-class CorpusKeys:
-    """The keys every corpus part has: where it is and the columns that make a trajectory of a row."""
-
-    paths: list[str] = field(default_factory=list)  # files, directories, globs; local or s3://
-    format: str = "auto"  # auto (by extension) | jsonl | json | parquet | arrow
-    id_field: str = "id"
-    messages_field: str = "messages"  # a list of {role, content} or ShareGPT {from, value} turns
-    # Rows without messages_field: a prompt and a response column (and optional reasoning and system).
-    prompt_field: Optional[str] = None
-    response_field: Optional[str] = None
-    reasoning_field: Optional[str] = None
-    system_field: Optional[str] = None  # a row-level system prompt, for every shape (ShareGPT rows: `system` when unset)
-    passthrough: list[str] = field(default_factory=list)  # row fields copied to the output
-    # Columns from each file's path below the input path that holds it: {teacher: "{teacher}/*.json"}.
-    path_fields: dict[str, str] = field(default_factory=dict)
-
-
-# Dataclass fields come base last to first: the common keys, then each shape's in SHAPES order.
-@dataclass
-class InputShape(*reversed([shape.keys for shape in SHAPES if shape.keys]), CorpusKeys):
-    """The keys of one corpus part: the common ones and each corpus shape's (`pipeline.shapes.SHAPES`)."""
 
 
 def _source_config() -> type:

@@ -1,7 +1,8 @@
 """Corpus shapes: how a row becomes trajectories. Each shape is one `CorpusShape` record in `SHAPES`:
-its input keys, the columns it adds, its row -> trajectories function and its configuration checks. The
-config schema (`config.InputShape`), its validation, the parse stage, the score columns and
-`jobs.select`'s original rows all read the registry. No Ray, no torch.
+its input keys, the columns it adds, its row -> trajectories function and its configuration checks.
+The keys of a corpus part (`InputShape`: the common ones and every shape's; the config's `input`
+section), their validation, the parse stage, the score columns and `jobs.select`'s original rows all
+read the registry. No Ray, no torch.
 """
 
 from __future__ import annotations
@@ -10,17 +11,13 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
 from pipeline import errors
 from pipeline.errors import RowError
 from pipeline.messages import canonical_messages, validate_messages
-
-if TYPE_CHECKING:  # the config schema is built from this module's shapes
-    from pipeline.config import InputConfig
-
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -44,7 +41,7 @@ def _field(row: dict, name: str, reason: str, what: str, required: bool = True) 
     return value
 
 
-def _system_message(row: dict, cfg: InputConfig, sharegpt: bool = False) -> list[dict]:
+def _system_message(row: dict, cfg: InputShape, sharegpt: bool = False) -> list[dict]:
     """The row-level system prompt (`input.system_field`; ShareGPT rows: `system` when unset) as a message."""
     name = cfg.system_field or ("system" if sharegpt else None)
     system = _field(row, name, errors.BAD_SYSTEM, "system", required=False) if name else None
@@ -55,7 +52,7 @@ def _assistant(response: str, reasoning: str | None) -> dict:
     return {"role": "assistant", "content": response, **({"reasoning_content": reasoning} if reasoning else {})}
 
 
-def _conversation(row: dict, cfg: InputConfig) -> Any:
+def _conversation(row: dict, cfg: InputShape) -> Any:
     """The row's messages (ShareGPT turns converted), with the row-level system prompt unless they hold
     their own; None when the row has no messages. Malformed values are passed on for validation."""
     if cfg.messages_field in row:
@@ -72,7 +69,7 @@ def _conversation(row: dict, cfg: InputConfig) -> Any:
     return messages if has_system else [*_system_message(row, cfg, sharegpt), *messages]
 
 
-def prompt_messages(row: dict, cfg: InputConfig) -> list[dict]:
+def prompt_messages(row: dict, cfg: InputShape) -> list[dict]:
     """The prompt of a row whose responses are elsewhere (candidates, teachers' columns): the prompt
     column (with the system prompt), else the row's messages up to its final assistant turn."""
     if cfg.prompt_field:
@@ -90,7 +87,7 @@ def prompt_messages(row: dict, cfg: InputConfig) -> list[dict]:
     return messages
 
 
-def row_messages(row: dict, cfg: InputConfig) -> list[dict]:
+def row_messages(row: dict, cfg: InputShape) -> list[dict]:
     """A one-trajectory corpus row as validated canonical messages, whatever its shape: `messages` (with
     optional `reasoning_content` or `thinking`), ShareGPT `conversations` of `{from, value}`, or prompt
     and response columns. Raises RowError naming the problem."""
@@ -128,7 +125,7 @@ def _validated(messages: list) -> tuple[list[dict] | None, RowError | None]:
         return None, exc
 
 
-def _candidate_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
+def _candidate_trajectories(row: dict, cfg: InputShape) -> list[Trajectory]:
     candidates = row.get(cfg.candidates_field)
     if not isinstance(candidates, list) or not candidates:
         found = (
@@ -156,7 +153,7 @@ def _candidate_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
     return trajectories
 
 
-def _group_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
+def _group_trajectories(row: dict, cfg: InputShape) -> list[Trajectory]:
     prompt = prompt_messages(row, cfg)
     trajectories = []
     for teacher, group in cfg.response_groups.items():
@@ -174,16 +171,16 @@ def _group_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
     return trajectories
 
 
-def _row_trajectory(row: dict, cfg: InputConfig) -> list[Trajectory]:
+def _row_trajectory(row: dict, cfg: InputShape) -> list[Trajectory]:
     return [Trajectory("", {}, row_messages(row, cfg))]
 
 
-def _check_row(i: InputConfig, key: str, require: Callable[[bool, str], None]) -> None:
+def _check_row(i: InputShape, key: str, require: Callable[[bool, str], None]) -> None:
     require(bool(i.prompt_field) == bool(i.response_field), f"{key}prompt_field and {key}response_field go together")
     require(not i.reasoning_field or i.response_field, f"{key}reasoning_field needs {key}response_field")
 
 
-def _check_several(i: InputConfig, key: str, require: Callable[[bool, str], None]) -> None:
+def _check_several(i: InputShape, key: str, require: Callable[[bool, str], None]) -> None:
     require(
         not i.response_field, f"{key}response_field and {key}{shape_of(i).key_names[0]} are exclusive: one source of responses"
     )
@@ -217,22 +214,22 @@ class TeacherKeys:
 @dataclass(frozen=True)
 class CorpusShape:
     """How the rows of a corpus part become trajectories. `keys`: a dataclass of the input keys it reads,
-    the first of which selects it (`config.InputShape` inherits them, and `input.sources` items with it);
-    None for the default shape, one trajectory per row. `columns`: what it adds to every trajectory (Arrow
+    the first of which selects it (`InputShape` inherits them, and with it the config's `input` section
+    and its `sources` items); None for the default shape, one trajectory per row. `columns`: what it adds to every trajectory (Arrow
     type names); `trajectories`: a row's trajectories (RowError when the row as a whole is unusable);
     `check`: its configuration checks. Adding a corpus shape is one entry in SHAPES."""
 
     name: str
     keys: type | None
     columns: dict[str, str]
-    trajectories: Callable[[dict, InputConfig], list[Trajectory]]
-    check: Callable[[InputConfig, str, Callable[[bool, str], None]], None]
+    trajectories: Callable[[dict, InputShape], list[Trajectory]]
+    check: Callable[[InputShape, str, Callable[[bool, str], None]], None]
 
     @property
     def key_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.keys)) if self.keys else ()
 
-    def selected(self, cfg: InputConfig) -> bool:
+    def selected(self, cfg: InputShape) -> bool:
         return self.keys is None or bool(getattr(cfg, self.key_names[0]))
 
     @property
@@ -248,13 +245,38 @@ SHAPES = (
 )  # fmt: skip
 
 
-def shape_of(cfg: InputConfig) -> CorpusShape:
+@dataclass
+class CorpusKeys:
+    """The keys every corpus part has: where it is and the columns that make a trajectory of a row."""
+
+    paths: list[str] = field(default_factory=list)  # files, directories, globs; local or s3://
+    format: str = "auto"  # auto (by extension) | jsonl | json | parquet | arrow
+    id_field: str = "id"
+    messages_field: str = "messages"  # a list of {role, content} or ShareGPT {from, value} turns
+    # Rows without messages_field: a prompt and a response column (and optional reasoning and system).
+    prompt_field: Optional[str] = None
+    response_field: Optional[str] = None
+    reasoning_field: Optional[str] = None
+    system_field: Optional[str] = None  # a row-level system prompt, for every shape (ShareGPT rows: `system` when unset)
+    passthrough: list[str] = field(default_factory=list)  # row fields copied to the output
+    # Columns from each file's path below the input path that holds it: {teacher: "{teacher}/*.json"}.
+    path_fields: dict[str, str] = field(default_factory=dict)
+
+
+# Dataclass fields come base last to first: the common keys, then each shape's in SHAPES order. The
+# config schema's `input` section (`config.InputConfig`) and each of its `sources` hold these keys.
+@dataclass
+class InputShape(*reversed([shape.keys for shape in SHAPES if shape.keys]), CorpusKeys):
+    """The keys of one corpus part: the common ones and each corpus shape's."""
+
+
+def shape_of(cfg: InputShape) -> CorpusShape:
     """The shape of a corpus part: the first whose selecting key is set, else one trajectory per row."""
     selected = [shape for shape in SHAPES if shape.several_per_row and shape.selected(cfg)]
     return selected[0] if selected else SHAPES[-1]
 
 
-def row_trajectories(row: dict, cfg: InputConfig) -> list[Trajectory]:
+def row_trajectories(row: dict, cfg: InputShape) -> list[Trajectory]:
     """The trajectories of a corpus row, by its part's shape (`shape_of`). Raises RowError when the row
     as a whole is unusable."""
     return shape_of(cfg).trajectories(row, cfg)

@@ -106,32 +106,38 @@ def test_a_bad_config_fails_before_torch_or_ray_is_imported():
 
 
 # A corpus shape the project does not have (preference pairs: a prompt, a chosen and a rejected
-# response), added as one SHAPES entry before the config schema is built from the registry.
-PAIRS_SHAPE = """
-import json, sys
-from dataclasses import dataclass
-from typing import Optional
-
-from pipeline import shapes
-from pipeline.messages import canonical_messages, validate_messages
-
+# response), written into pipeline/shapes.py as a shape would be added: its code and one SHAPES entry.
+PAIRS_CODE = """
 @dataclass
 class PairKeys:
     chosen_field: Optional[str] = None
     rejected_field: Optional[str] = None
 
-def pair_trajectories(row, cfg):
-    prompt = shapes.prompt_messages(row, cfg)
-    return [shapes.Trajectory(f"#{side}", {"preference": side},
-                              validate_messages(canonical_messages([*prompt, {"role": "assistant", "content": row[name]}])))
+
+def _pair_trajectories(row, cfg):
+    prompt = prompt_messages(row, cfg)
+    return [Trajectory(f"#{side}", {"preference": side},
+                       validate_messages(canonical_messages([*prompt, {"role": "assistant", "content": row[name]}])))
             for side, name in (("chosen", cfg.chosen_field), ("rejected", cfg.rejected_field))]
 
-def check_pairs(i, key, require):
+
+def _check_pairs(i, key, require):
     require(i.rejected_field, f"{key}chosen_field needs {key}rejected_field too")
 
-shapes.SHAPES = (shapes.CorpusShape("pairs", PairKeys, {"preference": "string"}, pair_trajectories, check_pairs), *shapes.SHAPES)
 
-from pipeline.config import ConfigError, load_config
+"""
+PAIRS_ENTRY = 'CorpusShape("pairs", PairKeys, {"preference": "string"}, _pair_trajectories, _check_pairs),'
+
+PAIRS_RUN = """
+import json, sys, types
+from pathlib import Path
+
+source = Path("pipeline/shapes.py").read_text()
+source = source.replace("SHAPES = (\\n", PAIRS_CODE + "SHAPES = (\\n    " + PAIRS_ENTRY + "\\n", 1)
+shapes = sys.modules["pipeline.shapes"] = types.ModuleType("pipeline.shapes")
+exec(compile(source, "pipeline/shapes.py", "exec"), shapes.__dict__)
+
+from pipeline.config import ConfigError, input_sources, load_config
 from pipeline.records import parse_row
 from pipeline.schema import RowContract
 
@@ -146,7 +152,8 @@ for extra in (["input.rejected_field=worse"], ["input.chosen_field=better"],
 cfg = load_config(None, base + ["input.chosen_field=better", "input.rejected_field=worse", "output.partition_by=[preference]"])
 row = {"id": "q1", "question": "2+2?", "better": "4", "worse": "5"}
 parsed = parse_row(json.dumps(row), "x.jsonl", 1, cfg.input)
-print(json.dumps({"errors": errors, "row_columns": list(RowContract.of(cfg).row),
+(source,) = input_sources(load_config(None, [*base[1:], "input.sources=[{paths: [y.jsonl], chosen_field: a, rejected_field: b}]"]).input)
+print(json.dumps({"errors": errors, "source_shape": shapes.shape_of(source).name, "row_columns": list(RowContract.of(cfg).row),
                   "parsed": [(p["sample_id"], p["preference"], json.loads(p["messages_json"])[-1]["content"]) for p in parsed]}))
 """
 
@@ -155,7 +162,8 @@ def test_a_new_corpus_shape_is_one_registry_entry():
     """Its keys join the config schema (and `input.sources` items), the generic checks (a second key
     needs the first; two sources of responses are exclusive) and its own apply, its column joins the row
     contract (so output.partition_by accepts it), and rows parse through it."""
-    result = subprocess.run([sys.executable, "-c", PAIRS_SHAPE], cwd=REPO, capture_output=True, text=True)
+    script = f"PAIRS_CODE = {PAIRS_CODE!r}\nPAIRS_ENTRY = {PAIRS_ENTRY!r}\n" + PAIRS_RUN
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["errors"] == [
@@ -163,5 +171,5 @@ def test_a_new_corpus_shape_is_one_registry_entry():
         ["  - input.chosen_field needs input.rejected_field too"],
         ["  - input.chosen_field and input.response_groups are exclusive: one source of responses"],
     ]
-    assert out["row_columns"] == ["preference"]
+    assert out["row_columns"] == ["preference"] and out["source_shape"] == "pairs"
     assert out["parsed"] == [["q1#chosen", "chosen", "4"], ["q1#rejected", "rejected", "5"]]
