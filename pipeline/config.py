@@ -17,7 +17,7 @@ from omegaconf import MISSING, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.metrics import METRICS
-from pipeline.shapes import SHAPES, InputShape, shape_of
+from pipeline.shapes import SHAPES, InputShape, selecting_shapes, shape_of
 from pipeline.spans import REASONING_MODES, SCOPES
 from pipeline.tokenizer import BUILTIN_TEMPLATES
 
@@ -120,9 +120,9 @@ def shape_columns(input_cfg: InputConfig) -> dict[str, str]:
 
 
 def row_columns(input_cfg: InputConfig) -> list[str]:
-    """The columns copied to every score and reject row: passthrough, aligned candidate columns and the
-    shape's columns, over every corpus part."""
-    names = [name for part in input_sources(input_cfg) for name in (*part.passthrough, *part.candidate_passthrough)]
+    """The columns copied to every score and reject row: passthrough, the row columns each part's shape
+    copies (the candidates' aligned columns) and the shapes' own columns, over every corpus part."""
+    names = [name for part in input_sources(input_cfg) for name in (*part.passthrough, *shape_of(part).copied(part))]
     return list(dict.fromkeys([*names, *shape_columns(input_cfg)]))
 
 
@@ -217,7 +217,7 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
 def validate_shape(i: InputConfig, key: str, require) -> None:
     """The checks of one corpus part's shape; `key` prefixes the keys named in messages ("input.")."""
     require(i.format in FORMATS, f"{key}format must be one of {FORMATS}, got {i.format!r}")
-    selecting = [shape.key_names[0] for shape in SHAPES if shape.several_per_row and shape.selected(i)]
+    selecting = [shape.key_names[0] for shape in selecting_shapes(i)]
     require(len(selecting) <= 1, f"{key}{f' and {key}'.join(selecting)} are exclusive: one source of responses")
     shape = shape_of(i)
     for other in SHAPES:
@@ -226,7 +226,7 @@ def validate_shape(i: InputConfig, key: str, require) -> None:
     shape.check(i, key, require)
     for name, pattern in i.path_fields.items():
         require("{" + name + "}" in pattern, f"{key}path_fields.{name}: the pattern {pattern!r} must name {{{name}}}")
-    columns = [*i.passthrough, *i.candidate_passthrough, *shape_columns(i)]
+    columns = [*i.passthrough, *shape.copied(i), *shape_columns(i)]
     require(len(set(columns)) == len(columns), f"{key}: row columns repeat a name: {columns}")
 
 

@@ -172,7 +172,7 @@ def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig, pa
     reject_reason and reject_detail. A row that is unusable as a whole is one reject.
 
     `sample_id` is the row's own string or integer id, else a stable `file:row` id; a row of several
-    trajectories adds `#<candidate index>` or `#<teacher>`.
+    trajectories adds each one's suffix from its shape (`#<candidate index>`, `#<teacher>`).
     """
     fields = {"sample_id": fallback_sample_id(source_file, row_number), **(path_values or {})}
     try:

@@ -188,6 +188,24 @@ def _check_several(i: InputShape, key: str, require: Callable[[bool, str], None]
 
 
 @dataclass
+class CorpusKeys:
+    """The keys every corpus part has: where it is and the columns that make a trajectory of a row."""
+
+    paths: list[str] = field(default_factory=list)  # files, directories, globs; local or s3://
+    format: str = "auto"  # auto (by extension) | jsonl | json | parquet | arrow
+    id_field: str = "id"
+    messages_field: str = "messages"  # a list of {role, content} or ShareGPT {from, value} turns
+    # Rows without messages_field: a prompt and a response column (and optional reasoning and system).
+    prompt_field: Optional[str] = None
+    response_field: Optional[str] = None
+    reasoning_field: Optional[str] = None
+    system_field: Optional[str] = None  # a row-level system prompt, for every shape (ShareGPT rows: `system` when unset)
+    passthrough: list[str] = field(default_factory=list)  # row fields copied to the output
+    # Columns from each file's path below the input path that holds it: {teacher: "{teacher}/*.json"}.
+    path_fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class CandidateKeys:
     """Several trajectories per row: a list column of candidate responses (strings or message lists), each
     after the row's prompt, and list columns aligned with it."""
@@ -211,56 +229,60 @@ class TeacherKeys:
     response_groups: dict[str, ResponseGroup] = field(default_factory=dict)
 
 
+def _copies_no_columns(cfg: InputShape) -> list[str]:
+    return []
+
+
+def _aligned_columns(cfg: InputShape) -> list[str]:
+    return list(cfg.candidate_passthrough)
+
+
 @dataclass(frozen=True)
 class CorpusShape:
-    """How the rows of a corpus part become trajectories. `keys`: a dataclass of the input keys it reads,
-    the first of which selects it (`InputShape` inherits them, and with it the config's `input` section
-    and its `sources` items); None for the default shape, one trajectory per row. `columns`: what it adds to every trajectory (Arrow
-    type names); `trajectories`: a row's trajectories (RowError when the row as a whole is unusable);
-    `check`: its configuration checks. Adding a corpus shape is one entry in SHAPES."""
+    """How the rows of a corpus part become trajectories.
+
+    `keys`: a dataclass of the input keys it reads, the first of which selects it (`InputShape` inherits
+    them, and with it the config's `input` section and its `sources` items); None for the one default
+    shape, one trajectory per row. `columns`: what it adds to every trajectory (Arrow type names).
+    `trajectories`: a row's trajectories (RowError when the row as a whole is unusable). `check`: its
+    configuration checks. `copied`: the row columns, named by its keys, that it copies to each
+    trajectory. Adding a corpus shape is these, written in this module, and its entry in SHAPES."""
 
     name: str
     keys: type | None
     columns: dict[str, str]
     trajectories: Callable[[dict, InputShape], list[Trajectory]]
     check: Callable[[InputShape, str, Callable[[bool, str], None]], None]
+    copied: Callable[[InputShape], list[str]] = _copies_no_columns
 
     @property
     def key_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.keys)) if self.keys else ()
 
-    def selected(self, cfg: InputShape) -> bool:
-        return self.keys is None or bool(getattr(cfg, self.key_names[0]))
-
     @property
     def several_per_row(self) -> bool:
+        """A shape with keys makes trajectories of a row's parts; the default shape makes the row one."""
         return self.keys is not None
 
 
-SHAPES = (
+def _registry(*shapes: CorpusShape) -> tuple[CorpusShape, ...]:
+    """The shapes, checked as the module loads: exactly one default (no keys), and no input key named
+    twice (a repeated dataclass field would silently stand for two shapes' keys)."""
+    defaults = [shape.name for shape in shapes if shape.keys is None]
+    if len(defaults) != 1:
+        raise TypeError(f"corpus shapes need exactly one default shape (keys None), got {defaults}")
+    names = [f.name for f in dataclasses.fields(CorpusKeys)] + [name for shape in shapes for name in shape.key_names]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise TypeError(f"corpus shapes name these input keys twice: {repeated}")
+    return shapes
+
+
+SHAPES = _registry(
     CorpusShape("candidates", CandidateKeys, {"candidate_index": "int64"},
-                _candidate_trajectories, _check_several),
+                _candidate_trajectories, _check_several, _aligned_columns),
     CorpusShape("teachers", TeacherKeys, {"teacher": "string"}, _group_trajectories, _check_several),
     CorpusShape("row", None, {}, _row_trajectory, _check_row),  # messages, ShareGPT, or prompt and response columns
 )  # fmt: skip
-
-
-@dataclass
-class CorpusKeys:
-    """The keys every corpus part has: where it is and the columns that make a trajectory of a row."""
-
-    paths: list[str] = field(default_factory=list)  # files, directories, globs; local or s3://
-    format: str = "auto"  # auto (by extension) | jsonl | json | parquet | arrow
-    id_field: str = "id"
-    messages_field: str = "messages"  # a list of {role, content} or ShareGPT {from, value} turns
-    # Rows without messages_field: a prompt and a response column (and optional reasoning and system).
-    prompt_field: Optional[str] = None
-    response_field: Optional[str] = None
-    reasoning_field: Optional[str] = None
-    system_field: Optional[str] = None  # a row-level system prompt, for every shape (ShareGPT rows: `system` when unset)
-    passthrough: list[str] = field(default_factory=list)  # row fields copied to the output
-    # Columns from each file's path below the input path that holds it: {teacher: "{teacher}/*.json"}.
-    path_fields: dict[str, str] = field(default_factory=dict)
 
 
 # Dataclass fields come base last to first: the common keys, then each shape's in SHAPES order. The
@@ -270,10 +292,17 @@ class InputShape(*reversed([shape.keys for shape in SHAPES if shape.keys]), Corp
     """The keys of one corpus part: the common ones and each corpus shape's."""
 
 
+DEFAULT_SHAPE = next(shape for shape in SHAPES if shape.keys is None)
+
+
+def selecting_shapes(cfg: InputShape) -> list[CorpusShape]:
+    """The shapes whose selecting key a corpus part sets (more than one is a configuration error)."""
+    return [shape for shape in SHAPES if shape.keys and getattr(cfg, shape.key_names[0])]
+
+
 def shape_of(cfg: InputShape) -> CorpusShape:
-    """The shape of a corpus part: the first whose selecting key is set, else one trajectory per row."""
-    selected = [shape for shape in SHAPES if shape.several_per_row and shape.selected(cfg)]
-    return selected[0] if selected else SHAPES[-1]
+    """The shape of a corpus part: the first whose selecting key is set, else the default shape."""
+    return next(iter(selecting_shapes(cfg)), DEFAULT_SHAPE)
 
 
 def row_trajectories(row: dict, cfg: InputShape) -> list[Trajectory]:

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -129,15 +130,23 @@ def _check_pairs(i, key, require):
 PAIRS_ENTRY = 'CorpusShape("pairs", PairKeys, {"preference": "string"}, _pair_trajectories, _check_pairs),'
 
 PAIRS_RUN = """
-import json, sys, types
+import importlib.util, json, sys, types
 from pathlib import Path
 
-source = Path("pipeline/shapes.py").read_text()
-source = source.replace("SHAPES = (\\n", PAIRS_CODE + "SHAPES = (\\n    " + PAIRS_ENTRY + "\\n", 1)
+import pandas as pd
+
+# The shape's code before the registry, its entry last (after the default shape).
+source = Path(importlib.util.find_spec("pipeline.shapes").origin).read_text()
+lines = source.splitlines(keepends=True)
+registry = lines.index("SHAPES = _registry(\\n")
+last = registry + next(i for i, line in enumerate(lines[registry:]) if line.startswith(")"))
+lines[last:last] = ["    " + PAIRS_ENTRY + "\\n"]
+lines[registry:registry] = [PAIRS_CODE]
 shapes = sys.modules["pipeline.shapes"] = types.ModuleType("pipeline.shapes")
-exec(compile(source, "pipeline/shapes.py", "exec"), shapes.__dict__)
+exec(compile("".join(lines), "pipeline/shapes.py", "exec"), shapes.__dict__)
 
 from pipeline.config import ConfigError, input_sources, load_config
+from pipeline.query import original_rows
 from pipeline.records import parse_row
 from pipeline.schema import RowContract
 
@@ -149,27 +158,39 @@ for extra in (["input.rejected_field=worse"], ["input.chosen_field=better"],
         load_config(None, base + extra)
     except ConfigError as exc:
         errors.append(str(exc).splitlines()[1:])
+plain = load_config(None, base[:2])  # no shape key set: the default shape, wherever the new entry stands
 cfg = load_config(None, base + ["input.chosen_field=better", "input.rejected_field=worse", "output.partition_by=[preference]"])
 row = {"id": "q1", "question": "2+2?", "better": "4", "worse": "5"}
+Path("x.jsonl").write_text(json.dumps(row) + "\\n")
 parsed = parse_row(json.dumps(row), "x.jsonl", 1, cfg.input)
 (source,) = input_sources(load_config(None, [*base[1:], "input.sources=[{paths: [y.jsonl], chosen_field: a, rejected_field: b}]"]).input)
-print(json.dumps({"errors": errors, "source_shape": shapes.shape_of(source).name, "row_columns": list(RowContract.of(cfg).row),
-                  "parsed": [(p["sample_id"], p["preference"], json.loads(p["messages_json"])[-1]["content"]) for p in parsed]}))
+rejected = pd.DataFrame({"source_file": ["x.jsonl"], "row_number": [1], "content_hash": [parsed[1]["content_hash"]]})
+print(json.dumps({"errors": errors, "plain_shape": shapes.shape_of(plain.input).name, "source_shape": shapes.shape_of(source).name,
+                  "row_columns": list(RowContract.of(cfg).row),
+                  "parsed": [(p["sample_id"], p["preference"], json.loads(p["messages_json"])[-1]["content"]) for p in parsed],
+                  "selected": original_rows(rejected, cfg.input)[0]["messages"][-1]["content"]}))
 """
 
 
-def test_a_new_corpus_shape_is_one_registry_entry():
-    """Its keys join the config schema (and `input.sources` items), the generic checks (a second key
-    needs the first; two sources of responses are exclusive) and its own apply, its column joins the row
-    contract (so output.partition_by accepts it), and rows parse through it."""
+def test_a_new_corpus_shape_is_one_registry_entry(tmp_path):
+    """Written last in SHAPES, after the default shape (which a part without shape keys keeps): its keys
+    join the config schema (and `input.sources` items), the generic checks (a second key needs the first;
+    two sources of responses are exclusive) and its own apply, its column joins the row contract (so
+    output.partition_by accepts it), rows parse through it, and jobs.select's original rows come back
+    through it."""
     script = f"PAIRS_CODE = {PAIRS_CODE!r}\nPAIRS_ENTRY = {PAIRS_ENTRY!r}\n" + PAIRS_RUN
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["errors"] == [
         ["  - input.rejected_field needs input.chosen_field", "  - input.prompt_field and input.response_field go together"],
         ["  - input.chosen_field needs input.rejected_field too"],
-        ["  - input.chosen_field and input.response_groups are exclusive: one source of responses"],
+        [
+            "  - input.response_groups and input.chosen_field are exclusive: one source of responses",
+            "  - input.rejected_field needs input.chosen_field",
+        ],
     ]
-    assert out["row_columns"] == ["preference"] and out["source_shape"] == "pairs"
+    assert out["row_columns"] == ["preference"] and out["source_shape"] == "pairs" and out["plain_shape"] == "row"
     assert out["parsed"] == [["q1#chosen", "chosen", "4"], ["q1#rejected", "rejected", "5"]]
+    assert out["selected"] == "5"  # jobs.select's original rows: the selected trajectory's messages
