@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.metrics import METRICS
@@ -190,8 +190,40 @@ class JobConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
+def _schema_type(key: str) -> Any:
+    """The type the schema declares at a dotted key (`students.0`: StudentConfig, `input.response_groups.t`:
+    ResponseGroup), Optional unwrapped; None where the schema declares nothing."""
+    declared: Any = JobConfig
+    for part in key.split("."):
+        origin, args = typing.get_origin(declared), typing.get_args(declared)
+        if dataclasses.is_dataclass(declared):
+            declared = typing.get_type_hints(declared).get(part)
+        elif origin is list and part.isdigit():
+            declared = args[0]
+        elif origin is dict:
+            declared = args[1]
+        else:
+            return None
+        if typing.get_origin(declared) is typing.Union:  # Optional[X]
+            declared = next(arg for arg in typing.get_args(declared) if arg is not type(None))
+    return declared
+
+
+def _override_value(key: str, value: str) -> tuple[Any, bool]:
+    """An override's value and whether it is merged. A value in braces or brackets replaces the configured
+    mapping, section or list whole; where the schema types it (a section, a student, a list of them),
+    it is built on that type's defaults: only a merge builds typed list items, and a typed mapping is
+    filled in before it is set."""
+    parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
+    declared = _schema_type(key)
+    if isinstance(parsed, DictConfig) and dataclasses.is_dataclass(declared):
+        return OmegaConf.merge(OmegaConf.structured(declared), parsed), False
+    return parsed, isinstance(parsed, ListConfig) and typing.get_origin(declared) is list
+
+
 def load_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
-    """Schema defaults, then the YAML file, then `key=value` overrides (`students.0.dtype=float32`)."""
+    """Schema defaults, then the YAML file, then `key=value` overrides (`students.0.dtype=float32`,
+    `input.sample={by: problem_id, n: 40}`)."""
     cfg = OmegaConf.structured(JobConfig)
     try:
         if config_file is not None:
@@ -200,10 +232,8 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
             key, sep, value = override.partition("=")
             if not sep:
                 raise ConfigError(f"override {override!r} is not key=value")
-            parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]
-            # A list replaces the configured one either way, but only a merge builds its typed items
-            # (students=[{name: a, path: b}]); a mapping replaces the configured one.
-            OmegaConf.update(cfg, key.strip(), parsed, merge=isinstance(parsed, ListConfig))
+            parsed, merge = _override_value(key.strip(), value)
+            OmegaConf.update(cfg, key.strip(), parsed, merge=merge)
         job: JobConfig = OmegaConf.to_object(cfg)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {config_file}") from exc

@@ -19,16 +19,30 @@ def test_demo_config_loads_with_overrides():
     assert cfg.input.paths == ["a.jsonl", "b/"] and cfg.output.partition_by == ["source"]
 
 
-def test_overrides_set_lists_of_typed_items_and_replace_mappings():
+def test_overrides_in_braces_or_brackets_replace_a_section_list_or_mapping_whole():
+    """Typed items and sections are built on their type's defaults: nothing of the configured value stays."""
     cfg = load_config(DEMO, ["students=[{name: a, path: p}, {name: b, path: q, dtype: bfloat16}]",
                              "input.sources=[{paths: [t.jsonl], prompt_field: q, response_groups: {x: {response: r}}}]",
                              "input.response_groups={y: {response: s}}", "input.prompt_field=q"])  # fmt: skip
-    assert [(s.name, s.path, s.dtype) for s in cfg.students] == [("a", "p", "auto"), ("b", "q", "bfloat16")]
+    assert [(s.name, s.path, s.dtype, s.tokenizer) for s in cfg.students] == [
+        ("a", "p", "auto", None),
+        ("b", "q", "bfloat16", None),
+    ]
     assert cfg.input.sources[0].response_groups["x"].response == "r" and cfg.input.sources[0].candidates_field is None
     assert list(cfg.input.response_groups) == ["y"]
-    cfg = load_config(DEMO, ["input.response_groups={y: {response: s}}", "input.response_groups={z: {response: s}}",
-                             "input.prompt_field=q"])  # fmt: skip
-    assert list(cfg.input.response_groups) == ["z"]
+    cfg = load_config(DEMO, ["students=[{name: a, path: p}, {name: b, path: q}]", "students=[{name: c, path: r}]",
+                             "students.0={name: d, path: s}", "input.response_groups={y: {response: s}}",
+                             "input.response_groups={z: {response: s}}", "input.response_groups.w={response: u}",
+                             "input.prompt_field=q", "scoring.rank_clip=7", "scoring={max_model_len: 512}",
+                             "input.passthrough=[problem_id, source]", "input.sample={by: problem_id, n: 3}"])  # fmt: skip
+    assert [(s.name, s.path) for s in cfg.students] == [("d", "s")]
+    assert {k: g.response for k, g in cfg.input.response_groups.items()} == {"z": "s", "w": "u"}
+    assert (cfg.scoring.max_model_len, cfg.scoring.rank_clip) == (512, 100)
+    assert (cfg.input.sample.by, cfg.input.sample.n, cfg.input.sample.seed) == ("problem_id", 3, 0)
+    with pytest.raises(ConfigError, match=r"missing mandatory value: n"):
+        load_config(DEMO, ["input.passthrough=[problem_id, source]", "input.sample={by: problem_id}"])
+    with pytest.raises(ConfigError, match=r"list is not a subclass of StudentConfig.*\(key: students\[0\]\)"):
+        load_config(DEMO, ["students.0=[{name: a, path: p}]"])
 
 
 @pytest.mark.parametrize(
