@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -204,7 +205,7 @@ def _schema_type(key: str) -> Any:
             declared = args[1]
         else:
             return None
-        if typing.get_origin(declared) is typing.Union:  # Optional[X]
+        if typing.get_origin(declared) in (typing.Union, types.UnionType):  # Optional[X], X | None
             declared = next(arg for arg in typing.get_args(declared) if arg is not type(None))
     return declared
 
