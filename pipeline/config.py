@@ -50,10 +50,10 @@ class SampleConfig:
 def _source_config() -> type:
     """The type of `input.sources` items: every key of InputShape, unset (None) unless given, `paths`
     required. Derived, not copied: a new shape key is a source key too."""
-    types = typing.get_type_hints(InputShape)
+    hints = typing.get_type_hints(InputShape)
     fields = [("paths", list[str], field(default=MISSING))]
     fields += [
-        (f.name, Optional[types[f.name]], field(default=None)) for f in dataclasses.fields(InputShape) if f.name != "paths"
+        (f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(InputShape) if f.name != "paths"
     ]
     source = dataclasses.make_dataclass("SourceConfig", fields)
     source.__module__ = __name__  # pickled by reference (Ray ships configs to its workers)

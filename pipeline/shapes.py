@@ -8,6 +8,7 @@ read the registry. No Ray, no torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -255,7 +256,7 @@ class CorpusShape:
     check: Callable[[InputShape, str, Callable[[bool, str], None]], None]
     copied: Callable[[InputShape], list[str]] = _copies_no_columns
 
-    @property
+    @functools.cached_property  # read per row by shape_of
     def key_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.keys)) if self.keys else ()
 
