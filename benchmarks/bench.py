@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.metrics import METRICS
+from pipeline.scoring.metrics import METRICS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -45,8 +45,8 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 PIPELINE_SIDE = """
 import json, sys, time
 import torch
-from pipeline.spans import encode_conversation
-from pipeline.student import ScoringOptions, Student
+from pipeline.tokens.spans import encode_conversation
+from pipeline.scoring.student import ScoringOptions, Student
 
 model_dir, corpus, out, dtype, threads, budget, limit, metrics, logits_dtype = sys.argv[1:10]
 torch.set_num_threads(int(threads))
@@ -70,7 +70,7 @@ def build_student(config_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.tokens.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32)
@@ -117,7 +117,7 @@ def run_job(student: Path, corpus: Path, out: Path, dtype: str) -> tuple[float, 
 
 def long_rows(path: Path, tokenizer_dir: Path, limit: int, low: int = 2000, high: int = 8000) -> list[dict]:
     """The first `limit` rows whose answer has `low`-`high` tokens, the model's system prompt prepended."""
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.tokens.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
     rows = []

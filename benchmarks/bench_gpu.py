@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pipeline.device import DevicePolicy
-from pipeline.spans import EncodedConversation
-from pipeline.student import ScoringOptions, Student
+from pipeline.scoring.device import DevicePolicy
+from pipeline.scoring.student import ScoringOptions, Student
+from pipeline.tokens.spans import EncodedConversation
 
 QWEN_7B_SHAPE = Path(__file__).with_name("configs") / "qwen2.5-7b-shape.json"
 TINY_SHAPE = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

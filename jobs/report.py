@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import StorageConfig
-from pipeline.decide import DIRECTION, Decision, Settings, decide
-from pipeline.query import fingerprint_mixes, latest_scores
-from pipeline.report import render_report
+from pipeline.decide.query import fingerprint_mixes, latest_scores
+from pipeline.decide.report import render_report
+from pipeline.decide.teachers import DIRECTION, Decision, Settings, decide
+from pipeline.run.config import StorageConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,10 @@ import os
 import sys
 from importlib import resources
 
-from pipeline.config import ConfigError, load_config
-from pipeline.output import OutputLocked
-from pipeline.schema import IncompleteRun
-from pipeline.storage import StorageError
+from pipeline.corpus.storage import StorageError
+from pipeline.run.config import ConfigError, load_config
+from pipeline.run.output import OutputLocked
+from pipeline.run.schema import IncompleteRun
 
 DEFAULT_CONFIG = "jobs/configs/demo.yaml"
 
@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if not args.verbose:  # before Ray Data is imported; workers started later inherit both
-            os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(resources.files("pipeline") / "ray_data_quiet.yaml"))
+            os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(resources.files("pipeline.run") / "ray_data_quiet.yaml"))
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' weight-loading bar
         import ray
         from ray.data import DataContext
 
-        from pipeline.job import run_job  # imports Ray: only once the config is known to be good
+        from pipeline.run.job import run_job  # imports Ray: only once the config is known to be good
 
         # The fused stages' names, whole: Ray Data would otherwise cut them and warn that it did.
         DataContext.get_current().enable_progress_bar_name_truncation = False

@@ -15,9 +15,9 @@ import dataclasses
 import json
 import sys
 
-from pipeline.config import InputConfig, StorageConfig, load_config
-from pipeline.query import fingerprint_mixes, latest_scores, original_rows, selected_messages
-from pipeline.selection import (
+from pipeline.corpus.storage import locate
+from pipeline.decide.query import fingerprint_mixes, latest_scores, original_rows, selected_messages
+from pipeline.decide.selection import (
     ARMS,
     FORMATS,
     dataset_info_entry,
@@ -31,7 +31,7 @@ from pipeline.selection import (
     update_dataset_info,
     write_whole,
 )
-from pipeline.storage import locate
+from pipeline.run.config import InputConfig, StorageConfig, load_config
 
 ARM_HELP = """which rows of each group (--group-by) to take, --top-k or --top-fraction of them. lowest: the
 most suitable end by the metric's direction (lowest RSR, the paper's choice; for top1_rate, where higher

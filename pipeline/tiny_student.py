@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.tokenizer import BUILTIN_TEMPLATES
+from pipeline.tokens.tokenizer import BUILTIN_TEMPLATES
 
 # No special markers at all: spans can only come from rendering the template.
 PLAIN_TEMPLATE = (

@@ -11,7 +11,7 @@ import pytest
 
 # Keep every Ray connection on loopback (../shared/notes/ray-on-this-machine.md); set before Ray starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# Nothing shared with other Ray runtimes on the machine, as in the job's own (pipeline.job.ensure_ray): a
+# Nothing shared with other Ray runtimes on the machine, as in the job's own (pipeline.run.job.ensure_ray): a
 # token instead of ~/.ray/auth_token, free ports for the head's metrics servers.
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 for metrics_port in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT"):
@@ -82,7 +82,7 @@ def start_ray():
     import ray
     from ray.data import DataContext
 
-    from pipeline.job import start_local_ray
+    from pipeline.run.job import start_local_ray
 
     if not ray.is_initialized():
         start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)

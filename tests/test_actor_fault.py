@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import job
-from pipeline.job import run_job
-from pipeline.output import read_manifests
-from pipeline.schema import IncompleteRun
-from pipeline.storage import locate
+from pipeline.corpus.storage import locate
+from pipeline.run import job
+from pipeline.run.job import run_job
+from pipeline.run.output import read_manifests
+from pipeline.run.schema import IncompleteRun
 from tests.conftest import write_jsonl
 from tests.test_job import job_config, read_scores
 

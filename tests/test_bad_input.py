@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job import run_job
+from pipeline.run.job import run_job
 from tests.test_job import job_config
 
 USER = {"role": "user", "content": "What is two plus two?"}

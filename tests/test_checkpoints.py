@@ -14,10 +14,10 @@ import duckdb
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.job import run_job
-from pipeline.output import LOCK_FILE, OutputLock, OutputLocked, committed_files, read_manifests
-from pipeline.storage import locate
+from pipeline.corpus.storage import locate
+from pipeline.run.config import load_config
+from pipeline.run.job import run_job
+from pipeline.run.output import LOCK_FILE, OutputLock, OutputLocked, committed_files, read_manifests
 from tests.conftest import REPO, make_corpus, write_jsonl
 from tests.test_job import job_config
 

@@ -10,7 +10,7 @@ import ray
 import yaml
 from croniter import croniter
 
-from pipeline.config import load_config
+from pipeline.run.config import load_config
 from tests.conftest import REPO
 
 CLUSTER = REPO / "cluster"

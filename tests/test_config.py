@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from jobs.score import main
-from pipeline.config import ConfigError, load_config
-from pipeline.storage import expand_inputs
+from pipeline.corpus.storage import expand_inputs
+from pipeline.run.config import ConfigError, load_config
 from tests.conftest import REPO
 
 DEMO = "jobs/configs/demo.yaml"
@@ -121,7 +121,7 @@ def test_a_bad_config_fails_before_torch_or_ray_is_imported():
 
 
 # A corpus shape the project does not have (preference pairs: a prompt, a chosen and a rejected
-# response), written into pipeline/shapes.py as a shape would be added: its code and one SHAPES entry.
+# response), written into pipeline/corpus/shapes.py as a shape would be added: its code and one SHAPES entry.
 PAIRS_CODE = """
 @dataclass
 class PairKeys:
@@ -150,19 +150,19 @@ from pathlib import Path
 import pandas as pd
 
 # The shape's code before the registry, its entry last (after the default shape).
-source = Path(importlib.util.find_spec("pipeline.shapes").origin).read_text()
+source = Path(importlib.util.find_spec("pipeline.corpus.shapes").origin).read_text()
 lines = source.splitlines(keepends=True)
 registry = lines.index("SHAPES = _registry(\\n")
 last = registry + next(i for i, line in enumerate(lines[registry:]) if line.startswith(")"))
 lines[last:last] = ["    " + PAIRS_ENTRY + "\\n"]
 lines[registry:registry] = [PAIRS_CODE]
-shapes = sys.modules["pipeline.shapes"] = types.ModuleType("pipeline.shapes")
-exec(compile("".join(lines), "pipeline/shapes.py", "exec"), shapes.__dict__)
+shapes = sys.modules["pipeline.corpus.shapes"] = types.ModuleType("pipeline.corpus.shapes")
+exec(compile("".join(lines), "pipeline/corpus/shapes.py", "exec"), shapes.__dict__)
 
-from pipeline.config import ConfigError, input_sources, load_config
-from pipeline.query import original_rows
-from pipeline.records import parse_row
-from pipeline.schema import RowContract
+from pipeline.run.config import ConfigError, input_sources, load_config
+from pipeline.decide.query import original_rows
+from pipeline.corpus.records import parse_row
+from pipeline.run.schema import RowContract
 
 base = ["input.paths=[x.jsonl]", "students=[{name: s, path: p}]", "input.prompt_field=question"]
 errors = []

@@ -7,12 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import errors
-from pipeline.aggregate import dataset_rsr
 from pipeline.errors import RowError
-from pipeline.metrics import METRICS
-from pipeline.rsr import VocabHead, project_and_score, token_statistics, trajectory_stats
-from pipeline.spans import encode_conversation
-from pipeline.student import ScoringOptions, Student, plan_batches, shared_prompt_lengths
+from pipeline.scoring.aggregate import dataset_rsr
+from pipeline.scoring.metrics import METRICS
+from pipeline.scoring.rsr import VocabHead, project_and_score, token_statistics, trajectory_stats
+from pipeline.scoring.student import ScoringOptions, Student, plan_batches, shared_prompt_lengths
+from pipeline.tokens.spans import encode_conversation
 from tests.reference import CHATML_MARKERS, LLAMA3_MARKERS, marker_ids, marker_positions, reference_scores
 
 STAT_COLUMNS = ["avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"]
@@ -231,7 +231,7 @@ def test_shared_prompts_give_the_same_scores(student_dirs, corpus):
 def test_cpu_attention_matches_sdpa(student_dirs, corpus, monkeypatch, max_scores):
     """The CPU attention gives SDPA's numbers, for rows stepped through a few at a time and for rows
     too long for its budget, with and without a shared prompt's cache."""
-    from pipeline import attention
+    from pipeline.scoring import attention
 
     fused_calls = []
     if max_scores:  # small enough that short rows go two at a time and rows over 85 tokens go to SDPA

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.job import run_job
-from pipeline.records import content_hash
-from pipeline.spans import encode_conversation
-from pipeline.student import ScoringOptions, Student
+from pipeline.corpus.records import content_hash
+from pipeline.run.config import load_config
+from pipeline.run.job import run_job
+from pipeline.scoring.student import ScoringOptions, Student
+from pipeline.tokens.spans import encode_conversation
 
 STATS = ["avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"]
 TEACHERS = ("deepseek", "gemini")

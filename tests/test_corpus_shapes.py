@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline.config import ConfigError, InputConfig
-from pipeline.job import run_job
-from pipeline.records import content_hash
-from pipeline.shapes import row_messages
-from pipeline.spans import encode_conversation
-from pipeline.student import ScoringOptions, Student
+from pipeline.corpus.records import content_hash
+from pipeline.corpus.shapes import row_messages
+from pipeline.run.config import ConfigError, InputConfig
+from pipeline.run.job import run_job
+from pipeline.scoring.student import ScoringOptions, Student
+from pipeline.tokens.spans import encode_conversation
 from tests.test_job import job_config
 
 STATS = ["resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"]

@@ -1,4 +1,4 @@
-"""The decision layer (pipeline.decide) on small hand-built score tables, without Ray."""
+"""The decision layer (pipeline.decide.teachers) on small hand-built score tables, without Ray."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.decide import (
+from pipeline.decide.teachers import (
     Settings,
     agreement,
     confounds,
@@ -257,6 +257,6 @@ def test_drop_truncated_groups_drops_the_whole_problem_before_matching():
 
 
 def test_the_report_job_imports_without_torch():
-    check = "import sys, jobs.report, pipeline.decide; assert 'torch' not in sys.modules, 'torch imported'"
+    check = "import sys, jobs.report, pipeline.decide.teachers; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -7,10 +7,10 @@ import sys
 import ray
 import yaml
 
-from pipeline.config import load_config, token_budget
-from pipeline.device import CPU_TOKEN_BUDGET
-from pipeline.ray_job import default_torch_threads
-from pipeline.student import ScoringOptions, Student
+from pipeline.run.config import load_config, token_budget
+from pipeline.run.ray_job import default_torch_threads
+from pipeline.scoring.device import CPU_TOKEN_BUDGET
+from pipeline.scoring.student import ScoringOptions, Student
 from tests.conftest import REPO
 
 

@@ -10,11 +10,11 @@ import torch
 from transformers import AutoConfig
 
 from pipeline import errors
-from pipeline.config import StudentConfig
-from pipeline.device import CPU_STATISTICS_ROWS, CPU_TOKEN_BUDGET, DevicePolicy
-from pipeline.ray_job import ScoreActor
-from pipeline.spans import encode_conversation
-from pipeline.student import Rejected, ScoringOptions, Student
+from pipeline.run.config import StudentConfig
+from pipeline.run.ray_job import ScoreActor
+from pipeline.scoring.device import CPU_STATISTICS_ROWS, CPU_TOKEN_BUDGET, DevicePolicy
+from pipeline.scoring.student import Rejected, ScoringOptions, Student
+from pipeline.tokens.spans import encode_conversation
 
 GiB = 2**30
 

@@ -7,12 +7,12 @@ import json
 import duckdb
 import pytest
 
-from pipeline import output
-from pipeline.job import run_job
-from pipeline.records import content_hash
-from pipeline.storage import locate
+from pipeline.corpus.records import content_hash
+from pipeline.corpus.storage import locate
+from pipeline.run import output
+from pipeline.run.job import run_job
 from pipeline.tiny_student import build_tiny_student
-from pipeline.tokenizer import BUILTIN_TEMPLATES
+from pipeline.tokens.tokenizer import BUILTIN_TEMPLATES
 from tests.conftest import write_jsonl
 from tests.test_job import job_config
 

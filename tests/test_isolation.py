@@ -19,8 +19,8 @@ from tests.conftest import REPO, free_port
 RUN_JOB = """
 import sys
 import ray
-from pipeline.config import load_config
-from pipeline.job import run_job
+from pipeline.run.config import load_config
+from pipeline.run.job import run_job
 run_job(load_config(sys.argv[1]), quiet=True)
 print("node", ray.util.get_node_ip_address())
 """
@@ -81,7 +81,7 @@ START_WITH_A_FROZEN_RAYLET = """
 import os, signal, threading, time
 from pathlib import Path
 import ray
-from pipeline.job import start_local_ray
+from pipeline.run.job import start_local_ray
 
 frozen = []
 

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.job import run_job
-from pipeline.spans import encode_conversation
-from pipeline.student import ScoringOptions, Student
+from pipeline.run.config import load_config
+from pipeline.run.job import run_job
+from pipeline.scoring.student import ScoringOptions, Student
+from pipeline.tokens.spans import encode_conversation
 from tests.conftest import write_jsonl
 
 BAD_JSONL_LINES = {

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pipeline.config import StorageConfig
-from pipeline.output import LOCK_FILE, OutputLock, OutputLocked
-from pipeline.storage import locate
+from pipeline.corpus.storage import locate
+from pipeline.run.config import StorageConfig
+from pipeline.run.output import LOCK_FILE, OutputLock, OutputLocked
 
 STALE = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
 

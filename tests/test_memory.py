@@ -10,8 +10,8 @@ from tests.conftest import REPO
 PROBE = """
 import json, resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from pipeline.spans import EncodedConversation
-from pipeline.student import ScoringOptions, Student
+from pipeline.tokens.spans import EncodedConversation
+from pipeline.scoring.student import ScoringOptions, Student
 
 n_tokens, vocab = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)

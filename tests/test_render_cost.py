@@ -6,8 +6,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline import spans
-from pipeline.spans import encode_conversation, turn_markers
+from pipeline.tokens import spans
+from pipeline.tokens.spans import encode_conversation, turn_markers
 from tests.test_template_families import GPT_OSS, QWEN3, family_tokenizer
 
 needs_shared = pytest.mark.skipif(not (QWEN3.exists() and GPT_OSS.exists()), reason="needs ../shared")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from pipeline.job import run_job
-from pipeline.storage import StorageError
+from pipeline.corpus.storage import StorageError
+from pipeline.run.job import run_job
 from tests.conftest import free_port
 from tests.test_job import job_config, read_scores
 
@@ -100,7 +100,7 @@ def test_access_denied_is_a_clear_error_and_commits_nothing(
 def test_a_run_reads_the_corpus_twice_from_s3(ray_runtime, tmp_path, bucket, fault_proxy, student_dirs, monkeypatch):
     """Once to find repeated ids and count the rows, once to score; a progress line every moment so that
     a row count for the time left would show as a third read."""
-    from pipeline import results
+    from pipeline.run import results
 
     monkeypatch.setattr(results, "PROGRESS_EVERY_S", 0.0)
     fs, name = bucket

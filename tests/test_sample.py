@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 
-from pipeline.config import SampleConfig
-from pipeline.job import run_job
-from pipeline.query import latest_scores
+from pipeline.decide.query import latest_scores
+from pipeline.run.config import SampleConfig
+from pipeline.run.job import run_job
 from tests.conftest import start_ray, write_jsonl
 from tests.test_job import job_config
 

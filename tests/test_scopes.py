@@ -4,13 +4,13 @@ every template family the tests cover (real templates from ../shared) and on the
 import pytest
 
 from pipeline import errors
+from pipeline.corpus.messages import split_reasoning
+from pipeline.corpus.records import trajectory_flags
 from pipeline.errors import RowError
-from pipeline.job import check_students, scoring_settings
-from pipeline.messages import split_reasoning
-from pipeline.records import trajectory_flags
-from pipeline.schema import RowContract
-from pipeline.spans import encode_conversation
-from pipeline.tokenizer import load_tokenizer
+from pipeline.run.job import check_students, scoring_settings
+from pipeline.run.schema import RowContract
+from pipeline.tokens.spans import encode_conversation
+from pipeline.tokens.tokenizer import load_tokenizer
 from tests.test_job import job_config
 from tests.test_template_families import FAMILIES, GPT_OSS, GSM8K, KINDS, QWEN3, family_rows, family_tokenizer, scored_text
 

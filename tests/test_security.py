@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import s3fs
 import yaml
 
-from pipeline.job import run_job
-from pipeline.schema import partition_value
+from pipeline.run.job import run_job
+from pipeline.run.schema import partition_value
 from tests.conftest import REPO, write_jsonl
 from tests.test_job import job_config
 

@@ -8,8 +8,8 @@ import pytest
 
 from jobs import report
 from jobs import select as select_job
-from pipeline.job import run_job
-from pipeline.query import latest_scores, select, teacher_table
+from pipeline.decide.query import latest_scores, select, teacher_table
+from pipeline.run.job import run_job
 from tests.conftest import start_ray, write_jsonl
 from tests.test_job import job_config
 

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import select as select_job
-from pipeline.config import InputConfig, StorageConfig
-from pipeline.query import latest_scores
-from pipeline.records import content_hash
-from pipeline.selection import (
+from pipeline.corpus.records import content_hash
+from pipeline.corpus.shapes import row_messages
+from pipeline.corpus.storage import locate
+from pipeline.decide.query import latest_scores
+from pipeline.decide.selection import (
     dataset_info_entry,
     describe_selection,
     encode_rows,
@@ -25,8 +26,7 @@ from pipeline.selection import (
     update_dataset_info,
     write_whole,
 )
-from pipeline.shapes import row_messages
-from pipeline.storage import locate
+from pipeline.run.config import InputConfig, StorageConfig
 from tests.conftest import REPO, write_jsonl
 from tests.test_select_report import scored_output  # noqa: F401 (a fixture: one real scoring run)
 

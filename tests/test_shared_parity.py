@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.models import StudentSource
-from pipeline.spans import encode_conversation
-from pipeline.student import ScoringOptions, Student
-from pipeline.tokenizer import load_tokenizer
+from pipeline.scoring.models import StudentSource
+from pipeline.scoring.student import ScoringOptions, Student
+from pipeline.tokens.spans import encode_conversation
+from pipeline.tokens.tokenizer import load_tokenizer
 from tests.conftest import SHARED
 from tests.reference import CHATML_MARKERS, marker_ids, marker_positions
 

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline import errors
-from pipeline.config import ConfigError, InputConfig, SampleConfig, load_config
-from pipeline.models import StudentSource
-from pipeline.ray_job import (
+from pipeline.corpus.storage import Corpus, locate
+from pipeline.run.config import ConfigError, InputConfig, SampleConfig, load_config
+from pipeline.run.ray_job import (
     REPEATED_IDS,
     CorpusSurvey,
     DatasetPlan,
@@ -34,9 +34,9 @@ from pipeline.ray_job import (
     scoring_stages,
     tokenize_batch,
 )
-from pipeline.results import Tally, measure_block, rejects_batch, scores_batch
-from pipeline.schema import RAW_SCHEMA, REJECT_COLUMNS, RowContract, ScoringSettings, Status, reject_key, scored_key
-from pipeline.storage import Corpus, locate
+from pipeline.run.results import Tally, measure_block, rejects_batch, scores_batch
+from pipeline.run.schema import RAW_SCHEMA, REJECT_COLUMNS, RowContract, ScoringSettings, Status, reject_key, scored_key
+from pipeline.scoring.models import StudentSource
 from tests.conftest import REPO
 
 GOOD = [{"role": "user", "content": "Two and two?"}, {"role": "assistant", "content": "Four."}]
@@ -149,7 +149,7 @@ def test_choose_groups_takes_the_smallest_hashes_of_the_groups_every_teacher_ans
 
 
 def test_tokenize_score_and_explode(cfg, student_dirs):
-    from pipeline.ray_job import ScoreActor, scoring_options
+    from pipeline.run.ray_job import ScoreActor, scoring_options
 
     table = mark_sampled_out(parsed(cfg), None, [None])
     done = frozenset({scored_key("nothing", "scored")})
@@ -232,6 +232,6 @@ def test_row_columns_get_one_type_across_the_corpus():
 
 def test_the_stages_module_imports_without_torch():
     # Every Ray worker that runs a stage imports this module: the survey's read and group-by workers too.
-    check = "import sys, pipeline.ray_job; assert not {'torch', 'transformers'} & set(sys.modules), 'torch imported'"
+    check = "import sys, pipeline.run.ray_job; assert not {'torch', 'transformers'} & set(sys.modules), 'torch imported'"
     result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

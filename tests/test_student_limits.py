@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
-from pipeline.job import check_students, run_job, scoring_settings
-from pipeline.query import latest_scores
-from pipeline.rsr import project_and_score, token_statistics
-from pipeline.schema import RowContract
-from pipeline.spans import encode_conversation
-from pipeline.student import ScoringOptions, Student
+from pipeline.decide.query import latest_scores
+from pipeline.run.job import check_students, run_job, scoring_settings
+from pipeline.run.schema import RowContract
+from pipeline.scoring.rsr import project_and_score, token_statistics
+from pipeline.scoring.student import ScoringOptions, Student
+from pipeline.tokens.spans import encode_conversation
 from tests.conftest import start_ray, write_jsonl
 from tests.test_job import job_config
 
@@ -115,7 +115,7 @@ def test_a_scoring_call_is_sized_by_tokens_not_rows(tmp_path, student_dirs, corp
 
 
 def test_progress_is_counted_from_what_the_actors_scored(tmp_path, student_dirs, corpus, monkeypatch):
-    from pipeline import results
+    from pipeline.run import results
 
     start_ray()
     monkeypatch.setattr(results, "PROGRESS_EVERY_S", 0.0)
@@ -139,7 +139,7 @@ def test_time_left_comes_from_the_text_scored_not_the_rows_passed_through():
 
     import ray
 
-    from pipeline.results import Progress, ScoringMeter
+    from pipeline.run.results import Progress, ScoringMeter
 
     start_ray()
     meter, lines = ScoringMeter.remote(), []

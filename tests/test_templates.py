@@ -8,8 +8,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.messages import split_reasoning
-from pipeline.spans import encode_conversation
+from pipeline.corpus.messages import split_reasoning
+from pipeline.tokens.spans import encode_conversation
 from tests.conftest import SHARED
 from tests.reference import CHATML_MARKERS, LLAMA3_MARKERS, marker_ids, marker_positions
 

@@ -1,5 +1,5 @@
 """Corpus files to raw records, and raw records to trajectories' output fields (through the corpus
-shapes, `pipeline.shapes`). No Ray here.
+shapes, `pipeline.corpus.shapes`). No Ray here.
 
 Reading never fails on one bad row: each line or row becomes a record (its JSON text) or a read
 error with a reason, so that the job can quarantine it with its file and line number.
@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import errors
-from pipeline.config import InputConfig
+from pipeline.corpus.messages import split_reasoning
+from pipeline.corpus.shapes import column_value, row_trajectories
 from pipeline.errors import RowError
-from pipeline.messages import split_reasoning
-from pipeline.shapes import column_value, row_trajectories
+from pipeline.run.config import InputConfig
 
 BOM = b"\xef\xbb\xbf"
 READ_CHUNK_BYTES = 16 << 20

@@ -10,7 +10,7 @@ import fsspec
 import fsspec.utils
 import pyarrow.fs
 
-from pipeline.config import ConfigError, InputConfig, StorageConfig, input_sources
+from pipeline.run.config import ConfigError, InputConfig, StorageConfig, input_sources
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 # Hugging Face `save_to_disk` folders describe their Arrow shards in these files: not corpus files.

@@ -1,6 +1,6 @@
 """Response spans: which tokens of a chat-template encoding are the bodies of assistant turns. Reads a
 template's turn format off probe renders (`turn_markers`) and finds the turns of canonical messages
-(`pipeline.messages`) in their rendering (`encode_conversation`, `scope_spans`).
+(`pipeline.corpus.messages`) in their rendering (`encode_conversation`, `scope_spans`).
 
 Definition (the official RSR code's marker scan, generalized): for every assistant turn, the response
 tokens are what the student's chat template renders for that turn after each assistant message header
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import errors
+from pipeline.corpus.messages import THINK_CLOSE, THINK_OPEN, canonical_messages, split_reasoning, validate_messages
 from pipeline.errors import RowError
-from pipeline.messages import THINK_CLOSE, THINK_OPEN, canonical_messages, split_reasoning, validate_messages
 
 REASONING_MODES = ("template", "keep")
 # Which tokens of each assistant turn are scored: its whole body as rendered (the official definition),
@@ -536,7 +536,7 @@ def encode_conversation(
 
     `messages` may carry reasoning as `reasoning_content` or `thinking`, tool calls and tool results,
     and content as a list of text parts; they are made canonical and checked first (a RowError names a
-    malformed one), unless `canonical` says they already are (`pipeline.records` does both when it
+    malformed one), unless `canonical` says they already are (`pipeline.corpus.records` does both when it
     parses a row, so the job need not repeat them per student). `reasoning`: "template" scores what
     the template renders, "keep" every turn's reasoning and content as given (see the module
     docstring); both flag text the template left out. Rows longer than `max_model_len` keep the first `max_model_len` tokens and are

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import fsspec
 
-from pipeline.tokenizer import load_chat_template, load_tokenizer
+from pipeline.tokens.tokenizer import load_chat_template, load_tokenizer
 
 GGUF_SUFFIX = ".gguf"
 CACHE_DIR = Path(os.environ.get("RSR_CACHE_DIR", Path.home() / ".cache" / "rsr-pipeline"))

@@ -2,7 +2,7 @@
 and explode the results to long format (one row per trajectory and student) for the commit.
 
 Each stage is declared (`scoring_stages`) with the columns it reads and adds, in the names of
-`pipeline.schema`; `build_dataset` checks the chain before any work. Stages, in order:
+`pipeline.run.schema`; `build_dataset` checks the chain before any work. Stages, in order:
   read      source_file, row_number, text, reject_reason, reject_detail            (schema.RAW_SCHEMA)
   parse     sample_id, content_hash, messages_json, the row columns (passthrough, candidate and
             teacher columns, path fields): one row per trajectory, several per corpus row for candidates
@@ -37,7 +37,10 @@ from ray.data.context import ShuffleStrategy
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline import errors
-from pipeline.config import (
+from pipeline.corpus.records import fallback_sample_id, parse_row, read_records
+from pipeline.corpus.storage import Corpus, Location, format_of, open_corpus_file
+from pipeline.errors import Rejected, RowError
+from pipeline.run.config import (
     ConfigError,
     JobConfig,
     SampleConfig,
@@ -46,11 +49,7 @@ from pipeline.config import (
     logits_chunk_tokens,
     token_budget,
 )
-from pipeline.errors import Rejected, RowError
-from pipeline.metrics import stat_columns
-from pipeline.models import StudentSource
-from pipeline.records import fallback_sample_id, parse_row, read_records
-from pipeline.schema import (
+from pipeline.run.schema import (
     PARSED_SCHEMA,
     RAW_SCHEMA,
     REJECT_KEY_COLUMNS,
@@ -63,8 +62,9 @@ from pipeline.schema import (
     reject_keys,
     scored_key,
 )
-from pipeline.spans import DEFAULT_SCOPE, EncodedConversation, encode_conversation
-from pipeline.storage import Corpus, Location, format_of, open_corpus_file
+from pipeline.scoring.metrics import stat_columns
+from pipeline.scoring.models import StudentSource
+from pipeline.tokens.spans import DEFAULT_SCOPE, EncodedConversation, encode_conversation
 
 RECORDS_PER_BLOCK = 1024
 # Bytes a tokenized row holds per token: its messages as text, the int32 ids of every token and the
@@ -80,7 +80,7 @@ TOKENIZED_BYTES_PER_TOKEN = 10
 # every Ray worker that runs a stage of this module imports the module, and the survey's read and
 # group-by workers took ~1.5 s each to import torch (on 120 rows the survey took 7 s instead of 4).
 if TYPE_CHECKING:
-    from pipeline.student import ScoringOptions
+    from pipeline.scoring.student import ScoringOptions
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class RunStamp:
 
 def scoring_options(cfg: JobConfig, contract: RowContract) -> ScoringOptions:
     """The scoring core's options from the config and the run's metrics (the one place that maps one to the other)."""
-    from pipeline.student import ScoringOptions
+    from pipeline.scoring.student import ScoringOptions
 
     s = cfg.scoring
     return ScoringOptions(
@@ -471,7 +471,7 @@ class ScoreActor:
     ):
         import torch
 
-        from pipeline.student import Student
+        from pipeline.scoring.student import Student
 
         torch.set_num_threads(threads or default_torch_threads(cpus_per_actor, scoring_actors))
         self.index, self.name, self.meter = index, student.name, meter

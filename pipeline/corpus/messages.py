@@ -1,5 +1,5 @@
 """Messages as chat templates read them: canonical `{role, content}` messages with their reasoning and
-tool keys, checked once when a row is parsed (`pipeline.records`), and the split of an assistant message
+tool keys, checked once when a row is parsed (`pipeline.corpus.records`), and the split of an assistant message
 into its reasoning and its answer.
 """
 

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FilenameProvider
 
-from pipeline.aggregate import combine_sums, group_sums, summary_from_sums
-from pipeline.config import JobConfig
-from pipeline.output import OutputStore, rejects_dir, summary_dir
-from pipeline.ray_job import cached_get
-from pipeline.schema import COUNT_COLUMNS, REJECT_COLUMNS, IncompleteRun, RowContract, Status, partition_value, reject_keys
-from pipeline.storage import Location
+from pipeline.corpus.storage import Location
+from pipeline.run.config import JobConfig
+from pipeline.run.output import OutputStore, rejects_dir, summary_dir
+from pipeline.run.ray_job import cached_get
+from pipeline.run.schema import COUNT_COLUMNS, REJECT_COLUMNS, IncompleteRun, RowContract, Status, partition_value, reject_keys
+from pipeline.scoring.aggregate import combine_sums, group_sums, summary_from_sums
 
 PROGRESS_EVERY_S = 30.0
 

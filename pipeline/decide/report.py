@@ -1,5 +1,5 @@
 """The teacher-selection report: one self-contained HTML page with, per student, the decision
-(`pipeline.decide`: teachers on matched problems with bootstrap intervals, p_top1, pairwise win
+(`pipeline.decide.teachers`: teachers on matched problems with bootstrap intervals, p_top1, pairwise win
 probabilities, how many problems the choice needs, agreement with a reference ranking), the confounds
 beside every metric (length, surprisal, correctness, trajectory flags), the RSR distribution of every
 teacher, and the metrics side by side: teachers ranked by each and their Spearman correlations across
@@ -17,8 +17,8 @@ matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.decide import DIRECTION, LENGTH, Decision, Settings, StudentDecision  # noqa: E402
-from pipeline.metrics import REGISTRY  # noqa: E402
+from pipeline.decide.teachers import DIRECTION, LENGTH, Decision, Settings, StudentDecision  # noqa: E402
+from pipeline.scoring.metrics import REGISTRY  # noqa: E402
 
 # Per-trajectory column -> its dataset-level column in the teacher table, and whether a lower value
 # marks a more suitable trajectory (more familiar to the student): from the metric registry.

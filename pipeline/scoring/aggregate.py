@@ -1,6 +1,6 @@
 """Dataset-level RSR: sum of per-trajectory avg_rank_clip / sum of avg_surprisal, for any grouping.
 
-The companion metrics (pipeline.metrics.COMPANIONS) have no ratio: their dataset-level value is the
+The companion metrics (pipeline.scoring.metrics.COMPANIONS) have no ratio: their dataset-level value is the
 mean of the per-trajectory values (their `dataset_column`), like mean_avg_rank_clip and mean_avg_surprisal.
 
 Sums come first (`group_sums`, `combine_sums`), so that a run can aggregate block by block without
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.metrics import COMPANIONS, MIN_SURPRISAL_SUM
+from pipeline.scoring.metrics import COMPANIONS, MIN_SURPRISAL_SUM
 
 SUMMED = ["resp_token_length", "avg_rank_clip", "avg_surprisal", *(m.column for m in COMPANIONS)]
 

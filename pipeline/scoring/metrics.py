@@ -1,7 +1,7 @@
 """The metric registry: one record per per-trajectory metric (its column, how it reduces a trajectory's
 token statistics, its dataset-level column, its direction). No torch here: the config check, the row
 contract, `jobs.select` and `jobs.report` read the registry without loading the scoring core
-(`pipeline.rsr`), whose token statistics the reducers receive.
+(`pipeline.scoring.rsr`), whose token statistics the reducers receive.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ RSR_COLUMNS = ["resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surp
 class TokenStats:
     """One trajectory's per-token statistics: unclipped ranks, float32 surprisals, entropies if computed."""
 
-    ranks: Any  # torch tensors, from pipeline.rsr
+    ranks: Any  # torch tensors, from pipeline.scoring.rsr
     surprisals: Any
     entropies: Any
 

@@ -17,10 +17,10 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.metrics import METRICS
-from pipeline.shapes import SHAPES, InputShape, selecting_shapes, shape_of
-from pipeline.spans import REASONING_MODES, SCOPES
-from pipeline.tokenizer import BUILTIN_TEMPLATES
+from pipeline.corpus.shapes import SHAPES, InputShape, selecting_shapes, shape_of
+from pipeline.scoring.metrics import METRICS
+from pipeline.tokens.spans import REASONING_MODES, SCOPES
+from pipeline.tokens.tokenizer import BUILTIN_TEMPLATES
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "arrow")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -5,7 +5,7 @@ For a response token t with logits z at the position before it:
     rank      k_t = min(1 + #{v : z[v] > z[t]}, r)   (strictly greater: ties do not count)
 Per trajectory: avg_rank_clip = mean k, avg_surprisal = mean s, rank_surprisal_ratio = sum k / max(sum s, 1e-12).
 
-Companion metrics from the same logits (`metrics`, the registry in `pipeline.metrics`), per trajectory:
+Companion metrics from the same logits (`metrics`, the registry in `pipeline.scoring.metrics`), per trajectory:
     entropy      avg_entropy       mean of -sum_v p_v log p_v (nats, float32 per token)
     top1         top1_rate         fraction of tokens of unclipped rank 1 (ties count as rank 1)
     rank         avg_rank          mean unclipped rank 1 + #{v : z[v] > z[t]}
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.metrics import COMPANIONS, MIN_SURPRISAL_SUM, TokenStats
+from pipeline.scoring.metrics import COMPANIONS, MIN_SURPRISAL_SUM, TokenStats
 
 
 def token_statistics(
@@ -97,7 +97,7 @@ def project_and_score(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Apply the vocabulary projection `head` to `hidden` [n, d] in chunks of `chunk_tokens` rows and take
     `token_statistics` of each row's target, `statistics_rows` logit rows at a time (None: a chunk), so
-    that the float32 temporaries stay small (`pipeline.device` sizes both). A bfloat16 student's logits
+    that the float32 temporaries stay small (`pipeline.scoring.device` sizes both). A bfloat16 student's logits
     rounded to bfloat16 move ranks far more than the gap between teachers, so the scoring core asks for
     float32 ones.
 

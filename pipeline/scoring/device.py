@@ -2,7 +2,7 @@
 the detected device. No Ray here.
 
 CPU (measured on this project's 2-core CI class, README "Defaults and the numbers behind them"):
-explicit attention a few rows at a time (`pipeline.attention`), float32, 2,048 padded tokens per pass,
+explicit attention a few rows at a time (`pipeline.scoring.attention`), float32, 2,048 padded tokens per pass,
 statistics 16 logit rows at a time (they stay in the core's cache), glibc keeping freed heap for reuse.
 
 GPU (not measured: no GPU has run this code yet): SDPA, bfloat16, a token budget that fills
@@ -58,7 +58,7 @@ class DevicePolicy:
         cuda = device.startswith("cuda")
         if dtype not in (None, "auto") and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
-        from pipeline import attention  # registers the CPU attention with transformers
+        from pipeline.scoring import attention  # registers the CPU attention with transformers
 
         return cls(
             device=device,

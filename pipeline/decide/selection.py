@@ -24,10 +24,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.messages import THINK_CLOSE, THINK_OPEN
-from pipeline.metrics import BY_COLUMN
-from pipeline.output import AtomicObject, Precondition
-from pipeline.storage import Location
+from pipeline.corpus.messages import THINK_CLOSE, THINK_OPEN
+from pipeline.corpus.storage import Location
+from pipeline.run.output import AtomicObject, Precondition
+from pipeline.scoring.metrics import BY_COLUMN
 
 ARMS = ("lowest", "highest", "middle", "random")
 TOKEN_TOLERANCE = 0.001  # arms matched in target tokens: within 0.1% (or one row, where a row is larger)

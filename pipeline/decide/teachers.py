@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.metrics import BY_COLUMN, COMPANIONS, MIN_SURPRISAL_SUM, REGISTRY
+from pipeline.scoring.metrics import BY_COLUMN, COMPANIONS, MIN_SURPRISAL_SUM, REGISTRY
 
 RSR = BY_COLUMN["rank_surprisal_ratio"]
 DIRECTION = f"{'lower' if RSR.lower_is_better else 'higher'} RSR = more suitable"

@@ -14,12 +14,12 @@ import torch
 from transformers import DynamicCache
 
 from pipeline import errors
-from pipeline.device import DevicePolicy
 from pipeline.errors import Rejected
-from pipeline.metrics import COMPANIONS
-from pipeline.models import StudentSource
-from pipeline.rsr import VocabHead, project_and_score, trajectory_stats
-from pipeline.spans import EncodedConversation
+from pipeline.scoring.device import DevicePolicy
+from pipeline.scoring.metrics import COMPANIONS
+from pipeline.scoring.models import StudentSource
+from pipeline.scoring.rsr import VocabHead, project_and_score, trajectory_stats
+from pipeline.tokens.spans import EncodedConversation
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class ScoringOptions:
     rank_clip: int = 100
     token_budget: int | None = None  # padded tokens (rows x longest row) per forward pass; None: the device policy's
     logits_chunk_tokens: int | None = None  # response positions projected to the vocabulary at a time; None: the policy's
-    metrics: tuple[str, ...] = ("rsr",)  # pipeline.metrics.METRICS: companion columns beside RSR's
+    metrics: tuple[str, ...] = ("rsr",)  # pipeline.scoring.metrics.METRICS: companion columns beside RSR's
     per_token: bool = False  # also return the per-token clipped ranks and surprisals (debugging)
     share_prompts: bool = True  # run a prompt shared by several trajectories through the body once
     min_shared_prompt: int = 16  # shorter shared prompts are not worth a separate pass

@@ -24,7 +24,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from pipeline.storage import Location
+from pipeline.corpus.storage import Location
 
 # The output layout; only this module spells its paths (readers and writers ask it):
 #   student=<name>/<partition col>=<value>/<run_id>_*.parquet   scores (hive-partitioned by pyarrow)

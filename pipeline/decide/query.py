@@ -10,15 +10,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipeline.aggregate import dataset_rsr
-from pipeline.config import InputConfig, StorageConfig, input_sources
+from pipeline.corpus.records import content_hash, read_records
+from pipeline.corpus.shapes import row_trajectories, shape_of
+from pipeline.corpus.storage import format_of, locate, open_corpus_file, plan_corpus
+from pipeline.decide.selection import select_arm
 from pipeline.errors import RowError
-from pipeline.metrics import COMPANIONS
-from pipeline.output import committed_score_files
-from pipeline.records import content_hash, read_records
-from pipeline.selection import select_arm
-from pipeline.shapes import row_trajectories, shape_of
-from pipeline.storage import format_of, locate, open_corpus_file, plan_corpus
+from pipeline.run.config import InputConfig, StorageConfig, input_sources
+from pipeline.run.output import committed_score_files
+from pipeline.scoring.aggregate import dataset_rsr
+from pipeline.scoring.metrics import COMPANIONS
 
 
 def latest_scores(output: str, storage: StorageConfig | None = None) -> pd.DataFrame:
@@ -51,7 +51,7 @@ def fingerprint_mixes(scores: pd.DataFrame) -> list[str]:
 
 def select(scores: pd.DataFrame, student: str, **options) -> pd.DataFrame:
     """Trajectories chosen by one student's column, in the arm's order: `select_arm`'s rows, with its
-    arguments (by default the lowest arm, the metric's most suitable end first); see `pipeline.selection`."""
+    arguments (by default the lowest arm, the metric's most suitable end first); see `pipeline.decide.selection`."""
     return select_arm(scores, student, **options).chosen
 
 

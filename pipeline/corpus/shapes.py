@@ -17,8 +17,8 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from pipeline import errors
+from pipeline.corpus.messages import canonical_messages, validate_messages
 from pipeline.errors import RowError
-from pipeline.messages import canonical_messages, validate_messages
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

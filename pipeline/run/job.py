@@ -19,11 +19,11 @@ import ray._private.node
 from omegaconf import OmegaConf
 from ray._private import ray_constants
 
-from pipeline.config import ConfigError, JobConfig, StudentConfig
+from pipeline.corpus.storage import Corpus, Location, check_output, locate, plan_corpus
 from pipeline.errors import RowError
-from pipeline.models import StudentSource
-from pipeline.output import OutputStore, new_run_id
-from pipeline.ray_job import (
+from pipeline.run.config import ConfigError, JobConfig, StudentConfig
+from pipeline.run.output import OutputStore, new_run_id
+from pipeline.run.ray_job import (
     CorpusSurvey,
     DatasetPlan,
     RunStamp,
@@ -33,7 +33,7 @@ from pipeline.ray_job import (
     scored_keys,
     survey_corpus,
 )
-from pipeline.results import (
+from pipeline.run.results import (
     Checkpoints,
     Progress,
     ScoringMeter,
@@ -43,10 +43,10 @@ from pipeline.results import (
     padding_efficiency,
     write_summaries,
 )
-from pipeline.schema import RowContract, ScoringSettings
-from pipeline.spans import DEFAULT_SCOPE, turn_markers
-from pipeline.storage import Corpus, Location, check_output, locate, plan_corpus
-from pipeline.tokenizer import BUILTIN_TEMPLATES
+from pipeline.run.schema import RowContract, ScoringSettings
+from pipeline.scoring.models import StudentSource
+from pipeline.tokens.spans import DEFAULT_SCOPE, turn_markers
+from pipeline.tokens.tokenizer import BUILTIN_TEMPLATES
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The row contract: every column, status, key and per-student column name that the stages, the
 output and the readers share. Each is spelled here once; the reject reasons are in `pipeline.errors`.
 
-Rows flow through the stages in `pipeline.ray_job` (each declares the columns it reads and adds, from
+Rows flow through the stages in `pipeline.run.ray_job` (each declares the columns it reads and adds, from
 the names below) and land as score rows (`score_columns`) and reject rows (`REJECT_COLUMNS`), counted
 per student in `COUNT_COLUMNS`.
 """
@@ -17,8 +17,8 @@ from enum import StrEnum
 
 import pyarrow as pa
 
-from pipeline.config import JobConfig, metric_names, row_columns, shape_columns
-from pipeline.metrics import stat_columns
+from pipeline.run.config import JobConfig, metric_names, row_columns, shape_columns
+from pipeline.scoring.metrics import stat_columns
 
 
 class Status(StrEnum):

@@ -1,0 +1,1 @@
+"""Reading a corpus: files to rows, rows to trajectories."""

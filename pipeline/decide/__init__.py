@@ -1,0 +1,1 @@
+"""From committed scores to a decision: teachers, trajectories, the report (no torch)."""

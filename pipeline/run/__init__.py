@@ -1,0 +1,1 @@
+"""One scoring run on Ray: config, stages, results and the committed output."""

@@ -1,0 +1,1 @@
+"""The student and the RSR math (no Ray)."""

@@ -1,0 +1,1 @@
+"""From a trajectory to the student's tokens and the response spans to score."""
