@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.decide.decision import Decision, decide
 from pipeline.decide.query import fingerprint_mixes, latest_scores
 from pipeline.decide.report import render_report
-from pipeline.decide.teachers import DIRECTION, Decision, Settings, decide
+from pipeline.decide.teachers import DIRECTION, Settings
 from pipeline.run.config import StorageConfig
 
 
@@ -63,31 +64,42 @@ def main(argv: list[str] | None = None) -> int:
         correct_column=args.correct_column,
         drop_truncated_groups=args.drop_truncated_groups,
     )
-    decision = decide(scores, settings, reference)
+    decision, written = write_report(scores, settings, Path(args.out), reference, args.reference)
+    if decision is None:
+        print(
+            f"error: no student has a problem that every teacher answered; see {Path(args.out) / 'matching.json'}",
+            file=sys.stderr,
+        )
+        return 1
+    print_decision(decision)
+    print(f"\nwrote {', '.join(written)} in {args.out}")
+    return 0
 
-    out = Path(args.out)
+
+def write_report(
+    scores: pd.DataFrame, settings: Settings, out: Path, reference: pd.DataFrame | None = None, reference_path: str | None = None
+) -> tuple[Decision | None, list[str]]:
+    """The decision on `scores` and its files in `out`; no decision (None) when no student has a matched problem."""
+    decision = decide(scores, settings, reference)
     out.mkdir(parents=True, exist_ok=True)
     matching = {"teacher_column": settings.teacher_column, "group_column": settings.group_column,
                 "drop_truncated_groups": settings.drop_truncated_groups, "students": decision.matching}  # fmt: skip
     (out / "matching.json").write_text(json.dumps(matching, indent=2) + "\n")
     if not decision.students:
-        print(f"error: no student has a problem that every teacher answered; see {out / 'matching.json'}", file=sys.stderr)
-        return 1
+        return None, ["matching.json"]
     teachers = decision.table("teachers")
     teachers.to_csv(out / "teachers.csv", index=False)
     teachers.to_parquet(out / "teachers.parquet", index=False)
-    decision.table("sample_size").to_csv(out / "sample_size.csv", index=False)
-    decision.table("confounds").to_csv(out / "confounds.csv", index=False)
-    written = ["teachers.csv", "teachers.parquet", "matching.json", "sample_size.csv", "confounds.csv"]
+    for table in ("sample_size", "confounds", "length_adjusted"):
+        decision.table(table).to_csv(out / f"{table}.csv", index=False)
+    written = ["teachers.csv", "teachers.parquet", "matching.json", "sample_size.csv", "confounds.csv", "length_adjusted.csv"]
     if reference is not None:
-        agreement = {"reference": args.reference, "direction": DIRECTION,
+        agreement = {"reference": reference_path, "direction": DIRECTION,
                      "students": {s.student: s.agreement for s in decision.students}}  # fmt: skip
         (out / "agreement.json").write_text(json.dumps(agreement, indent=2) + "\n")
         written.append("agreement.json")
     (out / "report.html").write_text(render_report(decision, len(scores)))
-    print_decision(decision)
-    print(f"\nwrote {', '.join(written)} and report.html in {out}")
-    return 0
+    return decision, [*written, "report.html"]
 
 
 def print_decision(decision: Decision) -> None:

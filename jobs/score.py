@@ -7,6 +7,7 @@ import functools
 import gc
 import os
 import sys
+from collections.abc import Callable
 from importlib import resources
 
 from pipeline.corpus.storage import StorageError
@@ -47,6 +48,20 @@ def print_result(result) -> None:
         print(f"skipped (not .jsonl/.json/.parquet): {path}")
 
 
+def quiet_ray_logs(verbose: bool) -> Callable[[str], None] | None:
+    """Unless `verbose`, Ray Data and transformers log warnings and up (set before Ray Data is imported;
+    workers started later inherit it). Returns where progress lines go: on a terminal Ray Data draws
+    progress bars; elsewhere (logs, CI) one line every few seconds."""
+    if not verbose:
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(resources.files("pipeline.run") / "ray_data_quiet.yaml"))
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' weight-loading bar
+    from ray.data import DataContext
+
+    # The fused stages' names, whole: Ray Data would otherwise cut them and warn that it did.
+    DataContext.get_current().enable_progress_bar_name_truncation = False
+    return None if verbose or sys.stderr.isatty() else functools.partial(print, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
@@ -55,19 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        if not args.verbose:  # before Ray Data is imported; workers started later inherit both
-            os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(resources.files("pipeline.run") / "ray_data_quiet.yaml"))
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' weight-loading bar
+        progress = quiet_ray_logs(args.verbose)
         import ray
-        from ray.data import DataContext
 
         from pipeline.run.job import run_job  # imports Ray: only once the config is known to be good
 
-        # The fused stages' names, whole: Ray Data would otherwise cut them and warn that it did.
-        DataContext.get_current().enable_progress_bar_name_truncation = False
-
-        # On a terminal Ray Data draws progress bars; elsewhere (logs, CI) one line every few seconds.
-        progress = None if args.verbose or sys.stderr.isatty() else functools.partial(print, file=sys.stderr, flush=True)
         result = run_job(cfg, quiet=not args.verbose, progress=progress)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The decision layer (pipeline.decide.teachers) on small hand-built score tables, without Ray."""
+"""The decision layer (pipeline.decide.teachers and .decision) on small hand-built score tables, without Ray."""
 
 import subprocess
 import sys
@@ -7,12 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.decide.decision import decide
 from pipeline.decide.teachers import (
     Settings,
     agreement,
     confounds,
     correctness,
-    decide,
     kendall_tau_b,
     match_problems,
     problem_sums,

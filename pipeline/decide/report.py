@@ -17,7 +17,9 @@ matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.decide.teachers import DIRECTION, LENGTH, Decision, Settings, StudentDecision  # noqa: E402
+from pipeline.decide.decision import Decision, StudentDecision  # noqa: E402
+from pipeline.decide.sequential import verdict_text  # noqa: E402
+from pipeline.decide.teachers import DIRECTION, LENGTH, Settings  # noqa: E402
 from pipeline.scoring.metrics import REGISTRY  # noqa: E402
 
 # Per-trajectory column -> its dataset-level column in the teacher table, and whether a lower value
@@ -37,7 +39,33 @@ def _img(png: str, alt: str) -> str:
 
 
 def _table(frame: pd.DataFrame, **options) -> str:
-    return frame.to_html(float_format=lambda x: f"{x:.4f}", na_rep="", **options)
+    """A table rounded for reading, in a box of its own that scrolls when it is wider than the page."""
+    return f'<div class="scroll">{frame.to_html(float_format=lambda x: f"{x:.3f}", na_rep="", **options)}</div>'
+
+
+def verdict_section(decision: StudentDecision) -> str:
+    """The answer first: the verdict in words, and what the length-adjusted order says when it differs."""
+    text = verdict_text(decision.student, decision.verdict)
+    first_at_equal_length = str(decision.length_adjusted["teacher"].iloc[0])
+    if first_at_equal_length != decision.verdict.teachers[decision.verdict.leader]:
+        text += (
+            f" At equal response length, {first_at_equal_length} would come first (see the length-adjusted table); "
+            "the decision stays on RSR as the paper defines it."
+        )
+    return f'<p class="verdict">{html.escape(text)}</p>'
+
+
+def _forest_png(decision: StudentDecision) -> str:
+    """Each teacher's RSR with its 95% interval, most suitable on top."""
+    table = decision.teachers
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(table) + 1.5), layout="constrained")
+    y = range(len(table))
+    errors = [table["rsr"] - table["rsr_ci_low"], table["rsr_ci_high"] - table["rsr"]]
+    ax.errorbar(table["rsr"], y, xerr=errors, fmt="o", capsize=3)
+    ax.set_yticks(list(y), labels=[str(t) for t in table["teacher"]])
+    ax.invert_yaxis()
+    ax.set(xlabel=f"dataset RSR with its 95% paired-bootstrap interval ({DIRECTION})", title=f"{decision.student}: teachers")
+    return _png(fig)
 
 
 def matching_summary(counts: dict, group_column: str) -> str:
@@ -66,15 +94,26 @@ def decision_section(decision: StudentDecision, settings: Settings) -> str:
         f"and p_top1 (share of resamples in which the teacher is the most suitable) from a paired bootstrap over "
         f"problems: {settings.n_resamples} resamples, seed {settings.seed}, the same problems for every teacher.</p>",
         _table(decision.teachers.drop(columns="student"), index=False, classes="teachers"),
+        "<h3>At equal length</h3>",
+        f"<p>effect = exp(b_teacher - mean b) from the fit log(RSR) ~ problem + teacher + log({LENGTH}) over the "
+        "matched trajectories, with 95% intervals from the same problem resamples: below 1, the teacher's RSR is "
+        "lower than the teachers' average at the same problem and length (more suitable). length_coefficient: how "
+        "RSR grows with length (the elasticity).</p>",
+        _table(decision.length_adjusted.drop(columns="student"), index=False, classes="length-adjusted"),
         f"<h3>Probability that the row's teacher is more suitable than the column's ({DIRECTION})</h3>",
         _table(decision.wins, classes="wins"),
         f"<h3>Problems the choice needs ({DIRECTION})</h3>",
-        f"<p>Share of {settings.n_subsamples} seeded subsamples of n matched problems (without replacement) whose "
-        f"most suitable teacher is {html.escape(str(decision.teachers['teacher'].iloc[0]))}, the choice on all "
-        f"{n_problems}.</p>",
-        _table(decision.sample_size.drop(columns="student"), index=False, classes="sample-size"),
-        _img(_sample_size_png(decision), f"sample-size curve for {decision.student}"),
     ]  # fmt: skip
+    if decision.sample_size.empty:
+        parts.append(f"<p>Too few matched problems for a curve (it starts at {settings.smallest_sample}).</p>")
+    else:
+        parts += [
+            f"<p>Share of {settings.n_subsamples} seeded subsamples of n matched problems (without replacement) whose "
+            f"most suitable teacher is {html.escape(str(decision.teachers['teacher'].iloc[0]))}, the choice on all "
+            f"{n_problems} (the curve stops below {n_problems}, where it is 1 by construction).</p>",
+            _table(decision.sample_size.drop(columns="student"), index=False, classes="sample-size"),
+            _img(_sample_size_png(decision), f"sample-size curve for {decision.student}"),
+        ]  # fmt: skip
     if decision.agreement is not None:
         agreement = decision.agreement
         rows = pd.DataFrame(
@@ -188,6 +227,8 @@ def render_report(decision: Decision, n_scores: int) -> str:
             sections.append("<p>No problem has a trajectory from every teacher: nothing to decide on.</p>")
             continue
         sections += [
+            verdict_section(mine),
+            _img(_forest_png(mine), f"forest plot of the teachers' RSR for {student}"),
             decision_section(mine, settings),
             confounds_section(mine, settings.teacher_column),
             f"<h3>RSR per trajectory ({DIRECTION})</h3>",
@@ -196,8 +237,9 @@ def render_report(decision: Decision, n_scores: int) -> str:
         ]
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>RSR teacher report</title>"
-        "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} img{max-width:100%}"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px} table{border-collapse:collapse}"
+        ".scroll{overflow-x:auto;max-width:100%;margin:1em 0} td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "img{max-width:100%} .verdict{font-size:1.2em;background:#eef5ff;border-left:4px solid #36c;padding:0.6em 1em}"
         "</style></head><body>"
         "<h1>Teacher selection by Rank-Surprisal Ratio</h1>"
         f"<p>{n_scores} scored trajectories; teachers are the values of {html.escape(settings.teacher_column)}, "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pipeline.decide.length import LengthFit
 from pipeline.scoring.metrics import BY_COLUMN, COMPANIONS, MIN_SURPRISAL_SUM, REGISTRY
 
 RSR = BY_COLUMN["rank_surprisal_ratio"]
@@ -47,6 +48,8 @@ class Settings:
     drop_truncated_groups: bool = False
     n_subsamples: int = 200  # per size of the sample-size curve
     smallest_sample: int = 10
+    confidence: float = 0.95  # of the verdict (`pipeline.decide.sequential`) ...
+    n_looks: int = 1  # ... made at the last of this many looks (`jobs.decide`'s waves)
 
 
 # --- correlations and separation ---------------------------------------------------------------------
@@ -192,15 +195,18 @@ def suitability(rsr: np.ndarray) -> np.ndarray:
     return -rsr if RSR.lower_is_better else rsr
 
 
-def bootstrap_rsr(sums: ProblemSums, n_resamples: int, seed: int) -> np.ndarray:
-    """[resample, teacher] RSR. Resample b draws `rng.integers(0, n_problems, size=n_problems)` from
-    `np.random.default_rng(seed)`: indices into the sorted matched problems, the same for every teacher."""
+def problem_draws(n_problems: int, n_resamples: int, seed: int):
+    """Per resample, how many times each problem is drawn: resample b draws `rng.integers(0, n_problems,
+    size=n_problems)` from `np.random.default_rng(seed)`, indices into the sorted matched problems. One at a
+    time: memory stays n_problems, not n_resamples x n_problems."""
     rng = np.random.default_rng(seed)
-    resampled = np.empty((n_resamples, sums.rank.shape[1]))
-    for b in range(n_resamples):  # one resample at a time: memory stays n_problems, not n_resamples x n_problems
-        drawn = rng.integers(0, sums.n_problems, size=sums.n_problems)
-        resampled[b] = sums.rsr(np.bincount(drawn, minlength=sums.n_problems).astype(float))
-    return resampled
+    for _ in range(n_resamples):
+        yield np.bincount(rng.integers(0, n_problems, size=n_problems), minlength=n_problems).astype(float)
+
+
+def bootstrap_rsr(sums: ProblemSums, n_resamples: int, seed: int) -> np.ndarray:
+    """[resample, teacher] RSR over `problem_draws`, the same draw for every teacher."""
+    return np.array([sums.rsr(weights) for weights in problem_draws(sums.n_problems, n_resamples, seed)])
 
 
 def share_first(resampled: np.ndarray) -> np.ndarray:
@@ -228,19 +234,19 @@ def sample_sizes(n_problems: int, smallest: int) -> list[int]:
 
 
 def sample_size_curve(sums: ProblemSums, settings: Settings) -> pd.DataFrame:
-    """For each size n, the share of seeded subsamples of n matched problems (without replacement)
-    whose most suitable teacher is the one all matched problems give."""
+    """For each size n below all matched problems, the share of seeded subsamples of n matched problems
+    (without replacement) whose most suitable teacher is the one all matched problems give."""
     first = suitability(sums.rsr(np.ones(sums.n_problems))).argmax()
     rng = np.random.default_rng(settings.seed)
     rows = []
-    for size in sample_sizes(sums.n_problems, settings.smallest_sample):
+    for size in sample_sizes(sums.n_problems, settings.smallest_sample)[:-1]:  # at all of them it is 1 by construction
         same = 0
         for _ in range(settings.n_subsamples):
             weights = np.zeros(sums.n_problems)
             weights[rng.choice(sums.n_problems, size=size, replace=False)] = 1.0
             same += suitability(sums.rsr(weights)).argmax() == first
         rows.append({"n_problems": size, "share_same_first": same / settings.n_subsamples})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["n_problems", "share_same_first"])
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
@@ -306,6 +312,37 @@ def teacher_table(student: str, matched: Matched, settings: Settings, point: np.
     return table.sort_values(["rank", "teacher"]).reset_index(drop=True)
 
 
+def length_adjusted(student: str, matched: Matched, settings: Settings) -> pd.DataFrame:
+    """Per teacher (matched.teachers' order), its RSR at equal length (`pipeline.decide.length`) with a 95%
+    interval over the teacher table's problem draws, and the length coefficient with its interval."""
+    rows = matched.rows
+    rows = rows[np.isfinite(rows[RSR.column]) & (rows[RSR.column] > 0) & (rows[LENGTH] > 0)]
+    fit = LengthFit(
+        rows[RSR.column].to_numpy(float),
+        rows[LENGTH].to_numpy(float),
+        pd.Categorical(rows[settings.teacher_column], categories=matched.teachers).codes,
+        pd.Categorical(rows[settings.group_column], categories=matched.problems).codes,
+        len(matched.teachers),
+    )
+    point = fit.effects()
+    draws = problem_draws(len(matched.problems), settings.n_resamples, settings.seed)
+    resampled = np.array([fit.effects(weights) for weights in draws])
+    low, high = np.array([interval(resampled[:, i]) for i in range(len(point))]).T
+    return pd.DataFrame(
+        {
+            "student": student,
+            "teacher": matched.teachers,
+            "effect": point[:-1],
+            "effect_ci_low": low[:-1],
+            "effect_ci_high": high[:-1],
+            "length_coefficient": point[-1],
+            "length_coefficient_ci_low": low[-1],
+            "length_coefficient_ci_high": high[-1],
+            "n_trajectories": len(rows),
+        }
+    ).sort_values(["effect", "teacher"], ascending=[RSR.lower_is_better, True], ignore_index=True)
+
+
 def confounds(student: str, rows: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     """Per metric: its Spearman correlation with response length and with avg_surprisal, across the
     trajectories and within problems (mean over problems of MIN_GROUP_SIZE+ trajectories where both vary),
@@ -325,63 +362,3 @@ def confounds(student: str, rows: pd.DataFrame, settings: Settings) -> pd.DataFr
             record["auc_correct"] = suitability_auc(rows.loc[correct.index, column], correct, BY_COLUMN[column].lower_is_better)
         records.append(record)
     return pd.DataFrame(records)
-
-
-# --- the decision ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StudentDecision:
-    student: str
-    rows: pd.DataFrame  # the matched rows the decision rests on
-    teachers: pd.DataFrame
-    wins: pd.DataFrame
-    sample_size: pd.DataFrame
-    confounds: pd.DataFrame
-    agreement: dict | None
-
-
-@dataclass(frozen=True)
-class Decision:
-    settings: Settings
-    students: list[StudentDecision]  # students with at least one matched problem
-    matching: dict  # per student (all of them): what matched, what was left out (JSON-ready)
-
-    def table(self, name: str) -> pd.DataFrame:
-        """teachers, sample_size or confounds of every student, one after the other."""
-        parts = [getattr(s, name) for s in self.students]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-
-
-def decide(scores: pd.DataFrame, settings: Settings, reference: pd.DataFrame | None = None) -> Decision:
-    """The decision for every student in `scores`. `reference`: columns teacher, score (higher =
-    better) and optionally student (one ranking per student)."""
-    students, matching = [], {}
-    for student, mine in scores.groupby("student", sort=True):
-        dropped = None
-        if settings.drop_truncated_groups and "truncated" in mine:
-            mine, dropped = drop_truncated_groups(mine, settings.group_column)
-        matched = match_problems(mine, settings.teacher_column, settings.group_column)
-        matching[str(student)] = matched.counts if dropped is None else matched.counts | {"dropped_truncated_groups": dropped}
-        if matched.problems:
-            students.append(decide_student(str(student), matched, settings, reference))
-    return Decision(settings, students, matching)
-
-
-def decide_student(student: str, matched: Matched, settings: Settings, reference: pd.DataFrame | None) -> StudentDecision:
-    sums = problem_sums(matched, settings.teacher_column, settings.group_column)
-    point = sums.rsr(np.ones(sums.n_problems))
-    resampled = bootstrap_rsr(sums, settings.n_resamples, settings.seed)
-    agreed = None
-    if reference is not None:
-        mine = reference[reference["student"].astype(str) == student] if "student" in reference else reference
-        agreed = agreement(mine.set_index(mine["teacher"].astype(str))["score"], matched.teachers, point, resampled)
-    return StudentDecision(
-        student=student,
-        rows=matched.rows,
-        teachers=teacher_table(student, matched, settings, point, resampled),
-        wins=win_probabilities(resampled, matched.teachers),
-        sample_size=sample_size_curve(sums, settings).assign(student=student)[["student", "n_problems", "share_same_first"]],
-        confounds=confounds(student, matched.rows, settings),
-        agreement=agreed,
-    )

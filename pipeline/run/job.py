@@ -26,6 +26,7 @@ from pipeline.run.output import OutputStore, new_run_id
 from pipeline.run.ray_job import (
     CorpusSurvey,
     DatasetPlan,
+    GroupSample,
     RunStamp,
     StudentPlan,
     build_dataset,
@@ -66,6 +67,8 @@ class RunResult:
     pieces: int  # checkpoints committed
     padding_efficiency: dict[str, float]  # per student: real / padded tokens of its batches
     lock_taken_over: str | None  # why an earlier run's lock was taken over
+    sample: GroupSample | None  # with `input.sample`: the groups the run chose
+    fixed_s: float  # from the start until the first scoring call began (the whole run when none did)
 
 
 @dataclass(frozen=True)
@@ -243,10 +246,10 @@ def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, 
 def score_and_commit(
     cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, students: list[StudentPlan], survey: CorpusSurvey,
     gpus: float, progress: Callable[[str], None] | None,
-) -> tuple[Tally, list[str], dict[str, float]]:  # fmt: skip
+) -> tuple[Tally, list[str], dict]:  # fmt: skip
     """Stream the results: each block counted where it lives, then added to a piece that is committed
     every checkpoint; then check that they account for every row. Returns the run's tally, its committed
-    files and each student's padding efficiency."""
+    files and what the scoring actors did (`ScoringMeter.read`)."""
     reject_paths = store.reject_paths() if mode == "incremental" else []
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
     stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
@@ -265,7 +268,7 @@ def score_and_commit(
     reporter.stop()
     checkpoints.commit()
     check_accounted(tally, survey.trajectories, [student.config.name for student in students])
-    return tally, checkpoints.committed, padding_efficiency(ray.get(meter.read.remote()))
+    return tally, checkpoints.committed, ray.get(meter.read.remote())
 
 
 def finish(
@@ -303,7 +306,7 @@ def finish(
 def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None] | None = None) -> RunResult:
     """One run: plan, take the output's lock, plan the students, survey the corpus, score while committing
     pieces, finish. `quiet`: Ray logs warnings and up; `progress` receives progress lines."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     plan = plan_run(cfg)
     lock = {"stale_after_s": cfg.output.lock_stale_minutes * 60, "beat_every_s": cfg.output.lock_heartbeat_seconds}
     with OutputStore(plan.root, new_run_id(plan.started), **lock) as store:
@@ -318,8 +321,10 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         survey = survey_corpus(cfg, plan.contract, plan.corpus)
         if survey.sample:
             print(survey.sample.describe(cfg.input.sample), flush=True)
-        tally, committed, padding = score_and_commit(cfg, plan, store, mode, students, survey, gpus, progress)
+        tally, committed, scoring = score_and_commit(cfg, plan, store, mode, students, survey, gpus, progress)
+        padding = padding_efficiency(scoring)
         committed += finish(cfg, plan, store, mode, students, survey, tally, padding)
+    wall_s = time.perf_counter() - started
     return RunResult(
         run_id=store.run_id,
         mode=mode,
@@ -328,10 +333,12 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         summary=tally.summary(("student",)),
         partition_summary=tally.summary(("student", *cfg.output.partition_by)) if cfg.output.partition_by else None,
         tokens_scored=tally.tokens,
-        wall_s=time.perf_counter() - started,
+        wall_s=wall_s,
         committed_files=committed,
         skipped_files=[plan.corpus.location.url(p) for p in plan.corpus.skipped],
         pieces=store.pieces_committed,
         padding_efficiency=padding,
         lock_taken_over=store.taken_over,
+        sample=survey.sample,
+        fixed_s=wall_s if scoring["first_at"] is None else scoring["first_at"] - started_at,
     )

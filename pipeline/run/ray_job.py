@@ -272,6 +272,7 @@ class GroupSample:
 
     eligible: int
     chosen: frozenset[str]  # group values as text
+    shared_values: frozenset[str] = frozenset()  # the values of `shared_by` (teachers), as text
 
     def describe(self, sample: SampleConfig) -> str:
         shared = f", answered under every {sample.shared_by}" if sample.shared_by else ""
@@ -294,7 +295,7 @@ def choose_groups(pairs: pa.Table, sample: SampleConfig) -> GroupSample:
     every = set().union(*groups.values()) if groups else set()
     eligible = [group for group, values in groups.items() if values == every]
     chosen = sorted(eligible, key=lambda group: group_hash(group, sample.seed))[: sample.n]
-    return GroupSample(len(eligible), frozenset(chosen))
+    return GroupSample(len(eligible), frozenset(chosen), frozenset(every - {None}))
 
 
 def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> CorpusSurvey:
