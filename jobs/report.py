@@ -3,7 +3,8 @@ problems the choice needs, agreement with a reference ranking and the confounds 
 as CSV/JSON tables and one HTML report.
 
 python -m jobs.report --scores out/rsr --out out/report [--reference ref.csv] [--drop-truncated-groups]
-  -> teachers.csv/.parquet, matching.json, sample_size.csv, confounds.csv, [agreement.json], report.html
+  -> teachers.csv/.parquet, matching.json, sample_size.csv, confounds.csv, length_adjusted.csv, [agreement.json],
+     report.html
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 from pipeline.decide.decision import Decision, decide
 from pipeline.decide.query import fingerprint_mixes, latest_scores
 from pipeline.decide.report import render_report
+from pipeline.decide.sequential import verdict_text
 from pipeline.decide.teachers import DIRECTION, Settings
 from pipeline.run.config import StorageConfig
 
@@ -118,9 +120,13 @@ def print_decision(decision: Decision) -> None:
             )
     for mine in decision.students:
         first = mine.teachers["teacher"].iloc[0]
+        print(f"\n{verdict_text(mine.student, mine.verdict)}")
         print(f"\n{mine.student}: teachers ({DIRECTION}; 95% paired bootstrap over matched problems, "
               f"{settings.n_resamples} resamples, seed {settings.seed})")  # fmt: skip
         print(mine.teachers.drop(columns="student").to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+        print(f"\n{mine.student}: at equal length (effect = exp(b - mean b) of log RSR ~ problem + teacher + log length; "
+              "below 1 = more suitable than the average teacher at the same problem and length)")  # fmt: skip
+        print(mine.length_adjusted.drop(columns="student").to_string(index=False, float_format=lambda x: f"{x:.3f}"))
         print(f"\n{mine.student}: problems the choice needs ({DIRECTION}; share of {settings.n_subsamples} "
               f"subsamples whose first teacher is {first}, as on all matched problems)")  # fmt: skip
         print(mine.sample_size.drop(columns="student").to_string(index=False))
