@@ -1,6 +1,6 @@
 """The decision behind the teacher report: which teacher suits each student, how sure that is, how many
 problems the choice needs, whether it agrees with a known ranking, and what else the scores move with.
-pandas and numpy only, so that notebooks import it without the scoring core (torch) or Ray.
+pandas, numpy and scipy only, so that notebooks import it without the scoring core (torch) or Ray.
 
 Teachers are compared on matched problems only: per student, the problems (values of the group column)
 that every teacher has at least one scored trajectory for. Rows outside them are counted, never mixed
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from pipeline.decide.length import LengthFit
 from pipeline.scoring.metrics import BY_COLUMN, COMPANIONS, MIN_SURPRISAL_SUM, REGISTRY
@@ -55,34 +56,23 @@ class Settings:
 # --- correlations and separation ---------------------------------------------------------------------
 
 
-def average_ranks(values) -> np.ndarray:
-    """1-based ranks; tied values share the mean of the ranks they span."""
-    return pd.Series(np.asarray(values, dtype=float)).rank(method="average").to_numpy()
-
-
-def pearson(x, y) -> float:
-    """Pearson's r; NaN when either side is constant."""
-    dx, dy = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    dx, dy = dx - dx.mean(), dy - dy.mean()
-    spread = np.sqrt((dx * dx).sum() * (dy * dy).sum())
-    return float((dx * dy).sum() / spread) if spread > 0 else float("nan")
+def _varies(values: np.ndarray) -> bool:
+    return len(values) > 1 and bool(np.ptp(values) > 0)
 
 
 def spearman(x, y) -> float:
-    """Spearman's rho: Pearson's r of the average ranks, over the pairs where both values are known."""
+    """Spearman's rho (`scipy.stats.spearmanr`, ties at their average rank) over the pairs where both values
+    are known; NaN when either side is constant."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     known = ~(np.isnan(x) | np.isnan(y))
-    return pearson(average_ranks(x[known]), average_ranks(y[known]))
+    x, y = x[known], y[known]
+    return float(stats.spearmanr(x, y).statistic) if _varies(x) and _varies(y) else float("nan")
 
 
 def kendall_tau_b(x, y) -> float:
-    """Kendall's tau-b: (concordant - discordant pairs) / sqrt(pairs untied in x * pairs untied in y);
-    NaN when either side is constant."""
+    """Kendall's tau-b (`scipy.stats.kendalltau`'s default variant); NaN when either side is constant."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    sign_x = np.sign(x[:, None] - x[None, :])  # every ordered pair, so every count is doubled
-    sign_y = np.sign(y[:, None] - y[None, :])
-    untied = np.sqrt(np.abs(sign_x).sum() * np.abs(sign_y).sum())
-    return float((sign_x * sign_y).sum() / untied) if untied > 0 else float("nan")
+    return float(stats.kendalltau(x, y).statistic) if _varies(x) and _varies(y) else float("nan")
 
 
 def within_group_spearman(x: pd.Series, y: pd.Series, groups: pd.Series) -> tuple[float, int]:
@@ -106,12 +96,13 @@ def within_group_spearman(x: pd.Series, y: pd.Series, groups: pd.Series) -> tupl
 
 def suitability_auc(values: pd.Series, correct: pd.Series, lower_is_better: bool) -> float:
     """The probability that the metric rates a correct trajectory more suitable than an incorrect one
-    (ties count half): 0.5 is no separation."""
-    ranks = (-values if lower_is_better else values).rank()  # average ranks for ties
-    n_correct, n_incorrect = int(correct.sum()), int((~correct).sum())
+    (ties count half): the Mann-Whitney U of the correct trajectories over the pairs. 0.5 is no separation."""
+    turned = (-values if lower_is_better else values).to_numpy(float)
+    mask = correct.to_numpy(bool)
+    n_correct, n_incorrect = int(mask.sum()), int((~mask).sum())
     if not n_correct or not n_incorrect:
         return float("nan")
-    return float((ranks[correct].sum() - n_correct * (n_correct + 1) / 2) / (n_correct * n_incorrect))
+    return float(stats.mannwhitneyu(turned[mask], turned[~mask]).statistic / (n_correct * n_incorrect))
 
 
 def correctness(column: pd.Series) -> pd.Series:
