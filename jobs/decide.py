@@ -14,17 +14,17 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
+
+from jobs.report import write_report
 from jobs.score import quiet_ray_logs
 from pipeline.corpus.storage import StorageError
+from pipeline.decide.query import latest_scores
+from pipeline.decide.sequential import RULE
+from pipeline.decide.teachers import Settings
 from pipeline.run.config import ConfigError, load_config
 from pipeline.run.output import OutputLocked
 from pipeline.run.schema import IncompleteRun
-
-RULE = (
-    "decided when the leader is more suitable than every other teacher in at least 1 - alpha / (t * K) of the "
-    "paired bootstrap resamples over the wave's matched problems (alpha = 1 - confidence, t teachers, K waves): "
-    "the chance of a false decision over all K looks stays at most alpha"
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_decision(waves, cfg, out: Path) -> None:
     """decision.json, the verdicts on the console and the final wave's report beside them."""
-    from jobs.report import write_report
-    from pipeline.decide.query import latest_scores
-    from pipeline.decide.teachers import Settings
     from pipeline.run.waves import verdict_sentence
 
     spec = waves.spec
@@ -80,15 +77,13 @@ def write_decision(waves, cfg, out: Path) -> None:
     for track in waves.students.values():
         print(verdict_sentence(track))
     scores = latest_scores(cfg.output.path, cfg.storage)
-    final = [
-        (scores["student"] == name) & scores[spec.by].astype(str).isin(track.problems) for name, track in waves.students.items()
-    ]
-    mask = final[0]
-    for part in final[1:]:
-        mask |= part
+    problem = scores[spec.by].astype(str)
+    final = pd.concat(
+        [scores[(scores["student"] == name) & problem.isin(track.problems)] for name, track in waves.students.items()]
+    )
     # The report's verdicts are the waves' last looks: the same rows, seed, confidence and number of looks.
     settings = Settings(spec.teacher_column, spec.by, seed=spec.seed, confidence=spec.confidence, n_looks=len(waves.sizes))
-    _, written = write_report(scores[mask], settings, out)
+    _, written = write_report(final, settings, out)
     print(
         f"\n{waves.share_of_corpus():.1%} of the corpus scored ({waves.rows_scored} rows); wrote decision.json, {', '.join(written)} in {out}"
     )

@@ -26,6 +26,11 @@ import numpy as np
 
 from pipeline.decide.teachers import ProblemSums, suitability
 
+RULE = (
+    "decided when the leader differs from every other teacher in a two-sided paired randomization test (labels "
+    "exchanged per problem) at level alpha / (t * K) on the wave's matched problems (alpha = 1 - confidence, t "
+    "teachers, K waves): exchangeable teachers are declared different with probability at most alpha"
+)
 RESOLUTION = 20  # draws expected beyond the threshold when a comparison sits exactly at it
 MIN_DRAWS = 1000
 
