@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.scale import SYNTHETIC_CORPUS
-from pipeline.tiny_student import build_tiny_student
+from benchmarks.tiny_student import build_tiny_student
 
 
 def main(argv: list[str] | None = None) -> None:

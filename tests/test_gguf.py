@@ -12,13 +12,13 @@ from tokenizers import Regex, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
+from benchmarks.tiny_student import corpus_texts, train_tokenizer
 from pipeline.decide.query import latest_scores
 from pipeline.run.config import ConfigError
 from pipeline.run.job import check_students, run_job
 from pipeline.scoring import models
 from pipeline.scoring.models import StudentSource, StudentSourceError, file_sha256
 from pipeline.scoring.student import ScoringOptions, Student
-from pipeline.tiny_student import corpus_texts, train_tokenizer
 from pipeline.tokens.spans import encode_conversation
 from tests.conftest import start_ray, write_jsonl
 from tests.gguf_files import write_gguf

@@ -7,11 +7,11 @@ import json
 import duckdb
 import pytest
 
+from benchmarks.tiny_student import build_tiny_student
 from pipeline.corpus.records import content_hash
 from pipeline.corpus.storage import locate
 from pipeline.run import output
 from pipeline.run.job import run_job
-from pipeline.tiny_student import build_tiny_student
 from pipeline.tokens.tokenizer import BUILTIN_TEMPLATES
 from tests.conftest import write_jsonl
 from tests.test_job import job_config

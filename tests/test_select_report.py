@@ -3,15 +3,29 @@
 import json
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from jobs import report
 from jobs import select as select_job
-from pipeline.decide.query import latest_scores, select, teacher_table
+from pipeline.decide.query import latest_scores
+from pipeline.decide.selection import select_arm
 from pipeline.run.job import run_job
+from pipeline.scoring.aggregate import dataset_rsr
 from tests.conftest import start_ray, write_jsonl
 from tests.test_job import job_config
+
+
+def select(scores: pd.DataFrame, student: str, **options) -> pd.DataFrame:
+    return select_arm(scores, student, **options).chosen
+
+
+def teacher_rsr(scores: pd.DataFrame) -> pd.Series:
+    """Each teacher's dataset RSR over all its rows, by the scoring job's own summary code."""
+    columns = ["student", "source", "resp_token_length", "avg_rank_clip", "avg_surprisal"]
+    table = dataset_rsr(pa.Table.from_pandas(scores[columns], preserve_index=False), by=["student", "source"]).to_pandas()
+    return table.set_index("source")["rsr"].sort_values()
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +75,22 @@ def test_report_ranks_teachers_and_embeds_plots(scored_output, tmp_path):
     assert report.main(["--scores", str(out), "--out", str(tmp_path / "report")]) == 0
     teachers = pd.read_csv(tmp_path / "report" / "teachers.csv")
     assert list(teachers.columns[:7]) == ["student", "teacher", "n_problems", "rsr", "rsr_ci_low", "rsr_ci_high", "p_top1"]
-    # every teacher answered each of the 7 problems: RSR over all rows, as the query layer's table has it
-    expected = teacher_table(latest_scores(str(out)))
-    assert list(teachers["teacher"]) == list(expected["source"]) and list(teachers["rank"]) == [1, 2, 3]
-    assert teachers["rsr"].to_numpy() == pytest.approx(expected["rsr"].to_numpy())
+    # every teacher answered each of the 7 problems: RSR over all rows, as the scoring job's summaries have it
+    expected = teacher_rsr(latest_scores(str(out)))
+    assert list(teachers["teacher"]) == list(expected.index) and list(teachers["rank"]) == [1, 2, 3]
+    assert teachers["rsr"].to_numpy() == pytest.approx(expected.to_numpy())
     assert set(teachers["n_problems"]) == {7} and teachers["p_top1"].sum() == pytest.approx(1.0)
     assert (teachers["rsr_ci_low"] <= teachers["rsr"]).all() and (teachers["rsr"] <= teachers["rsr_ci_high"]).all()
     matching = json.loads((tmp_path / "report" / "matching.json").read_text())["students"]["tiny"]
     assert matching["n_problems_matched"] == 7 and matching["n_rows_unmatched"] == 0 and matching["n_rows"] == 40
     sample_size = pd.read_csv(tmp_path / "report" / "sample_size.csv")
-    assert sample_size[["n_problems", "share_same_first"]].values.tolist() == [[7, 1.0]]  # fewer than 10 problems
+    assert sample_size.empty  # fewer than 10 problems: no subsample size below all of them
     confounds = pd.read_csv(tmp_path / "report" / "confounds.csv")
     assert {"rank_surprisal_ratio", "avg_surprisal", "avg_entropy", "top1_rate"} <= set(confounds["metric"])
     assert not (tmp_path / "report" / "agreement.json").exists()
     html = (tmp_path / "report" / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 4  # sample-size curve, RSR vs length, distributions, heatmaps
+    assert html.count('src="data:image/png;base64,') == 4  # forest plot, RSR vs length, distributions, heatmaps
+    assert html.index('class="verdict"') < html.index("<table")
     for heading in ["Teachers on 7 matched problems (lower RSR = more suitable)", "Probability that the row",
                     "Problems the choice needs", "Confounds beside each metric", "Teachers ranked by each metric"]:  # fmt: skip
         assert heading in html
@@ -86,7 +101,7 @@ def test_report_ranks_teachers_and_embeds_plots(scored_output, tmp_path):
 def test_report_agreement_with_a_reference_and_truncated_problems_dropped(scored_output, tmp_path):
     out, _ = scored_output
     scores = latest_scores(str(out))
-    rsr = teacher_table(scores).set_index("source")["rsr"]
+    rsr = teacher_rsr(scores)
     reference = tmp_path / "reference.csv"
     pd.DataFrame({"teacher": rsr.index, "score": -rsr.to_numpy()}).to_csv(reference, index=False)  # RSR's own order
     assert report.main(["--scores", str(out), "--out", str(tmp_path / "report"), "--reference", str(reference),

@@ -7,18 +7,14 @@ import json
 from collections import defaultdict
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.corpus.records import content_hash, read_records
 from pipeline.corpus.shapes import row_trajectories, shape_of
 from pipeline.corpus.storage import format_of, locate, open_corpus_file, plan_corpus
-from pipeline.decide.selection import select_arm
 from pipeline.errors import RowError
 from pipeline.run.config import InputConfig, StorageConfig, input_sources
 from pipeline.run.output import committed_score_files
-from pipeline.scoring.aggregate import dataset_rsr
-from pipeline.scoring.metrics import COMPANIONS
 
 
 def latest_scores(output: str, storage: StorageConfig | None = None) -> pd.DataFrame:
@@ -47,22 +43,6 @@ def fingerprint_mixes(scores: pd.DataFrame) -> list[str]:
                 f"student {student}: scores made with {len(counts)} scoring settings ({mix}); compare rows of one fingerprint"
             )
     return warnings
-
-
-def select(scores: pd.DataFrame, student: str, **options) -> pd.DataFrame:
-    """Trajectories chosen by one student's column, in the arm's order: `select_arm`'s rows, with its
-    arguments (by default the lowest arm, the metric's most suitable end first); see `pipeline.decide.selection`."""
-    return select_arm(scores, student, **options).chosen
-
-
-def teacher_table(scores: pd.DataFrame, teacher_column: str = "source") -> pd.DataFrame:
-    """Dataset-level RSR per teacher and student, ranked per student (rank 1 = most suitable)."""
-    metrics = [m.column for m in COMPANIONS if m.column in scores.columns]
-    columns = ["student", teacher_column, "resp_token_length", "avg_rank_clip", "avg_surprisal", *metrics]
-    table = dataset_rsr(pa.Table.from_pandas(scores[columns], preserve_index=False), by=["student", teacher_column])
-    result = table.to_pandas().sort_values(["student", "rsr"])
-    result.insert(2, "rank", result.groupby("student").cumcount() + 1)
-    return result.reset_index(drop=True)
 
 
 def _trajectories_by_hash(row: dict, part: InputConfig) -> dict[str, list[dict]]:
