@@ -119,15 +119,22 @@ def check_spec(cfg: JobConfig, spec: WaveSpec) -> JobConfig:
     return largest
 
 
-def plan_waves(cfg: JobConfig, spec: WaveSpec, quiet: bool) -> tuple[list[str], list[str], int]:
+@dataclass(frozen=True)
+class WavePlan:
+    order: list[str]  # the problems of the largest wave, in the order the samples draw them
+    teachers: list[str]
+    eligible: int  # problems answered by every teacher
+    corpus_rows: int  # the corpus's parsed rows
+
+
+def plan_waves(cfg: JobConfig, spec: WaveSpec, quiet: bool) -> WavePlan:
     """Before anything is scored: one survey of the corpus for its teachers and the problems every teacher
-    answered, in sample order. Returns the problems of the largest wave in that order, the teachers and
-    the corpus's parsed rows. Bad input is a ConfigError here."""
+    answered, in sample order. Bad input is a ConfigError here."""
     largest = check_spec(cfg, spec)
     plan = plan_run(largest)
     ensure_ray(largest, quiet)
-    sample = survey_corpus(largest, plan.contract, plan.corpus)
-    groups = sample.sample
+    survey = survey_corpus(largest, plan.contract, plan.corpus)
+    groups = survey.sample
     teachers = sorted(groups.shared_values)
     if not teachers:
         raise ConfigError(f"no valid row has a value in --teacher-column {spec.teacher_column!r}")
@@ -138,7 +145,7 @@ def plan_waves(cfg: JobConfig, spec: WaveSpec, quiet: bool) -> tuple[list[str], 
     if spec.start > groups.eligible:
         raise ConfigError(f"--start {spec.start} is more than the {groups.eligible} {spec.by} answered by every teacher")
     order = sorted(groups.chosen, key=lambda group: group_hash(group, spec.seed))
-    return order, teachers, sample.trajectories
+    return WavePlan(order, teachers, groups.eligible, survey.trajectories)
 
 
 def run_waves(
@@ -146,18 +153,19 @@ def run_waves(
     progress: Callable[[str], None] | None = None,
 ) -> Waves:  # fmt: skip
     """Plan, then score wave after wave until every student is decided or the schedule ends."""
-    order, teachers, corpus_rows = plan_waves(cfg, spec, quiet)
-    sizes = sample_sizes(len(order), spec.start)
-    say(f"{len(order)} {spec.by} answered by all {len(teachers)} teachers; waves of {', '.join(map(str, sizes))} problems")
-    waves = Waves(spec, sizes, corpus_rows, teachers, {s.name: StudentTrack(s.name) for s in cfg.students})
     started = time.perf_counter()
+    plan = plan_waves(cfg, spec, quiet)
+    sizes = sample_sizes(len(plan.order), spec.start)
+    say(f"{plan.eligible} {spec.by} answered by all {len(plan.teachers)} teachers; waves of {', '.join(map(str, sizes))} "
+        f"problems (planned in {time.perf_counter() - started:.1f} s)")  # fmt: skip
+    waves = Waves(spec, sizes, plan.corpus_rows, plan.teachers, {s.name: StudentTrack(s.name) for s in cfg.students})
     for k, n in enumerate(sizes, start=1):
         undecided = [name for name, track in waves.students.items() if not track.decided]
         if not undecided:
             break
         result = run_job(wave_config(cfg, spec, n, undecided), quiet=quiet, progress=progress)
         chosen = result.sample.chosen
-        if set(order[:n]) != chosen:
+        if set(plan.order[:n]) != chosen:
             raise RuntimeError(f"wave {k}: the corpus changed since the waves were planned (its sample is not the planned one)")
         scores = latest_scores(result.output, cfg.storage)
         looks = {name: decide_wave(waves.students[name], scores, chosen, spec, len(sizes)) for name in undecided}
@@ -171,7 +179,7 @@ def run_waves(
                 "wall_s": result.wall_s,
                 "fixed_s": result.fixed_s,
                 "tokens_scored": result.tokens_scored,
-            }  # fmt: skip
+            }
         )
         say(wave_line(waves, k, result, looks, time.perf_counter() - started))
     return waves
