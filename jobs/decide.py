@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         progress = quiet_ray_logs(args.verbose)
         import ray
 
-        from pipeline.run.waves import WaveSpec, run_waves  # imports Ray: only once the config is known to be good
+        from pipeline.decide.waves import WaveSpec, run_waves  # imports Ray: only once the config is known to be good
 
         spec = WaveSpec(args.by, args.teacher_column, args.confidence, args.start, args.max_problems, args.seed)
         waves = run_waves(cfg, spec, quiet=not args.verbose, say=lambda line: print(line, flush=True), progress=progress)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_decision(waves, cfg, out: Path) -> None:
     """decision.json, the verdicts on the console and the final wave's report beside them."""
-    from pipeline.run.waves import verdict_sentence
+    from pipeline.decide.waves import verdict_sentence
 
     spec = waves.spec
     out.mkdir(parents=True, exist_ok=True)
