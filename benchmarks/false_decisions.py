@@ -23,7 +23,7 @@ from scipy import stats
 from pipeline.decide.query import latest_scores
 from pipeline.decide.sequential import false_decisions
 from pipeline.decide.teachers import match_problems, problem_sums, sample_sizes
-from pipeline.run.ray_job import group_hash
+from pipeline.run.survey import group_hash
 
 
 def swap_corpus(args) -> None:

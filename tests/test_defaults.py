@@ -8,7 +8,7 @@ import ray
 import yaml
 
 from pipeline.run.config import load_config, token_budget
-from pipeline.run.ray_job import default_torch_threads
+from pipeline.run.stages.score import default_torch_threads
 from pipeline.scoring.device import CPU_TOKEN_BUDGET
 from pipeline.scoring.student import ScoringOptions, Student
 from tests.conftest import REPO

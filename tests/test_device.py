@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from pipeline import errors
 from pipeline.run.config import StudentConfig
-from pipeline.run.ray_job import ScoreActor
+from pipeline.run.stages.score import ScoreActor
 from pipeline.scoring.device import CPU_STATISTICS_ROWS, CPU_TOKEN_BUDGET, DevicePolicy
 from pipeline.scoring.student import Rejected, ScoringOptions, Student
 from pipeline.tokens.spans import encode_conversation

@@ -1,5 +1,5 @@
 """Each stage function on a few-row Arrow table, without Ray: its output has exactly the columns its
-declaration in `ray_job.scoring_stages` says, and does what it says to the rows."""
+declaration in its `pipeline/run/stages/` module says, and does what it says to the rows."""
 
 import hashlib
 import json
@@ -13,29 +13,24 @@ import pytest
 from pipeline import errors
 from pipeline.corpus.storage import Corpus, locate
 from pipeline.run.config import ConfigError, InputConfig, SampleConfig, load_config
-from pipeline.run.ray_job import (
-    REPEATED_IDS,
-    CorpusSurvey,
-    DatasetPlan,
-    GroupSample,
-    RunStamp,
-    Stage,
-    StudentPlan,
-    check_stages,
-    choose_groups,
-    explode_batch,
-    mark_sampled_out,
-    order_batch,
-    parse_batch,
-    reject_duplicates,
-    repeated_ids,
-    row_column_types,
-    row_order,
-    scoring_stages,
-    tokenize_batch,
-)
+from pipeline.run.dataset import scoring_stages
 from pipeline.run.results import Tally, measure_block, rejects_batch, scores_batch
 from pipeline.run.schema import RAW_SCHEMA, REJECT_COLUMNS, RowContract, ScoringSettings, Status, reject_key, scored_key
+from pipeline.run.stages.base import DatasetPlan, RunStamp, Stage, StudentPlan, check_stages, row_order
+from pipeline.run.stages.dedupe import reject_duplicates
+from pipeline.run.stages.explode import explode_batch
+from pipeline.run.stages.parse import parse_batch
+from pipeline.run.stages.sample import mark_sampled_out
+from pipeline.run.stages.tokenize import tokenize_batch
+from pipeline.run.survey import (
+    REPEATED_IDS,
+    CorpusSurvey,
+    GroupSample,
+    choose_groups,
+    order_batch,
+    repeated_ids,
+    row_column_types,
+)
 from pipeline.scoring.models import StudentSource
 from tests.conftest import REPO
 
@@ -149,7 +144,7 @@ def test_choose_groups_takes_the_smallest_hashes_of_the_groups_every_teacher_ans
 
 
 def test_tokenize_score_and_explode(cfg, student_dirs):
-    from pipeline.run.ray_job import ScoreActor, scoring_options
+    from pipeline.run.stages.score import ScoreActor, scoring_options
 
     table = mark_sampled_out(parsed(cfg), None, [None])
     done = frozenset({scored_key("nothing", "scored")})
@@ -230,8 +225,8 @@ def test_row_columns_get_one_type_across_the_corpus():
     assert parsed_rows["source"].type == pa.string() and parsed_rows["source"].to_pylist() == ["true", "t"]
 
 
-def test_the_stages_module_imports_without_torch():
-    # Every Ray worker that runs a stage imports this module: the survey's read and group-by workers too.
-    check = "import sys, pipeline.run.ray_job; assert not {'torch', 'transformers'} & set(sys.modules), 'torch imported'"
+def test_the_stage_modules_import_without_torch():
+    # Every Ray worker that runs a stage imports its module: the survey's read and group-by workers too.
+    check = "import sys, pipeline.run.dataset, pipeline.run.survey; assert not {'torch', 'transformers'} & set(sys.modules), 'torch imported'"
     result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -23,7 +23,7 @@ from pipeline.decide.sequential import Look, look_at, verdict_text
 from pipeline.decide.teachers import match_problems, problem_sums, sample_sizes
 from pipeline.run.config import ConfigError, JobConfig, SampleConfig, row_columns, validate
 from pipeline.run.job import RunResult, ensure_ray, plan_run, run_job
-from pipeline.run.ray_job import group_hash, survey_corpus
+from pipeline.run.survey import group_hash, survey_corpus
 
 
 @dataclass(frozen=True)

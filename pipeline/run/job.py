@@ -21,19 +21,10 @@ from ray._private import ray_constants
 
 from pipeline.corpus.storage import Corpus, Location, check_output, locate, plan_corpus
 from pipeline.errors import RowError
+from pipeline.run.committed import committed_reject_keys, scored_keys
 from pipeline.run.config import ConfigError, JobConfig, StudentConfig
+from pipeline.run.dataset import build_dataset
 from pipeline.run.output import OutputStore, new_run_id
-from pipeline.run.ray_job import (
-    CorpusSurvey,
-    DatasetPlan,
-    GroupSample,
-    RunStamp,
-    StudentPlan,
-    build_dataset,
-    committed_reject_keys,
-    scored_keys,
-    survey_corpus,
-)
 from pipeline.run.results import (
     Checkpoints,
     Progress,
@@ -45,6 +36,8 @@ from pipeline.run.results import (
     write_summaries,
 )
 from pipeline.run.schema import RowContract, ScoringSettings
+from pipeline.run.stages.base import DatasetPlan, RunStamp, StudentPlan
+from pipeline.run.survey import CorpusSurvey, GroupSample, survey_corpus
 from pipeline.scoring.models import StudentSource
 from pipeline.tokens.spans import DEFAULT_SCOPE, turn_markers
 from pipeline.tokens.tokenizer import BUILTIN_TEMPLATES

@@ -17,8 +17,8 @@ from ray.data.datasource import FilenameProvider
 from pipeline.corpus.storage import Location
 from pipeline.run.config import JobConfig
 from pipeline.run.output import OutputStore, rejects_dir, summary_dir
-from pipeline.run.ray_job import cached_get
 from pipeline.run.schema import COUNT_COLUMNS, REJECT_COLUMNS, IncompleteRun, RowContract, Status, partition_value, reject_keys
+from pipeline.run.stages.base import cached_get
 from pipeline.scoring.aggregate import combine_sums, group_sums, summary_from_sums
 
 PROGRESS_EVERY_S = 30.0

@@ -1,7 +1,7 @@
 """The row contract: every column, status, key and per-student column name that the stages, the
 output and the readers share. Each is spelled here once; the reject reasons are in `pipeline.errors`.
 
-Rows flow through the stages in `pipeline.run.ray_job` (each declares the columns it reads and adds, from
+Rows flow through the stages in `pipeline/run/stages/` (each declares the columns it reads and adds, from
 the names below) and land as score rows (`score_columns`) and reject rows (`REJECT_COLUMNS`), counted
 per student in `COUNT_COLUMNS`.
 """
