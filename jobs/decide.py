@@ -23,7 +23,7 @@ from pipeline.decide.query import latest_scores
 from pipeline.decide.sequential import RULE
 from pipeline.decide.teachers import Settings
 from pipeline.run.config import ConfigError, load_config
-from pipeline.run.output import OutputLocked
+from pipeline.run.lock import OutputLocked
 from pipeline.run.schema import IncompleteRun
 
 

@@ -12,7 +12,7 @@ from importlib import resources
 
 from pipeline.corpus.storage import StorageError
 from pipeline.run.config import ConfigError, load_config
-from pipeline.run.output import OutputLocked
+from pipeline.run.lock import OutputLocked
 from pipeline.run.schema import IncompleteRun
 
 DEFAULT_CONFIG = "jobs/configs/demo.yaml"

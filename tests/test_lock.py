@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.corpus.storage import locate
 from pipeline.run.config import StorageConfig
-from pipeline.run.output import LOCK_FILE, OutputLock, OutputLocked
+from pipeline.run.lock import LOCK_FILE, OutputLock, OutputLocked
 
 STALE = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
 

@@ -14,7 +14,8 @@ from pipeline import errors
 from pipeline.corpus.storage import Corpus, locate
 from pipeline.run.config import ConfigError, InputConfig, SampleConfig, load_config
 from pipeline.run.dataset import scoring_stages
-from pipeline.run.results import Tally, measure_block, rejects_batch, scores_batch
+from pipeline.run.output import rejects_batch, scores_batch
+from pipeline.run.results import Tally, measure_block
 from pipeline.run.schema import RAW_SCHEMA, REJECT_COLUMNS, RowContract, ScoringSettings, Status, reject_key, scored_key
 from pipeline.run.stages.base import DatasetPlan, RunStamp, Stage, StudentPlan, check_stages, row_order
 from pipeline.run.stages.dedupe import reject_duplicates

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.corpus.messages import THINK_CLOSE, THINK_OPEN
 from pipeline.corpus.storage import Location
-from pipeline.run.output import AtomicObject, Precondition
+from pipeline.run.lock import AtomicObject, Precondition
 from pipeline.scoring.metrics import BY_COLUMN
 
 ARMS = ("lowest", "highest", "middle", "random")

@@ -33,7 +33,6 @@ from pipeline.run.results import (
     check_accounted,
     measure_block_task,
     padding_efficiency,
-    write_summaries,
 )
 from pipeline.run.schema import RowContract, ScoringSettings
 from pipeline.run.stages.base import DatasetPlan, RunStamp, StudentPlan
@@ -277,8 +276,6 @@ def finish(
     """After the last piece: the run's summaries and manifest (when it committed anything, or overwrites)."""
     if not (store.pieces_committed or mode == "overwrite"):
         return []
-    staging = store.run_staging()
-    write_summaries(staging, store.run_id, tally)
     manifest = {
         "mode": mode,
         "started_at": plan.started.isoformat(),
@@ -290,7 +287,7 @@ def finish(
         else None,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }
-    committed = store.commit_run(staging, manifest)
+    committed = store.commit_run(manifest, tally.summaries())
     if mode == "overwrite":
         store.drop_earlier_runs()
     return committed

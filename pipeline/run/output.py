@@ -1,5 +1,6 @@
-"""The scoring output, owned by one `OutputStore` per run: what is committed, the lock, and atomic
-commits of a run's pieces.
+"""The scoring output, owned by one `OutputStore` per run: what is committed, the files of each piece
+(scores and rejects) and of the run (summaries), and their atomic commits, under the lock
+(`pipeline.run.lock`) the store holds for the run.
 
 Commit protocol: a piece of a run is written under `_staging/<piece id>/` in the final layout, its
 files are moved into place, then its manifest `_runs/<piece id>.json` is written (one object PUT,
@@ -7,24 +8,25 @@ atomic on S3 and locally): the commit point. Only files listed in a manifest are
 place without one are debris of an interrupted run, deleted by the next run before it starts. A run
 commits pieces `<run_id>-p0001`, `<run_id>-p0002`, ... as it goes (checkpoints), then its run manifest
 `<run_id>.json`, which says it completed and holds its counts, summaries and config.
-
-The lock `_lock.json` names its holder (run, host, process) and the time of its last heartbeat, which
-the holder renews while it runs. A new run takes it over at once when the holder is provably gone
-(same host, process not alive), else once its heartbeat is older than `stale_after_s`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import posixpath
-import socket
-import threading
-import time
 import uuid
 from datetime import UTC, datetime
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data.datasource import FilenameProvider
+
 from pipeline.corpus.storage import Location
+from pipeline.run.lock import LOCK_FILE, AtomicObject, OutputLock
+from pipeline.run.schema import REJECT_COLUMNS, Status, partition_value, reject_keys
+from pipeline.run.stages.base import cached_get
 
 # The output layout; only this module spells its paths (readers and writers ask it):
 #   student=<name>/<partition col>=<value>/<run_id>_*.parquet   scores (hive-partitioned by pyarrow)
@@ -33,7 +35,7 @@ from pipeline.corpus.storage import Location
 #   _runs/<run_id>-pNNNN.json, _runs/<run_id>.json               commit manifests
 #   _staging/<piece or run id>/                                  a piece before its commit
 #   _lock.json                                                   the running job's lock
-RUNS_DIR, STAGING_DIR, LOCK_FILE, REJECTS_DIR, SUMMARY_DIR = "_runs", "_staging", "_lock.json", "_rejects", "_summary"
+RUNS_DIR, STAGING_DIR, REJECTS_DIR, SUMMARY_DIR = "_runs", "_staging", "_rejects", "_summary"
 SCORES_PARTITION = "student"  # the first hive partition of the score files
 
 
@@ -52,270 +54,27 @@ def summary_dir(base: Location, run_id: str) -> Location:
     return base.join(SUMMARY_DIR, f"run_id={run_id}")
 
 
+def scores_batch(batch: pa.Table, columns: list[str], partition_by: list[str]) -> pa.Table:
+    """The scored rows of a result block as score-file rows, partition values made writable."""
+    table = batch.filter(pc.equal(batch["status"], Status.SCORED)).select(columns)
+    for name in partition_by:
+        values = pa.array([partition_value(v) for v in table[name].to_pylist()], pa.string())
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table
+
+
+def rejects_batch(batch: pa.Table, known: list) -> pa.Table:
+    """Rejects not already recorded by a committed run (a nightly run re-reads the same bad rows);
+    `known` holds the reference to their keys."""
+    rejected = batch.filter(pc.equal(batch["status"], Status.REJECTED))
+    known_keys = cached_get(known[0])
+    is_new = [key not in known_keys for key in reject_keys(rejected)]
+    return rejected.filter(pa.array(is_new, pa.bool_())).select(REJECT_COLUMNS)
+
+
 def new_run_id(now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-
-
-class OutputLocked(RuntimeError):
-    """Another live run holds the output's lock."""
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-class Precondition(Exception):
-    """A conditional write found the object not as expected (it exists, or changed)."""
-
-
-class AtomicObject:
-    """One small object on a store, always written whole, so a reader never sees half of it: locally
-    (and on POSIX shared file systems: NFS, EFS, Lustre) a temporary file linked into place to create
-    it and renamed into place to replace it; on S3 one PUT, conditional where asked: `If-None-Match: *`
-    to create, `If-Match: <ETag>` to replace or delete only the version read (compare-and-swap).
-
-    `version` identifies what a read saw: the ETag on S3, the file's inode and change time locally.
-    Local replace and delete check the version first, then act: a window of a few microseconds
-    in which another writer can slip in (no local compare-and-swap exists for rename)."""
-
-    def __init__(self, location: Location):
-        self.location = location
-        self.local = location.scheme == "file"
-
-    def _temporary(self, data: bytes) -> str:
-        temporary = f"{self.location.path}.tmp-{uuid.uuid4().hex[:12]}"
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return temporary
-
-    def _local_version(self) -> str | None:
-        try:
-            st = os.stat(self.location.path)
-        except FileNotFoundError:
-            return None
-        return f"{st.st_ino}:{st.st_ctime_ns}"
-
-    def read(self) -> tuple[bytes | None, str | None]:
-        """(content, version), or (None, None) when there is no object."""
-        if self.local:
-            try:
-                with open(self.location.path, "rb") as f:
-                    return f.read(), f"{os.fstat(f.fileno()).st_ino}:{os.fstat(f.fileno()).st_ctime_ns}"
-            except FileNotFoundError:
-                return None, None
-        fs = self.location.fs
-        try:  # the version first: a compare-and-swap against it fails if the content read is newer
-            version = fs.info(self.location.path, refresh=True)["ETag"]
-            return fs.cat_file(self.location.path), version
-        except FileNotFoundError:
-            return None, None
-
-    def create(self, data: bytes) -> str:
-        """Write the object unless it exists (Precondition); return its version."""
-        if self.local:
-            temporary = self._temporary(data)
-            try:
-                os.link(temporary, self.location.path)  # atomic, and fails if the name exists
-            except FileExistsError as exc:
-                raise Precondition("exists") from exc
-            finally:
-                os.unlink(temporary)
-            return self._local_version()
-        return self._put(data, mode="create")
-
-    def replace(self, data: bytes, version: str | None = None) -> str:
-        """Write the object whole; with `version`, only over that version (Precondition otherwise)."""
-        if self.local:
-            temporary = self._temporary(data)
-            if version is not None and self._local_version() != version:
-                os.unlink(temporary)
-                raise Precondition("changed")
-            os.replace(temporary, self.location.path)
-            return self._local_version()
-        return self._put(data, **({"IfMatch": version} if version else {}))
-
-    def delete(self, version: str | None = None) -> None:
-        """Remove the object; with `version`, only that version (Precondition otherwise)."""
-        if self.local:
-            if version is not None and self._local_version() != version:
-                raise Precondition("changed")
-            os.unlink(self.location.path)
-            return
-        bucket, key = self.location.path.split("/", 1)
-        try:
-            self.location.fs.call_s3("delete_object", Bucket=bucket, Key=key, **({"IfMatch": version} if version else {}))
-        except OSError as exc:
-            if _precondition_failed(exc):
-                raise Precondition(str(exc)) from exc
-            if not version:
-                raise
-            # An endpoint that rejects conditional deletes: the caller has checked the version just before.
-            self.location.fs.call_s3("delete_object", Bucket=bucket, Key=key)
-        self.location.fs.invalidate_cache(self.location.path)
-
-    def _put(self, data: bytes, **conditions) -> str:
-        try:
-            return self.location.fs.pipe_file(self.location.path, data, **conditions)["ETag"]
-        except OSError as exc:
-            if _precondition_failed(exc):
-                raise Precondition(str(exc)) from exc
-            raise
-
-
-def _precondition_failed(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__} {exc} {exc.__cause__!r}"
-    return any(code in text for code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"))
-
-
-UNREADABLE_RETRIES, UNREADABLE_WAIT_S = 20, 0.05
-
-
-class OutputLock:
-    """The output's lock object, held by this process and renewed by a heartbeat thread.
-
-    Taken atomically (`AtomicObject.create`). A stale lock is taken over by a compare-and-swap on the
-    version judged stale (S3), or locally by renaming that version aside and checking it is the one
-    judged. Renewal replaces only the version this process wrote last on S3; locally it checks that the
-    lock is still this run's, then renames a new one into place. A lock that cannot be parsed (a writer
-    outside this protocol caught mid-write) is read again for about a second, then treated as held.
-    """
-
-    def __init__(self, root: Location, run_id: str, stale_after_s: float, beat_every_s: float):
-        self.location = root.join(LOCK_FILE)
-        self.object = AtomicObject(self.location)
-        self.root = root
-        self.holder = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid()}
-        self.stale_after_s = stale_after_s
-        self.beat_every_s = beat_every_s
-        self.version: str | None = None  # of the lock this process wrote last
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _record(self) -> bytes:
-        return json.dumps({**self.holder, "beat": _now().isoformat()}).encode()
-
-    def _read(self) -> tuple[dict | None, str | None]:
-        """(holder record, version), (None, None) when unlocked; an unparsable lock, once retries run out,
-        reads as held by an unknown run with a fresh heartbeat."""
-        for _ in range(UNREADABLE_RETRIES):
-            data, version = self.object.read()
-            if data is None:
-                return None, None
-            try:
-                record = json.loads(data)
-                if isinstance(record, dict) and {"run_id", "beat"} <= record.keys():
-                    return record, version
-            except ValueError:
-                pass
-            time.sleep(UNREADABLE_WAIT_S)
-        return {"run_id": "(unreadable lock)", "host": "unknown", "pid": -1, "beat": _now().isoformat()}, version
-
-    def _why_stale(self, other: dict) -> str | None:
-        """Why `other`'s lock may be taken over, or None while its holder may still be running."""
-        if other.get("host") == self.holder["host"] and not _process_alive(int(other.get("pid", -1))):
-            return f"its process {other.get('pid')} on {other.get('host')} is gone"
-        age = (_now() - datetime.fromisoformat(other["beat"])).total_seconds()
-        if age > self.stale_after_s:
-            return f"its last heartbeat was {age / 60:.1f} min ago"
-        return None
-
-    def _take_over(self, other: dict, version: str) -> bool:
-        """Replace the stale lock `version`; False when another run changed it first."""
-        try:
-            if not self.object.local:
-                self.version = self.object.replace(self._record(), version)
-                return True
-            aside = AtomicObject(self.root.join(f"{LOCK_FILE}.stale-{uuid.uuid4().hex[:12]}"))
-            if self.object._local_version() != version:
-                return False
-            os.rename(self.location.path, aside.location.path)
-            data, _ = aside.read()
-            if data is None or json.loads(data).get("run_id") != other["run_id"]:  # a newer lock was moved: put it back
-                try:
-                    os.link(aside.location.path, self.location.path)
-                except FileExistsError:
-                    pass
-                os.unlink(aside.location.path)
-                return False
-            os.unlink(aside.location.path)
-            self.version = self.object.create(self._record())
-            return True
-        except (Precondition, FileNotFoundError, ValueError):
-            return False
-
-    def acquire(self) -> str | None:
-        """Take the lock; return why an earlier holder's lock was taken over, if it was."""
-        self.root.fs.makedirs(self.root.path, exist_ok=True)
-        for _ in range(5):  # lose a race for a free or stale lock: look again
-            try:
-                self.version = self.object.create(self._record())
-                taken_over = None
-                break
-            except Precondition:
-                pass
-            other, version = self._read()
-            if other is None:
-                continue
-            why = self._why_stale(other)
-            if why is None:
-                raise OutputLocked(
-                    f"run {other['run_id']} (process {other.get('pid')} on {other.get('host')}) holds "
-                    f"{self.root.url()}; its last heartbeat was at {other['beat']} (lock {self.location.url()})"
-                )
-            if self._take_over(other, version):
-                taken_over = f"took over the lock of run {other['run_id']}: {why}"
-                break
-        else:
-            raise OutputLocked(f"could not take the lock {self.location.url()}: other runs keep taking it")
-        self._thread = threading.Thread(target=self._beat, name="output-lock-heartbeat", daemon=True)
-        self._thread.start()
-        return taken_over
-
-    def _renew(self) -> bool:
-        """Write a new heartbeat over this run's own lock; False once another run has taken it."""
-        if self.object.local:
-            current, version = self._read()
-            if current is None or current.get("run_id") != self.holder["run_id"]:
-                return False
-        else:
-            version = self.version
-        try:
-            self.version = self.object.replace(self._record(), version)
-        except Precondition:
-            return False
-        return True
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.beat_every_s):
-            try:
-                if not self._renew():
-                    return  # taken over: never overwrite another run's lock
-            except OSError:  # a store that fails now and then: the next beat tries again
-                continue
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        current, version = self._read()
-        if current is not None and current.get("run_id") == self.holder["run_id"]:
-            try:
-                self.object.delete(version)
-            except (Precondition, FileNotFoundError):
-                pass
 
 
 class OutputStore:
@@ -383,18 +142,42 @@ class OutputStore:
         """Where the next piece is written, in the final layout."""
         return self.root.join(STAGING_DIR, self.piece_name)
 
-    def run_staging(self) -> Location:
-        """Where the run's own files (its summaries) are written after its last piece."""
-        return self.root.join(STAGING_DIR, self.run_id)
-
-    def commit_piece(self, manifest: dict) -> list[str]:
-        """Move the staged piece into place, then write its manifest; return its committed files."""
+    def commit_piece(
+        self, refs: list, counts: list[dict], columns: tuple[str, ...], partition_by: list[str], known_rejects
+    ) -> list[str]:
+        """Write a piece of result blocks (`refs`, long format) in the final layout: its scored rows as score
+        files under student=/<partition>=, its rejects that no committed run recorded (the keys behind the
+        reference `known_rejects`) under _rejects/; then move it into place and write its manifest with
+        its `counts`. Returns its committed files; with nothing to write there is no piece and none."""
         staging, name = self.staging(), self.piece_name
+        write_args = {
+            "filesystem": staging.arrow_fs(),
+            "filename_provider": FilenameProvider(dataset_uuid=name, file_format="parquet"),
+        }
+        piece = ray.data.from_arrow_refs(refs)
+        wrote = False
+        if sum(c[Status.SCORED] for c in counts):
+            scores = piece.map_batches(scores_batch, fn_kwargs={"columns": list(columns), "partition_by": list(partition_by)},
+                                       batch_format="pyarrow")  # fmt: skip
+            scores.write_parquet(staging.path, partition_cols=[SCORES_PARTITION, *partition_by], **write_args)
+            wrote = True
+        if sum(c[Status.REJECTED] for c in counts):
+            rejects = rejects_dir(staging, self.run_id)
+            new = piece.map_batches(rejects_batch, fn_kwargs={"known": [known_rejects]}, batch_format="pyarrow")
+            new.write_parquet(rejects.path, **write_args)
+            wrote = staging.fs.exists(rejects.path) or wrote
+        if not wrote:
+            return []
         self.pieces_committed += 1
-        return self._commit(staging, {**manifest, "run_id": self.run_id, "piece": self.pieces_committed}, name)
+        return self._commit(staging, {"counts": counts, "run_id": self.run_id, "piece": self.pieces_committed}, name)
 
-    def commit_run(self, staging: Location, manifest: dict) -> list[str]:
-        """The run's own manifest (summaries, totals, `completed`), after its last piece."""
+    def commit_run(self, manifest: dict, summaries: dict[str, pa.Table]) -> list[str]:
+        """The run's summaries and its own manifest (totals, `completed`), after its last piece."""
+        staging = self.root.join(STAGING_DIR, self.run_id)
+        directory = summary_dir(staging, self.run_id)
+        staging.fs.makedirs(directory.path, exist_ok=True)
+        for name, table in summaries.items():
+            pq.write_table(table, directory.join(f"{name}.parquet").path, filesystem=staging.arrow_fs())
         return self._commit(
             staging, {**manifest, "run_id": self.run_id, "pieces": self.pieces_committed, "completed": True}, self.run_id
         )

@@ -10,15 +10,11 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
-from ray.data.datasource import FilenameProvider
 
-from pipeline.corpus.storage import Location
 from pipeline.run.config import JobConfig
-from pipeline.run.output import OutputStore, rejects_dir, summary_dir
-from pipeline.run.schema import COUNT_COLUMNS, REJECT_COLUMNS, IncompleteRun, RowContract, Status, partition_value, reject_keys
-from pipeline.run.stages.base import cached_get
+from pipeline.run.output import OutputStore
+from pipeline.run.schema import COUNT_COLUMNS, IncompleteRun, RowContract, Status
 from pipeline.scoring.aggregate import combine_sums, group_sums, summary_from_sums
 
 PROGRESS_EVERY_S = 30.0
@@ -83,6 +79,10 @@ class Tally:
     def counts_table(self) -> pa.Table:
         return pa.Table.from_pylist([{"student": s, **self.counts[s]} for s in sorted(self.counts)])
 
+    def summaries(self) -> dict[str, pa.Table]:
+        """The run's summary tables by name: per student, and per student and partition values."""
+        return dict(zip(("by_student", "by_partition"), (self.summary(by) for by in groupings(self.partition_by))))
+
     def summary(self, by: tuple) -> pa.Table:
         if by not in self.sums:
             return pa.table({key: pa.array([], pa.string()) for key in by})
@@ -104,24 +104,6 @@ def check_accounted(tally: Tally, expected_rows: int, students: list[str]) -> No
                 "the errors above). The run is not committed; the pieces it committed stay, and a rerun with "
                 "output.mode auto skips their rows"
             )
-
-
-def scores_batch(batch: pa.Table, columns: list[str], partition_by: list[str]) -> pa.Table:
-    """The scored rows of a result block as score-file rows, partition values made writable."""
-    table = batch.filter(pc.equal(batch["status"], Status.SCORED)).select(columns)
-    for name in partition_by:
-        values = pa.array([partition_value(v) for v in table[name].to_pylist()], pa.string())
-        table = table.set_column(table.schema.get_field_index(name), name, values)
-    return table
-
-
-def rejects_batch(batch: pa.Table, known: list) -> pa.Table:
-    """Rejects not already recorded by a committed run (a nightly run re-reads the same bad rows);
-    `known` holds the reference to their keys."""
-    rejected = batch.filter(pc.equal(batch["status"], Status.REJECTED))
-    known_keys = cached_get(known[0])
-    is_new = [key not in known_keys for key in reject_keys(rejected)]
-    return rejected.filter(pa.array(is_new, pa.bool_())).select(REJECT_COLUMNS)
 
 
 class Checkpoints:
@@ -157,37 +139,17 @@ class Checkpoints:
                 for student, counts in sorted(self.tally.counts.items())]  # fmt: skip
 
     def commit(self) -> None:
-        """Write the piece's scores and new rejects to staging and commit them (nothing to write: no piece)."""
+        """Hand the piece to the output to write and commit (nothing to write: no piece)."""
         if not self.refs:
             return
-        staging = self.store.staging()
-        name_files = FilenameProvider(dataset_uuid=self.store.piece_name, file_format="parquet")
-        write_args = {"filesystem": staging.arrow_fs(), "filename_provider": name_files}
-        piece = ray.data.from_arrow_refs(self.refs)
-        partition_by = list(self.cfg.output.partition_by)
         counts = self._piece_counts()
-        wrote = False
-        if sum(c[Status.SCORED] for c in counts):
-            scores = piece.map_batches(scores_batch, fn_kwargs={"columns": list(self.contract.scores), "partition_by": partition_by},
-                                       batch_format="pyarrow")  # fmt: skip
-            scores.write_parquet(staging.path, partition_cols=["student", *partition_by], **write_args)
-            wrote = True
-        if sum(c[Status.REJECTED] for c in counts):
-            rejects = rejects_dir(staging, self.store.run_id)
-            new = piece.map_batches(rejects_batch, fn_kwargs={"known": [self.known_rejects]}, batch_format="pyarrow")
-            new.write_parquet(rejects.path, **write_args)
-            wrote = staging.fs.exists(rejects.path) or wrote
-        if wrote:
-            self.committed += self.store.commit_piece({"counts": counts})
+        committed = self.store.commit_piece(
+            self.refs, counts, self.contract.scores, self.cfg.output.partition_by, self.known_rejects
+        )
+        if committed:
+            self.committed += committed
             self.counts_before = {student: dict(c) for student, c in self.tally.counts.items()}
         self._start_piece()
-
-
-def write_summaries(staging: Location, run_id: str, tally: Tally) -> None:
-    directory = summary_dir(staging, run_id)
-    staging.fs.makedirs(directory.path, exist_ok=True)
-    for name, by in zip(("by_student", "by_partition"), groupings(tally.partition_by)):
-        pq.write_table(tally.summary(by), directory.join(f"{name}.parquet").path, filesystem=staging.arrow_fs())
 
 
 @ray.remote(num_cpus=0)
