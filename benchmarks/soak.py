@@ -34,8 +34,8 @@ from benchmarks.scale import SYNTHETIC_CORPUS
 from pipeline.corpus.shapes import row_messages
 from pipeline.corpus.storage import Location, locate
 from pipeline.run.config import InputConfig, StorageConfig
+from pipeline.run.layout import RUNS_DIR, STAGING_DIR, committed_files, read_manifests, scores_prefix
 from pipeline.run.lock import LOCK_FILE
-from pipeline.run.output import RUNS_DIR, STAGING_DIR, committed_files, read_manifests, scores_prefix
 
 MOMENTS = ("random time", "staging folder appears", "manifest appears")
 

@@ -12,7 +12,7 @@ import pytest
 from pipeline.corpus.storage import locate
 from pipeline.run import job
 from pipeline.run.job import run_job
-from pipeline.run.output import read_manifests
+from pipeline.run.layout import read_manifests
 from pipeline.run.schema import IncompleteRun
 from tests.conftest import write_jsonl
 from tests.test_job import job_config, read_scores

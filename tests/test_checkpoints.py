@@ -17,8 +17,8 @@ import yaml
 from pipeline.corpus.storage import locate
 from pipeline.run.config import load_config
 from pipeline.run.job import run_job
+from pipeline.run.layout import committed_files, read_manifests
 from pipeline.run.lock import LOCK_FILE, OutputLock, OutputLocked
-from pipeline.run.output import committed_files, read_manifests
 from tests.conftest import REPO, make_corpus, write_jsonl
 from tests.test_job import job_config
 

@@ -10,7 +10,7 @@ import pytest
 from benchmarks.tiny_student import build_tiny_student
 from pipeline.corpus.records import content_hash
 from pipeline.corpus.storage import locate
-from pipeline.run import output
+from pipeline.run import layout, output
 from pipeline.run.job import run_job
 from pipeline.tokens.tokenizer import BUILTIN_TEMPLATES
 from tests.conftest import write_jsonl
@@ -25,7 +25,7 @@ QUALIFY row_number() OVER (PARTITION BY sample_id, student ORDER BY scored_at DE
 def latest(output_dir) -> list[dict]:
     """The documented "latest score per (id, student)" query, over committed files only."""
     root = locate(str(output_dir), None)
-    files = [root.join(f).path for f in output.committed_files(root) if f.startswith("student=")]
+    files = [root.join(f).path for f in layout.committed_files(root) if f.startswith("student=")]
     return duckdb.sql(LATEST_VIEW.format(files=json.dumps(files))).to_arrow_table().to_pylist()
 
 
@@ -80,7 +80,7 @@ def test_nightly_runs(ray_runtime, tmp_path, corpus, corpus_path, student_dirs, 
     assert counts(resumed) == {"stable": (5, 0, 25), "evolving": (5, 0, 25)}
     view = latest(out)
     assert len(view) == 60 and len({(r["sample_id"], r["student"]) for r in view}) == 60
-    committed = set(output.committed_files(locate(str(out), None)))
+    committed = set(layout.committed_files(locate(str(out), None)))
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*.parquet")}
     assert on_disk == committed
 

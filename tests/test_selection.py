@@ -342,8 +342,8 @@ def test_the_command_writes_beside_an_s3_output(committed, s3_endpoint):
     assert json.loads(fs.cat_file("arms/sft/dataset_info.json"))["low"]["file_name"] == "low.parquet"
 
 
-def test_importing_the_select_job_leaves_torch_out():
-    code = "import sys, jobs.select; print('torch' in sys.modules)"
+def test_importing_the_select_job_leaves_torch_and_ray_out():
+    code = "import sys, jobs.select; print(bool({'torch', 'ray'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 

@@ -14,7 +14,7 @@ from pipeline.corpus.shapes import row_trajectories, shape_of
 from pipeline.corpus.storage import format_of, locate, open_corpus_file, plan_corpus
 from pipeline.errors import RowError
 from pipeline.run.config import InputConfig, StorageConfig, input_sources
-from pipeline.run.output import committed_score_files
+from pipeline.run.layout import committed_score_files
 
 
 def latest_scores(output: str, storage: StorageConfig | None = None) -> pd.DataFrame:
