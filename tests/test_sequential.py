@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from pipeline.decide.decision import decide
-from pipeline.decide.sequential import Draws, false_decisions, look, look_at, subset, swapped, verdict_text
+from pipeline.decide.sequential import exchanges, false_decisions, look, look_at, subset, swapped, verdict_text
 from pipeline.decide.teachers import ProblemSums, Settings, sample_sizes
 
 
@@ -61,11 +61,16 @@ def test_the_false_decision_rate_over_all_looks_stays_below_alpha_where_a_naive_
 
     # The rule that stops as soon as a leader's P(top1) reaches 0.95, at any of the same looks.
     rng = np.random.default_rng(0)
-    draws = {n: Draws.seeded(n, 4000, 0) for n in sizes}
+    weights = {n: rng.multinomial(n, np.full(n, 1 / n), size=1000).astype(float) for n in sizes}
+    unused = exchanges(100, 2, 0)  # the naive rule runs no test
     naive = 0
     for _ in range(n_swaps):
         labelled = swapped(sums, rng.random(sums.n_problems) < 0.5)
-        naive += any(look(subset(labelled, slice(0, n)), ["a", "b"], draws[n], 0.95, 1).p_top1.max() >= 0.95 for n in sizes)
+        naive += any(
+            look(part := subset(labelled, slice(0, n)), ["a", "b"], part.rsr(weights[n]), unused[:, :n], 0.95, 1).p_top1.max()
+            >= 0.95
+            for n in sizes
+        )
     assert stats.binomtest(naive, n_swaps).proportion_ci(0.95).low > 0.05
 
 

@@ -82,6 +82,8 @@ def decide_student(student: str, matched: Matched, settings: Settings, reference
         sample_size=sample_size_curve(sums, settings).assign(student=student)[["student", "n_problems", "share_same_first"]],
         confounds=confounds(student, matched.rows, settings),
         length_adjusted=length_adjusted(student, matched, settings),
-        verdict=look_at(sums, [str(t) for t in matched.teachers], settings.confidence, settings.n_looks, settings.seed),
+        verdict=look_at(
+            sums, [str(t) for t in matched.teachers], settings.confidence, settings.n_looks, settings.seed, resampled
+        ),
         agreement=agreed,
     )

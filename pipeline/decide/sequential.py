@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.decide.teachers import ProblemSums, suitability
+from pipeline.decide.teachers import ProblemSums, bootstrap_rsr, share_first, suitability
 
 RULE = (
     "decided when the leader differs from every other teacher in a two-sided paired randomization test (labels "
@@ -44,18 +44,9 @@ def draws_for(level: float) -> int:
     return max(MIN_DRAWS, math.ceil(RESOLUTION / level))
 
 
-@dataclass(frozen=True)
-class Draws:
-    """The seeded draws of a look on n problems: bootstrap counts and label exchanges, [draw, problem]."""
-
-    resample: np.ndarray  # how many times each problem is drawn (with replacement, n draws)
-    exchange: np.ndarray  # 1 where the two compared teachers' labels are exchanged on that problem
-
-    @classmethod
-    def seeded(cls, n_problems: int, n_draws: int, seed: int) -> Draws:
-        rng = np.random.default_rng(seed)
-        resample = rng.multinomial(n_problems, np.full(n_problems, 1 / n_problems), size=n_draws).astype(float)
-        return cls(resample, rng.integers(0, 2, size=(n_draws, n_problems)).astype(float))
+def exchanges(n_problems: int, n_draws: int, seed: int) -> np.ndarray:
+    """[draw, problem]: 1 where a draw exchanges the two compared teachers' labels on that problem."""
+    return np.random.default_rng(seed).integers(0, 2, size=(n_draws, n_problems)).astype(float)
 
 
 @dataclass(frozen=True)
@@ -65,7 +56,7 @@ class Look:
     teachers: list[str]
     n_problems: int
     rsr: np.ndarray  # per teacher, on the look's matched problems
-    p_top1: np.ndarray  # per teacher: the share of bootstrap resamples in which it is the most suitable
+    p_top1: np.ndarray  # per teacher: the share of bootstrap resamples in which it is the most suitable (`teachers.share_first`)
     leader: int
     p_values: np.ndarray  # per teacher: the randomization p-value of its difference from the leader (NaN: the leader)
     difference_interval: np.ndarray  # [teacher, (low, high)]: the (1 - alpha) interval of its RSR minus the leader's
@@ -74,7 +65,7 @@ class Look:
 
     @property
     def decided(self) -> bool:
-        return bool(np.all(np.delete(self.p_values, self.leader) <= self.level))
+        return separated(self.p_values, self.leader, self.level)
 
     @property
     def tied(self) -> list[int]:
@@ -126,34 +117,54 @@ def exchange_p_value(sums: ProblemSums, leader: int, other: int, exchange: np.nd
     return float((1 + at_least.sum()) / (1 + len(exchange)))
 
 
-def look(sums: ProblemSums, teachers: list[str], draws: Draws, confidence: float, n_looks: int) -> Look:
-    """The decision on the problems of `sums`, with the seeded `draws`."""
-    point = sums.rsr(np.ones(sums.n_problems))
-    leader = int(np.argmax(suitability(point)))
-    p_values = np.array(
-        [np.nan if j == leader else exchange_p_value(sums, leader, j, draws.exchange) for j in range(len(teachers))]
-    )
-    resampled = sums.rsr(draws.resample)
+def leader_p_values(sums: ProblemSums, exchange: np.ndarray) -> tuple[int, np.ndarray]:
+    """The leader (the most suitable RSR) and each teacher's p-value against it (NaN: the leader)."""
+    leader = int(np.argmax(suitability(sums.rsr(np.ones(sums.n_problems)))))
+    p_values = [np.nan if j == leader else exchange_p_value(sums, leader, j, exchange) for j in range(sums.rank.shape[1])]
+    return leader, np.array(p_values)
+
+
+def separated(p_values: np.ndarray, leader: int, level: float) -> bool:
+    """The decision: the leader differs from every other teacher at the level."""
+    return bool(np.all(np.delete(p_values, leader) <= level))
+
+
+def decides(sums: ProblemSums, exchange: np.ndarray, level: float) -> bool:
+    """The decision alone, as `look` makes it."""
+    leader, p_values = leader_p_values(sums, exchange)
+    return separated(p_values, leader, level)
+
+
+def look(
+    sums: ProblemSums, teachers: list[str], resampled: np.ndarray, exchange: np.ndarray, confidence: float, n_looks: int
+) -> Look:
+    """The decision on the problems of `sums`, with the label `exchange`s of the test and the bootstrap's
+    `resampled` [resample, teacher] RSR (`teachers.bootstrap_rsr`) for P(top1) and the intervals."""
+    leader, p_values = leader_p_values(sums, exchange)
     alpha = 1 - confidence
     interval = np.percentile(resampled - resampled[:, [leader]], [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0).T
-    first = suitability(resampled).argmax(axis=1)
     return Look(
         teachers=teachers,
         n_problems=sums.n_problems,
-        rsr=point,
-        p_top1=np.bincount(first, minlength=len(teachers)) / len(resampled),
+        rsr=sums.rsr(np.ones(sums.n_problems)),
+        p_top1=share_first(resampled),
         leader=leader,
         p_values=p_values,
         difference_interval=interval,
         level=comparison_level(confidence, len(teachers), n_looks),
-        n_draws=len(draws.exchange),
+        n_draws=len(exchange),
     )
 
 
-def look_at(sums: ProblemSums, teachers: list[str], confidence: float, n_looks: int, seed: int) -> Look:
-    """`look` with as many seeded draws as its level needs: what `jobs.decide` does at each wave."""
+def look_at(
+    sums: ProblemSums, teachers: list[str], confidence: float, n_looks: int, seed: int, resampled: np.ndarray | None = None
+) -> Look:
+    """`look` with as many seeded exchanges as its level needs: what `jobs.decide` does at each wave. The
+    bootstrap is the teacher table's (`teachers.bootstrap_rsr` with the seed and 1,000 resamples), unless
+    the caller already drew it."""
     n_draws = draws_for(comparison_level(confidence, len(teachers), n_looks))
-    return look(sums, teachers, Draws.seeded(sums.n_problems, n_draws, seed), confidence, n_looks)
+    resampled = bootstrap_rsr(sums, 1000, seed) if resampled is None else resampled
+    return look(sums, teachers, resampled, exchanges(sums.n_problems, n_draws, seed), confidence, n_looks)
 
 
 def subset(sums: ProblemSums, problems: slice | np.ndarray, teachers: list[int] | None = None) -> ProblemSums:
@@ -170,15 +181,15 @@ def swapped(sums: ProblemSums, swap: np.ndarray) -> ProblemSums:
 def false_decisions(sums: ProblemSums, sizes: list[int], confidence: float, seed: int, n_swaps: int) -> int:
     """How many of `n_swaps` seeded label swaps of two teachers' per-problem sums (rows in wave order) end in
     a decision at some look of the schedule `sizes` (`teachers.sample_sizes`): each swap makes the two
-    teachers exchangeable, so every decision is a false one. Each look is `look` with the draws `look_at`
-    makes for it."""
-    n_draws = draws_for(comparison_level(confidence, 2, len(sizes)))
-    draws = {n: Draws.seeded(n, n_draws, seed) for n in sizes}
+    teachers exchangeable, so every decision is a false one. Each look decides as `look_at` does, with
+    the exchanges it draws."""
+    level = comparison_level(confidence, 2, len(sizes))
+    drawn = {n: exchanges(n, draws_for(level), seed) for n in sizes}
     rng = np.random.default_rng(seed)
     decided = 0
     for _ in range(n_swaps):
         labelled = swapped(sums, rng.random(sums.n_problems) < 0.5)
-        decided += any(look(subset(labelled, slice(0, n)), ["a", "b"], draws[n], confidence, len(sizes)).decided for n in sizes)
+        decided += any(decides(subset(labelled, slice(0, n)), drawn[n], level) for n in sizes)
     return decided
 
 
