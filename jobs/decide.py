@@ -17,14 +17,11 @@ from pathlib import Path
 import pandas as pd
 
 from jobs.report import write_report
-from jobs.score import quiet_ray_logs
-from pipeline.corpus.storage import StorageError
+from jobs.score import JOB_ERRORS, job_error, quiet_ray_logs
 from pipeline.decide.query import latest_scores
 from pipeline.decide.sequential import RULE
 from pipeline.decide.teachers import Settings
-from pipeline.run.config import ConfigError, load_config
-from pipeline.run.lock import OutputLocked
-from pipeline.run.schema import IncompleteRun
+from pipeline.run.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,12 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
         spec = WaveSpec(args.by, args.teacher_column, args.confidence, args.start, args.max_problems, args.seed)
         waves = run_waves(cfg, spec, quiet=not args.verbose, say=lambda line: print(line, flush=True), progress=progress)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (StorageError, OutputLocked, IncompleteRun) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except JOB_ERRORS as exc:
+        return job_error(exc)
     write_decision(waves, cfg, Path(args.out))
     ray.shutdown()
     return 0

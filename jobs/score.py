@@ -48,6 +48,16 @@ def print_result(result) -> None:
         print(f"skipped (not .jsonl/.json/.parquet): {path}")
 
 
+JOB_ERRORS = (ConfigError, StorageError, OutputLocked, IncompleteRun)
+
+
+def job_error(exc: Exception) -> int:
+    """A job error as one line on stderr, and the exit code: 2 for a configuration that cannot work, 1 for
+    the rest (storage, another run's lock, results that do not account for every row)."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, ConfigError) else 1
+
+
 def quiet_ray_logs(verbose: bool) -> Callable[[str], None] | None:
     """Unless `verbose`, Ray Data and transformers log warnings and up (set before Ray Data is imported;
     workers started later inherit it). Returns where progress lines go: on a terminal Ray Data draws
@@ -76,12 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.run.job import run_job  # imports Ray: only once the config is known to be good
 
         result = run_job(cfg, quiet=not args.verbose, progress=progress)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (StorageError, OutputLocked, IncompleteRun) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except JOB_ERRORS as exc:
+        return job_error(exc)
     print_result(result)
     # This process owns the runtime that run_job started: stopped here rather than by Ray's exit hook,
     # which first waits half a second for late error messages. Then the interpreter's last garbage
