@@ -7,7 +7,8 @@
 
 `simulate` needs only per-problem sums, so it replays the waves on the scored rows: the problems in the
 order the waves draw them (`group_hash` with --seed), the schedule `jobs.decide` would use, and at each
-look the decision `jobs.decide` makes. It prints the false-decision rate with its exact 95% interval.
+look the decision `jobs.decide` makes. It prints the false-decision rate with its exact 95% interval, and
+beside it the rate of the rule it replaces (stop once P(top1) >= confidence at any wave) on the same swaps.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import numpy as np
 from scipy import stats
 
 from pipeline.decide.query import latest_scores
-from pipeline.decide.sequential import false_decisions
-from pipeline.decide.teachers import match_problems, problem_sums, sample_sizes
+from pipeline.decide.sequential import false_decisions, subset, swapped
+from pipeline.decide.teachers import match_problems, problem_sums, sample_sizes, share_first
 from pipeline.run.survey import group_hash
 
 
@@ -53,12 +54,30 @@ def simulate(args) -> None:
     n = min(args.max_problems or len(order), len(order))
     sums = type(sums)(sums.rank[order[:n]], sums.surprisal[order[:n]])
     sizes = sample_sizes(n, args.start)
+    alpha = 1 - args.confidence
+    print(
+        f"{n} problems of {' and '.join(matched.teachers)}, waves of {', '.join(map(str, sizes))}, {args.swaps} seeded label swaps:"
+    )
     wrong = false_decisions(sums, sizes, args.confidence, args.seed, args.swaps)
     interval = stats.binomtest(wrong, args.swaps).proportion_ci(0.95, method="exact")
-    alpha = 1 - args.confidence
-    print(f"{n} problems of {' and '.join(matched.teachers)}, waves of {', '.join(map(str, sizes))}: {args.swaps} seeded label swaps, "
-          f"{wrong} decided: false-decision rate {wrong / args.swaps:.4f} (95% interval {interval.low:.4f}-{interval.high:.4f}; "
-          f"alpha {alpha:.2f}: {'held' if interval.high <= alpha else 'NOT shown'})")  # fmt: skip
+    print(f"  jobs.decide's rule: {wrong} decided, false-decision rate {wrong / args.swaps:.4f} "
+          f"(95% interval {interval.low:.4f}-{interval.high:.4f}; alpha {alpha:.2f}: {'held' if interval.high <= alpha else 'NOT shown'})")  # fmt: skip
+    naive = naive_decisions(sums, sizes, args.confidence, args.seed, args.swaps)
+    print(
+        f"  for comparison, stopping once P(top1) >= {args.confidence} at any wave: {naive} decided, rate {naive / args.swaps:.4f}"
+    )
+
+
+def naive_decisions(sums, sizes: list[int], confidence: float, seed: int, n_swaps: int, n_resamples: int = 1000) -> int:
+    """The same swaps, decided by the rule jobs.decide does not use: a leader's bootstrap P(top1) >= confidence at any look."""
+    rng = np.random.default_rng(seed)
+    weights = {n: rng.multinomial(n, np.full(n, 1 / n), size=n_resamples).astype(float) for n in sizes}
+    rng = np.random.default_rng(seed)  # the swaps false_decisions draws
+    decided = 0
+    for _ in range(n_swaps):
+        labelled = swapped(sums, rng.random(sums.n_problems) < 0.5)
+        decided += any(share_first(subset(labelled, slice(0, n)).rsr(weights[n])).max() >= confidence for n in sizes)
+    return decided
 
 
 def main(argv: list[str] | None = None) -> int:
