@@ -18,7 +18,6 @@ import pandas as pd
 
 from jobs.report import write_report
 from jobs.score import JOB_ERRORS, job_error, quiet_ray_logs
-from pipeline.decide.query import latest_scores
 from pipeline.decide.sequential import RULE
 from pipeline.decide.teachers import Settings
 from pipeline.run.config import load_config
@@ -48,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         waves = run_waves(cfg, spec, quiet=not args.verbose, say=lambda line: print(line, flush=True), progress=progress)
     except JOB_ERRORS as exc:
         return job_error(exc)
-    write_decision(waves, cfg, Path(args.out))
+    write_decision(waves, Path(args.out))
     ray.shutdown()
     return 0
 
 
-def write_decision(waves, cfg, out: Path) -> None:
+def write_decision(waves, out: Path) -> None:
     """decision.json, the verdicts on the console and the final wave's report beside them."""
     from pipeline.decide.waves import verdict_sentence
 
@@ -69,11 +68,7 @@ def write_decision(waves, cfg, out: Path) -> None:
     print()
     for track in waves.students.values():
         print(verdict_sentence(track))
-    scores = latest_scores(cfg.output.path, cfg.storage)
-    problem = scores[spec.by].astype(str)
-    final = pd.concat(
-        [scores[(scores["student"] == name) & problem.isin(track.problems)] for name, track in waves.students.items()]
-    )
+    final = pd.concat([track.rows for track in waves.students.values() if track.rows is not None])
     # The report's verdicts are the waves' last looks: the same rows, seed, confidence and number of looks.
     settings = Settings(spec.teacher_column, spec.by, seed=spec.seed, confidence=spec.confidence, n_looks=len(waves.sizes))
     _, written = write_report(final, settings, out)

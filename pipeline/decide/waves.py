@@ -45,9 +45,15 @@ class StudentTrack:
     name: str
     looks: list[Look] = field(default_factory=list)
     waves: list[dict] = field(default_factory=list)
-    rows_scored: int = 0  # its scored rows on the last look's problems
-    tokens_scored: int = 0  # their response tokens
-    problems: frozenset[str] = frozenset()  # the last look's problems
+    rows: pd.DataFrame | None = None  # its scored rows on the last wave's problems: the final report's
+
+    @property
+    def rows_scored(self) -> int:
+        return 0 if self.rows is None else len(self.rows)
+
+    @property
+    def tokens_scored(self) -> int:
+        return 0 if self.rows is None else int(self.rows["resp_token_length"].sum())
 
     @property
     def decided(self) -> bool:
@@ -187,10 +193,8 @@ def run_waves(
 
 def decide_wave(track: StudentTrack, scores: pd.DataFrame, chosen: frozenset[str], spec: WaveSpec, n_looks: int) -> Look | None:
     """The student's look on the wave's problems only (the output may hold others)."""
-    mine = scores[(scores["student"] == track.name) & scores[spec.by].astype(str).isin(chosen)]
+    track.rows = mine = scores[(scores["student"] == track.name) & scores[spec.by].astype(str).isin(chosen)]
     matched = match_problems(mine, spec.teacher_column, spec.by)
-    track.rows_scored, track.tokens_scored = len(mine), int(mine["resp_token_length"].sum())
-    track.problems = chosen
     if len(matched.teachers) < 2 or not matched.problems:
         track.waves.append({"n_problems": 0, "decided": False, "note": "no problem with a scored trajectory of every teacher"})
         return None
