@@ -46,12 +46,13 @@ PIPELINE_SIDE = """
 import json, sys, time
 import torch
 from pipeline.tokens.spans import encode_conversation
+from pipeline.scoring.device import DevicePolicy
 from pipeline.scoring.student import ScoringOptions, Student
 
 model_dir, corpus, out, dtype, threads, budget, limit, metrics, logits_dtype = sys.argv[1:10]
 torch.set_num_threads(int(threads))
-options = ScoringOptions(token_budget=int(budget), metrics=tuple(metrics.split(",")), logits_dtype=logits_dtype)
-student = Student.load(model_dir, dtype=dtype, device="cpu", options=options)
+options = ScoringOptions(metrics=tuple(metrics.split(",")), logits_dtype=logits_dtype)
+student = Student.load(model_dir, options=options, policy=DevicePolicy.choose("cpu", dtype, token_budget=int(budget)))
 rows = [json.loads(line) for line in open(corpus) if line.strip()][: int(limit)]
 start = time.perf_counter()
 encoded = [encode_conversation(student.tokenizer, row["messages"]) for row in rows]

@@ -48,7 +48,7 @@ def load_shape(path: Path | None, tiny: bool):
 def random_student(config, policy: DevicePolicy, seed: int = 0) -> Student:
     torch.manual_seed(seed)
     with torch.device(policy.device):  # random weights made on the device: seconds, not minutes, for 7B
-        model = AutoModelForCausalLM.from_config(config, dtype=policy.dtype, attn_implementation=policy.attention)
+        model = AutoModelForCausalLM.from_config(config, dtype=policy.torch_dtype, attn_implementation=policy.attention)
     for parameter in model.parameters():  # spread the logits so that ranks and surprisals vary
         parameter.data.normal_(0.0, 0.05)
     pad = types.SimpleNamespace(pad_token_id=0, eos_token_id=0)  # synthetic ids need no tokenizer
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_shape(args.config, args.tiny)
     student = random_student(config, policy)
     weights_gib = sum(p.numel() * p.element_size() for p in student.model.parameters()) / 2**30
-    peak_flops = matmul_peak(policy.device, policy.dtype, 1024 if args.tiny else 8192)
+    peak_flops = matmul_peak(policy.device, policy.torch_dtype, 1024 if args.tiny else 8192)
     print(
         f"{student.policy.describe()}; weights {weights_gib:.2f} GiB; {policy.dtype} matrix peak {peak_flops / 1e12:.1f} TFLOP/s"
     )

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline import errors
 from pipeline.errors import RowError
 from pipeline.scoring.aggregate import dataset_rsr
+from pipeline.scoring.device import DevicePolicy
 from pipeline.scoring.metrics import METRICS
 from pipeline.scoring.rsr import VocabHead, project_and_score, token_statistics, trajectory_stats
 from pipeline.scoring.student import ScoringOptions, Student, plan_batches, shared_prompt_lengths
@@ -148,7 +149,7 @@ def test_parity_with_reference_in_float32(student_dirs, corpus, template, marker
     assert sum(e.truncated for e in encoded) >= 5 and sum(e.truncated for e in encoded) < len(encoded)
 
     expected = reference_scores(model, tokenizer, reference_items, batch_size=4)
-    got = Student(model, tokenizer, ScoringOptions(token_budget=512), device="cpu").score(encoded)
+    got = Student(model, tokenizer, ScoringOptions(), policy=DevicePolicy.choose("cpu", token_budget=512)).score(encoded)
     for g, e in zip(got, expected):
         assert g["resp_token_length"] == e["resp_token_length"]
         for column in STAT_COLUMNS:
@@ -159,11 +160,13 @@ def test_parity_with_reference_in_float32(student_dirs, corpus, template, marker
 def test_scores_do_not_depend_on_order_or_budget(student_dirs, corpus):
     model, tokenizer = load(student_dirs["chatml"])
     encoded = [encode_conversation(tokenizer, row["messages"]) for row in corpus]
-    baseline = Student(model, tokenizer, ScoringOptions(token_budget=4096), device="cpu").score(encoded)
+    baseline = Student(model, tokenizer, ScoringOptions(), policy=DevicePolicy.choose("cpu", token_budget=4096)).score(encoded)
     order = list(range(len(encoded)))
     random.Random(1).shuffle(order)
     for budget in (1, 300, 100_000):
-        student = Student(model, tokenizer, ScoringOptions(token_budget=budget, logits_chunk_tokens=7), device="cpu")
+        student = Student(
+            model, tokenizer, ScoringOptions(), policy=DevicePolicy.choose("cpu", token_budget=budget, logits_chunk_tokens=7)
+        )
         shuffled = student.score([encoded[i] for i in order])
         for j, i in enumerate(order):
             for column in STAT_COLUMNS:
@@ -211,14 +214,16 @@ def test_shared_prompts_give_the_same_scores(student_dirs, corpus):
     answers = [row["messages"][-1] for row in corpus[5:20]]
     rows = [prompts[i % 5] + [answers[i]] for i in range(15)] + [row["messages"] for row in corpus[20:30]]
     encoded = [encode_conversation(tokenizer, messages) for messages in rows]
-    shared = Student(model, tokenizer, ScoringOptions(token_budget=256), device="cpu")
+    shared = Student(model, tokenizer, ScoringOptions(), policy=DevicePolicy.choose("cpu", token_budget=256))
     prompt_lengths = shared_prompt_lengths(encoded, shared.options.min_shared_prompt)
     assert all(prompt_lengths[:15]) and not any(prompt_lengths[15:])
     assert len(set(prompt_lengths[:5])) > 1, "prompts of different lengths share a batch's cache"
-    one_prompt_at_a_time = Student(model, tokenizer, ScoringOptions(token_budget=256, prompt_cache_tokens=1), device="cpu")
+    one_prompt_at_a_time = Student(
+        model, tokenizer, ScoringOptions(prompt_cache_tokens=1), policy=DevicePolicy.choose("cpu", token_budget=256)
+    )
     windows = one_prompt_at_a_time._prompt_windows([tuple(c.input_ids[:n]) for c, n in zip(encoded, prompt_lengths)])
     assert len(windows) == 5 and sorted(i for window in windows for i in window) == list(range(len(encoded)))
-    unshared = Student(model, tokenizer, ScoringOptions(token_budget=256, share_prompts=False), device="cpu")
+    unshared = Student(model, tokenizer, ScoringOptions(share_prompts=False), policy=DevicePolicy.choose("cpu", token_budget=256))
     expected = unshared.score(encoded)
     for student in (shared, one_prompt_at_a_time):
         for a, b in zip(student.score(encoded), expected):
@@ -247,7 +252,9 @@ def test_cpu_attention_matches_sdpa(student_dirs, corpus, monkeypatch, max_score
         model = AutoModelForCausalLM.from_pretrained(
             student_dirs["llama3"], dtype=torch.float32, attn_implementation=implementation
         )
-        scores[implementation] = Student(model, tokenizer, ScoringOptions(token_budget=700), device="cpu").score(encoded)
+        scores[implementation] = Student(
+            model, tokenizer, ScoringOptions(), policy=DevicePolicy.choose("cpu", token_budget=700)
+        ).score(encoded)
     if max_scores:
         assert fused_calls, "no row was long enough to reach the fused kernel"
     for a, b in zip(*scores.values()):
@@ -263,7 +270,9 @@ def test_companion_metrics_equal_full_logits_in_float32(student_dirs, corpus):
     with torch.no_grad():
         head[1::2] = head[0::2][: head[1::2].shape[0]]  # token 2k+1 always ties with token 2k
     encoded = [encode_conversation(tokenizer, row["messages"]) for row in corpus]
-    got = Student(model, tokenizer, ScoringOptions(token_budget=700, metrics=METRICS), device="cpu").score(encoded)
+    got = Student(model, tokenizer, ScoringOptions(metrics=METRICS), policy=DevicePolicy.choose("cpu", token_budget=700)).score(
+        encoded
+    )
     n_ties = 0
     for enc, stats in zip(encoded, got):
         with torch.no_grad():
@@ -286,5 +295,5 @@ def test_companion_metrics_equal_full_logits_in_float32(student_dirs, corpus):
         for column, value in expected.items():
             assert abs(stats[column] - value) <= 1e-5, (column, stats[column], value)
     assert n_ties > 0 and len({s["top1_rate"] for s in got}) > 3
-    rsr_only = Student(model, tokenizer, ScoringOptions(token_budget=700), device="cpu").score(encoded[:3])
+    rsr_only = Student(model, tokenizer, ScoringOptions(), policy=DevicePolicy.choose("cpu", token_budget=700)).score(encoded[:3])
     assert set(rsr_only[0]) == {"resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"}

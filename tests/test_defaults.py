@@ -7,10 +7,12 @@ import sys
 import ray
 import yaml
 
-from pipeline.run.config import load_config, token_budget
+from pipeline.run.config import load_config
+from pipeline.run.schema import RowContract
+from pipeline.run.settings import CPU_BATCH_TOKENS, StudentCheck, resolve_settings
 from pipeline.run.stages.score import default_torch_threads
 from pipeline.scoring.device import CPU_TOKEN_BUDGET
-from pipeline.scoring.student import ScoringOptions, Student
+from pipeline.scoring.models import StudentSource
 from tests.conftest import REPO
 
 
@@ -28,11 +30,12 @@ def test_resolved_defaults_on_a_cpu_only_runtime(ray_runtime, tmp_path, student_
     assert threads == len(os.sched_getaffinity(0))  # one actor gets every CPU of the node, not 1
     assert ray.get(resolve.remote(cfg.compute.cpus_per_actor, 2)) == max(1, threads // 2)
 
-    # Token budget: auto is the measured CPU best once the student is on the CPU.
-    student = Student.load(
-        str(student_dirs["chatml"]), device="cpu", options=ScoringOptions(token_budget=token_budget(cfg.scoring))
-    )
-    assert student.policy.token_budget == CPU_TOKEN_BUDGET == 2048
+    # Sizes and dtype: auto resolves to the measured CPU bests, once, in the run's settings.
+    check = StudentCheck(StudentSource("p"), "template", "its tokenizer", 8192, 8192, "rev")
+    settings = resolve_settings(cfg, RowContract.of(cfg), [check], ray.cluster_resources().get("GPU", 0))
+    (student,) = settings.students
+    assert (student.policy.token_budget, student.policy.dtype, settings.gpus_per_actor) == (CPU_TOKEN_BUDGET, "float32", 0)
+    assert (CPU_TOKEN_BUDGET, settings.batch_tokens) == (2048, CPU_BATCH_TOKENS) and student.scoring.dtype == "float32"
 
 
 def test_the_demo_is_quiet_on_a_non_tty(tmp_path, student_dirs, corpus_path):

@@ -10,11 +10,14 @@ import torch
 from transformers import AutoConfig
 
 from pipeline import errors
-from pipeline.run.config import StudentConfig
+from pipeline.run.job import check_students
+from pipeline.run.schema import RowContract
+from pipeline.run.settings import resolve_settings
 from pipeline.run.stages.score import ScoreActor
 from pipeline.scoring.device import CPU_STATISTICS_ROWS, CPU_TOKEN_BUDGET, DevicePolicy
-from pipeline.scoring.student import Rejected, ScoringOptions, Student
+from pipeline.scoring.student import Rejected, Student
 from pipeline.tokens.spans import encode_conversation
+from tests.test_job import job_config
 
 GiB = 2**30
 
@@ -22,7 +25,7 @@ GiB = 2**30
 def test_the_cpu_policy():
     policy = DevicePolicy.choose("cpu")
     assert (policy.dtype, policy.attention, policy.token_budget, policy.statistics_rows) == (
-        torch.float32, "cpu_row_eager", CPU_TOKEN_BUDGET, CPU_STATISTICS_ROWS
+        "float32", "cpu_row_eager", CPU_TOKEN_BUDGET, CPU_STATISTICS_ROWS
     )  # fmt: skip
     assert policy.reuse_cpu_heap and policy.sized_for(object()) is policy
     assert "device cpu, float32, attention cpu_row_eager, 2048 tokens per pass" in policy.describe()
@@ -33,7 +36,7 @@ def test_the_policy_for_a_cuda_device_sizes_itself_from_free_memory(monkeypatch)
     config = AutoConfig.for_model("qwen2", hidden_size=3584, intermediate_size=18944, vocab_size=152064, num_attention_heads=28)
     student_7b = types.SimpleNamespace(config=config, dtype=torch.bfloat16)
     policy = DevicePolicy.choose("cuda")
-    assert (policy.dtype, policy.attention, policy.reuse_cpu_heap) == (torch.bfloat16, "sdpa", False)
+    assert (policy.dtype, policy.attention, policy.reuse_cpu_heap) == ("bfloat16", "sdpa", False)
     sized = policy.sized_for(student_7b)
     per_token = 2 * (6 * 3584 + 3 * 18944)  # one layer's activations, bfloat16
     assert sized.token_budget == int(0.5 * 40 * GiB / per_token) // 1024 * 1024 == 136192
@@ -42,7 +45,7 @@ def test_the_policy_for_a_cuda_device_sizes_itself_from_free_memory(monkeypatch)
     explicit = DevicePolicy.choose("cuda:1", dtype="float16", token_budget=5000, logits_chunk_tokens=64).sized_for(student_7b)
     assert (explicit.device, explicit.dtype, explicit.token_budget, explicit.logits_chunk_tokens) == (
         "cuda:1",
-        torch.float16,
+        "float16",
         5000,
         64,
     )
@@ -70,9 +73,9 @@ def encoded(student_dirs, corpus):
 
 
 def test_out_of_memory_halves_the_batch_lowers_the_budget_and_changes_no_number(student_dirs, encoded):
-    options = ScoringOptions(token_budget=100_000)  # every row in one pass
-    clean = Student.load(str(student_dirs["chatml"]), dtype="float32", device="cpu", options=options).score(encoded)
-    student = Student.load(str(student_dirs["chatml"]), dtype="float32", device="cpu", options=options)
+    policy = DevicePolicy.choose("cpu", "float32", token_budget=100_000)  # every row in one pass
+    clean = Student.load(str(student_dirs["chatml"]), policy=policy).score(encoded)
+    student = Student.load(str(student_dirs["chatml"]), policy=policy)
     longest = max(c.response_positions[-1] for c in encoded)
     passes = inject_out_of_memory(student, max_tokens=4 * longest)
     backed_off = student.score(encoded)
@@ -97,9 +100,9 @@ def test_a_row_that_alone_does_not_fit_is_rejected_and_the_rest_scored(student_d
             assert got["rank_surprisal_ratio"] == pytest.approx(want["rank_surprisal_ratio"], abs=1e-6)
 
 
-def test_the_scoring_actor_turns_a_row_too_long_for_the_device_into_a_reject(student_dirs, encoded):
-    actor = ScoreActor(0, StudentConfig(name="tiny", path=str(student_dirs["chatml"]), dtype="float32"),
-                       ScoringOptions(), threads=1, cpus_per_actor=1, scoring_actors=1)  # fmt: skip
+def test_the_scoring_actor_turns_a_row_too_long_for_the_device_into_a_reject(tmp_path, student_dirs, encoded):
+    cfg = job_config(tmp_path, ["unused"], str(tmp_path / "out"), {"tiny": student_dirs["chatml"]})
+    actor = ScoreActor(0, resolve_settings(cfg, RowContract.of(cfg), check_students(cfg), cluster_gpus=0))
     longest = max(range(len(encoded)), key=lambda k: encoded[k].response_positions[-1])
     inject_out_of_memory(actor.student, max_tokens=encoded[longest].response_positions[-1] - 1)
     n = len(encoded)

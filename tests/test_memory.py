@@ -11,6 +11,7 @@ PROBE = """
 import json, resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from pipeline.tokens.spans import EncodedConversation
+from pipeline.scoring.device import DevicePolicy
 from pipeline.scoring.student import ScoringOptions, Student
 
 n_tokens, vocab = int(sys.argv[1]), int(sys.argv[2])
@@ -19,7 +20,7 @@ config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, nu
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=n_tokens)
 model = LlamaForCausalLM(config).eval()
 tokenizer = type("Tokenizer", (), {"pad_token_id": 0, "eos_token_id": 0})()
-student = Student(model, tokenizer, ScoringOptions(token_budget=n_tokens), device="cpu")
+student = Student(model, tokenizer, ScoringOptions(), policy=DevicePolicy.choose("cpu", token_budget=n_tokens))
 ids = torch.randint(0, vocab, (n_tokens,)).tolist()
 row = EncodedConversation(ids, list(range(1, n_tokens)), False)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -7,8 +7,9 @@ from pipeline import errors
 from pipeline.corpus.messages import split_reasoning
 from pipeline.corpus.records import trajectory_flags
 from pipeline.errors import RowError
-from pipeline.run.job import check_students, scoring_settings
+from pipeline.run.job import check_students
 from pipeline.run.schema import RowContract
+from pipeline.run.settings import resolve_settings
 from pipeline.tokens.spans import encode_conversation
 from pipeline.tokens.tokenizer import load_tokenizer
 from tests.test_job import job_config
@@ -58,6 +59,11 @@ def test_each_scope_scores_its_part_of_every_turn_in_every_family(family, rows):
                 assert "calculator" not in scored["no_tool_calls"] + scored["final"], (family, kind)
 
 
+def student_settings(cfg, check):
+    """The one student's fingerprinted settings, on a cluster without GPUs."""
+    return resolve_settings(cfg, RowContract.of(cfg), [check], cluster_gpus=0).students[0].scoring
+
+
 def test_scopes_on_a_tiny_students_template(student_dirs):
     tokenizer = load_tokenizer(str(student_dirs["chatml"]))
     call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
@@ -86,10 +92,10 @@ def test_scopes_on_a_tiny_students_template(student_dirs):
 def test_a_scope_enters_the_fingerprint_only_when_it_is_not_the_default(tmp_path, student_dirs, corpus_path):
     cfg = job_config(tmp_path, [str(corpus_path)], str(tmp_path / "out"), {"tiny": student_dirs["chatml"]})
     (check,) = check_students(cfg)
-    default = scoring_settings(cfg, RowContract.of(cfg), cfg.students[0], "rev", check, gpus=0)
+    default = student_settings(cfg, check)
     assert default.scope is None and "scope" not in default.as_dict()
     cfg.scoring.scope = "final"
-    final = scoring_settings(cfg, RowContract.of(cfg), cfg.students[0], "rev", check, gpus=0)
+    final = student_settings(cfg, check)
     assert final.as_dict()["scope"] == "final" and final.fingerprint != default.fingerprint
 
 

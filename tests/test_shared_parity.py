@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.scoring.device import DevicePolicy
 from pipeline.scoring.models import StudentSource
 from pipeline.scoring.student import ScoringOptions, Student
 from pipeline.tokens.spans import encode_conversation
@@ -72,7 +73,7 @@ def test_random_smollm_shape_matches_reference_script(tmp_path):
     )
     expected = {r["id"]: r for r in map(json.loads, reference_out.read_text().splitlines())}
 
-    student = Student.load(str(student_dir), dtype="float32", device="cpu", options=ScoringOptions(token_budget=8192))
+    student = Student.load(str(student_dir), policy=DevicePolicy.choose("cpu", "float32", token_budget=8192))
     got = student.score([encode_conversation(student.tokenizer, r["messages"]) for r in rows])
     for row, stats in zip(rows, got):
         ref = expected[row["id"]]

@@ -17,7 +17,8 @@ from pipeline.run.dataset import scoring_stages
 from pipeline.run.output import rejects_batch, scores_batch
 from pipeline.run.results import Tally, measure_block
 from pipeline.run.schema import RAW_SCHEMA, REJECT_COLUMNS, RowContract, ScoringSettings, Status, reject_key, scored_key
-from pipeline.run.stages.base import DatasetPlan, RunStamp, Stage, StudentPlan, check_stages, row_order
+from pipeline.run.settings import RunSettings, StudentCheck, resolve_settings
+from pipeline.run.stages.base import DatasetPlan, RunStamp, Stage, check_stages, row_order
 from pipeline.run.stages.dedupe import reject_duplicates
 from pipeline.run.stages.explode import explode_batch
 from pipeline.run.stages.parse import parse_batch
@@ -53,14 +54,14 @@ def corpus_of(cfg) -> Corpus:
     return Corpus(locate("/c", None), ["/c/a.jsonl"], [], [cfg.input], {"/c/a.jsonl": 0}, {})
 
 
-def student_plan(cfg) -> StudentPlan:
-    settings = ScoringSettings("rev", "", "template", 100, 4096, "truncate", ("rsr",), "float32")
-    return StudentPlan(cfg.students[0], StudentSource(cfg.students[0].path), "", "rev", "fp", settings, done_ref=None)
+def run_settings(cfg) -> RunSettings:
+    check = StudentCheck(StudentSource(cfg.students[0].path), "", "", 4096, 4096, "rev")
+    return resolve_settings(cfg, RowContract.of(cfg), [check], cluster_gpus=0)
 
 
 def stages(cfg) -> list[Stage]:
-    plan = DatasetPlan(cfg, RowContract.of(cfg), corpus_of(cfg), [student_plan(cfg)], CorpusSurvey(REPEATED_IDS.empty_table(), 0, 0, {}),
-                       RunStamp("run-1", datetime.now(UTC), 100), gpus=0)  # fmt: skip
+    plan = DatasetPlan(cfg, run_settings(cfg), RowContract.of(cfg), corpus_of(cfg), CorpusSurvey(REPEATED_IDS.empty_table(), 0, 0, {}),
+                       RunStamp("run-1", datetime.now(UTC)), done_refs=(None,))  # fmt: skip
     return scoring_stages(plan)
 
 
@@ -145,7 +146,7 @@ def test_choose_groups_takes_the_smallest_hashes_of_the_groups_every_teacher_ans
 
 
 def test_tokenize_score_and_explode(cfg, student_dirs):
-    from pipeline.run.stages.score import ScoreActor, scoring_options
+    from pipeline.run.stages.score import ScoreActor
 
     table = mark_sampled_out(parsed(cfg), None, [None])
     done = frozenset({scored_key("nothing", "scored")})
@@ -153,19 +154,23 @@ def test_tokenize_score_and_explode(cfg, student_dirs):
     tokenized = tokenize_batch(table, 0, source, 4096, True, "template", [done])
     assert_declared(table, tokenized, stage(cfg, "tokenize"))
     assert tokenized["ids_0"].to_pylist()[0] and tokenized["ids_0"].to_pylist()[1] is None  # rejects are not encoded
-    actor = ScoreActor(
-        0, cfg.students[0], scoring_options(cfg, RowContract.of(cfg)), threads=1, cpus_per_actor=1, scoring_actors=1
-    )
-    scored = actor(tokenized)
+    settings = run_settings(cfg)
+    scored = ScoreActor(0, settings)(tokenized)
     assert_declared(tokenized, scored, stage(cfg, "score"))
-    student = student_plan(cfg)
-    stamp = RunStamp("run-1", datetime.now(UTC), 100)
+    stamp = RunStamp("run-1", datetime.now(UTC))
     exploded = explode_batch(
-        scored, [student], ["source"], ["resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"], stamp
+        scored,
+        settings.students,
+        ["source"],
+        ["resp_token_length", "avg_rank_clip", "avg_surprisal", "rank_surprisal_ratio"],
+        stamp,
     )
     assert_declared(scored, exploded, stage(cfg, "explode"))
     assert exploded["status"].to_pylist() == [Status.SCORED, Status.REJECTED, Status.REJECTED, Status.SCORED]
-    assert exploded["student"].to_pylist() == ["tiny"] * 4 and exploded["scoring_fingerprint"].to_pylist() == ["fp"] * 4
+    assert (
+        exploded["student"].to_pylist() == ["tiny"] * 4
+        and exploded["scoring_fingerprint"].to_pylist() == [settings.students[0].fingerprint] * 4
+    )
 
 
 def test_results_of_a_block(cfg):

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pipeline.decide.query import latest_scores
-from pipeline.run.job import check_students, run_job, scoring_settings
+from pipeline.run.job import check_students, run_job
 from pipeline.run.schema import RowContract
+from pipeline.run.settings import resolve_settings
 from pipeline.scoring.rsr import project_and_score, token_statistics
 from pipeline.scoring.student import ScoringOptions, Student
 from pipeline.tokens.spans import encode_conversation
@@ -28,6 +29,11 @@ def short_window_student(tmp_path_factory, student_dirs):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": SHORT_WINDOW}))
     return folder
+
+
+def student_settings(cfg, check):
+    """The one student's fingerprinted settings, on a cluster without GPUs."""
+    return resolve_settings(cfg, RowContract.of(cfg), [check], cluster_gpus=0).students[0].scoring
 
 
 def test_a_student_scores_within_its_own_window(tmp_path, short_window_student, corpus):
@@ -77,14 +83,12 @@ def test_bfloat16_students_keep_float32_logits(student_dirs):
 def test_logits_dtype_enters_the_fingerprint_only_where_it_changes_numbers(tmp_path, student_dirs, corpus_path):
     cfg = job_config(tmp_path, [str(corpus_path)], str(tmp_path / "out"), {"tiny": student_dirs["chatml"]})
     (check,) = check_students(cfg)
-    float32 = scoring_settings(cfg, RowContract.of(cfg), cfg.students[0], "rev", check, gpus=0)
+    float32 = student_settings(cfg, check)
     assert "logits_dtype" not in float32.as_dict()  # float32 students keep their fingerprints
     cfg.students[0].dtype = "bfloat16"
-    assert (
-        scoring_settings(cfg, RowContract.of(cfg), cfg.students[0], "rev", check, gpus=0).as_dict()["logits_dtype"] == "float32"
-    )
+    assert student_settings(cfg, check).as_dict()["logits_dtype"] == "float32"
     cfg.scoring.logits_dtype = "model"
-    assert "logits_dtype" not in scoring_settings(cfg, RowContract.of(cfg), cfg.students[0], "rev", check, gpus=0).as_dict()
+    assert "logits_dtype" not in student_settings(cfg, check).as_dict()
 
 
 def test_a_scoring_call_is_sized_by_tokens_not_rows(tmp_path, student_dirs, corpus):

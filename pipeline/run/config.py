@@ -133,27 +133,6 @@ def metric_names(scoring: ScoringConfig) -> tuple[str, ...]:
     return tuple(name for name in METRICS if name in wanted)
 
 
-def token_budget(scoring: ScoringConfig) -> Optional[int]:
-    """The configured token budget, None for auto (resolved where the student is loaded)."""
-    return None if scoring.token_budget == "auto" else int(scoring.token_budget)
-
-
-CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 32768, 1048576  # about a minute of scoring: a 135M student on 2 cores, a 7B on one GPU
-
-
-def batch_tokens(scoring: ScoringConfig, gpus: float) -> int:
-    """Tokens per scoring call: small enough that results, checkpoints and progress arrive every minute or
-    two whatever the row lengths, large enough to fill batches."""
-    if scoring.batch_tokens != "auto":
-        return int(scoring.batch_tokens)
-    return GPU_BATCH_TOKENS if gpus else CPU_BATCH_TOKENS
-
-
-def logits_chunk_tokens(scoring: ScoringConfig) -> Optional[int]:
-    """The configured logits chunk, None for auto (resolved where the student is loaded)."""
-    return None if scoring.logits_chunk_tokens == "auto" else int(scoring.logits_chunk_tokens)
-
-
 @dataclass
 class ComputeConfig:
     actors_per_student: int = 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ray
 
-from pipeline.run.config import batch_tokens
 from pipeline.run.schema import RAW_SCHEMA
 from pipeline.run.stages.base import DatasetPlan, Stage, check_stages
 from pipeline.run.stages.dedupe import dedupe_stage
@@ -33,7 +32,7 @@ TOKENIZED_BYTES_PER_TOKEN = 10
 
 def scoring_stages(plan: DatasetPlan) -> list[Stage]:
     """The stages after `read`, in order; each module declares its own."""
-    per_student_stages = [stage(plan, i) for i in range(len(plan.students)) for stage in (tokenize_stage, score_stage)]
+    per_student_stages = [stage(plan, i) for i in range(len(plan.settings.students)) for stage in (tokenize_stage, score_stage)]
     return [parse_stage(plan.cfg, plan.contract, plan.corpus, plan.survey), dedupe_stage(plan), sample_stage(plan),
             *per_student_stages, explode_stage(plan)]  # fmt: skip
 
@@ -48,7 +47,7 @@ def build_dataset(plan: DatasetPlan):
     ds = ray.data.read_datasource(CorpusDatasource(plan.corpus), override_num_blocks=len(plan.corpus.files))
     # A scoring call takes one tokenized block: blocks hold about `batch_tokens` tokens, so that results,
     # checkpoints and progress keep coming whatever the row lengths (this dataset's context only).
-    ds.context.target_max_block_size = batch_tokens(plan.cfg.scoring, plan.gpus) * TOKENIZED_BYTES_PER_TOKEN
+    ds.context.target_max_block_size = plan.settings.batch_tokens * TOKENIZED_BYTES_PER_TOKEN
     for stage in stages:
         ds = stage.apply(ds)
     return ds

@@ -3,7 +3,6 @@ the corpus, score and stream the results into committed pieces, finish (summarie
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import secrets
@@ -22,7 +21,7 @@ from ray._private import ray_constants
 from pipeline.corpus.storage import Corpus, Location, check_output, locate, plan_corpus
 from pipeline.errors import RowError
 from pipeline.run.committed import committed_reject_keys, scored_keys
-from pipeline.run.config import ConfigError, JobConfig, StudentConfig
+from pipeline.run.config import ConfigError, JobConfig
 from pipeline.run.dataset import build_dataset
 from pipeline.run.output import OutputStore, new_run_id
 from pipeline.run.results import (
@@ -34,11 +33,12 @@ from pipeline.run.results import (
     measure_block_task,
     padding_efficiency,
 )
-from pipeline.run.schema import RowContract, ScoringSettings
-from pipeline.run.stages.base import DatasetPlan, RunStamp, StudentPlan
+from pipeline.run.schema import RowContract
+from pipeline.run.settings import RunSettings, StudentCheck, resolve_settings
+from pipeline.run.stages.base import DatasetPlan, RunStamp
 from pipeline.run.survey import CorpusSurvey, GroupSample, survey_corpus
 from pipeline.scoring.models import StudentSource
-from pipeline.tokens.spans import DEFAULT_SCOPE, turn_markers
+from pipeline.tokens.spans import turn_markers
 from pipeline.tokens.tokenizer import BUILTIN_TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -74,20 +74,6 @@ class RunPlan:
     started: datetime
 
 
-@dataclass(frozen=True)
-class StudentCheck:
-    """What the driver learned of a student before Ray starts."""
-
-    source: StudentSource
-    chat_template: str  # the effective template
-    tokens_from: str  # where its tokens come from (`StudentSource.tokens_from`)
-    window: int  # the positions it was trained on
-    max_model_len: int  # the smaller of `scoring.max_model_len` and its window
-
-    def describe(self, name: str) -> str:
-        return f"student {name}: tokens from {self.tokens_from}; window {self.window}, max_model_len {self.max_model_len}"
-
-
 def plan_run(cfg: JobConfig) -> RunPlan:
     """Everything that can fail without Ray: inputs, output bucket, students' tokenizers and templates."""
     corpus = plan_corpus(cfg.input, cfg.storage)
@@ -100,7 +86,7 @@ def check_students(cfg: JobConfig) -> list[StudentCheck]:
     """Before Ray starts: each student's weights can be read (a GGUF is converted here, once per node),
     its tokenizer loads (and encodes as its tokenizer.json, or a GGUF's own vocabulary), it has a chat
     template and one whose assistant turns can be found (a base model ships none: every row would be
-    rejected), and its window caps `scoring.max_model_len`."""
+    rejected), its window caps `scoring.max_model_len`, and its revision can be told."""
     checks = []
     for i, student in enumerate(cfg.students):
         where = f"students.{i} ({student.name})"
@@ -119,8 +105,12 @@ def check_students(cfg: JobConfig) -> list[StudentCheck]:
             turn_markers(tokenizer)
         except RowError as exc:
             raise ConfigError(f"{where}: unusable chat template: {exc.detail}") from exc
+        try:
+            revision = source.revision()
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
         max_model_len = min(cfg.scoring.max_model_len, window)
-        checks.append(StudentCheck(source, tokenizer.chat_template, source.tokens_from(), window, max_model_len))
+        checks.append(StudentCheck(source, tokenizer.chat_template, source.tokens_from(), window, max_model_len, revision))
         print(checks[-1].describe(student.name), flush=True)
     return checks
 
@@ -193,63 +183,30 @@ def resolve_mode(configured: str, has_runs: bool) -> str:
     return "incremental" if has_runs else "full"
 
 
-def scoring_settings(
-    cfg: JobConfig, contract: RowContract, student: StudentConfig, revision: str, check: StudentCheck, gpus: float
-) -> ScoringSettings:
-    """A student's scoring settings: the run's metrics, `auto` dtype resolved as the actor will; logits in
-    another dtype than the student's and a scope other than the default recorded only then."""
-    dtype = student.dtype if student.dtype != "auto" else ("bfloat16" if gpus else "float32")
-    s = cfg.scoring
-    logits_dtype = dtype if s.logits_dtype == "model" else s.logits_dtype
-    return ScoringSettings(
-        student_revision=revision, chat_template=check.chat_template, reasoning=s.reasoning, rank_clip=s.rank_clip,
-        max_model_len=check.max_model_len, on_too_long=s.on_too_long, metrics=contract.metrics, dtype=dtype,
-        logits_dtype=logits_dtype if logits_dtype != dtype else None, scope=s.scope if s.scope != DEFAULT_SCOPE else None,
-    )  # fmt: skip
-
-
-def plan_students(cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, gpus: float) -> list[StudentPlan]:
-    """Per student: revision, scoring settings and their fingerprint, and (a reference to) the keys
-    already scored with that fingerprint, read by a Ray task."""
-    students = []
-    for student, check in zip(cfg.students, plan.students):
-        try:
-            revision = check.source.revision()
-        except FileNotFoundError as exc:
-            raise ConfigError(f"students.{student.name}: {exc}") from exc
-        settings = scoring_settings(cfg, plan.contract, student, revision, check, gpus)
-        fingerprint = settings.fingerprint
-        paths = store.score_paths(student.name) if mode == "incremental" else []
-        done_ref = scored_keys.remote(paths, store.root, fingerprint)
-        students.append(
-            StudentPlan(
-                dataclasses.replace(student, dtype=settings.dtype),
-                check.source,
-                check.tokens_from,
-                revision,
-                fingerprint,
-                settings,
-                done_ref,
-            )  # fmt: skip
-        )
-    return students
+def already_scored(settings: RunSettings, store: OutputStore, mode: str) -> tuple:
+    """Per student, a reference to the keys it already scored with its fingerprint, read by a Ray task."""
+    return tuple(
+        scored_keys.remote(store.score_paths(student.name) if mode == "incremental" else [], store.root, student.fingerprint)
+        for student in settings.students
+    )
 
 
 def score_and_commit(
-    cfg: JobConfig, plan: RunPlan, store: OutputStore, mode: str, students: list[StudentPlan], survey: CorpusSurvey,
-    gpus: float, progress: Callable[[str], None] | None,
+    cfg: JobConfig, settings: RunSettings, plan: RunPlan, store: OutputStore, mode: str, survey: CorpusSurvey,
+    progress: Callable[[str], None] | None,
 ) -> tuple[Tally, list[str], dict]:  # fmt: skip
     """Stream the results: each block counted where it lives, then added to a piece that is committed
     every checkpoint; then check that they account for every row. Returns the run's tally, its committed
     files and what the scoring actors did (`ScoringMeter.read`)."""
     reject_paths = store.reject_paths() if mode == "incremental" else []
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
-    stamp = RunStamp(store.run_id, plan.started, cfg.scoring.rank_clip)
     meter = ScoringMeter.remote()
-    dataset = build_dataset(DatasetPlan(cfg, plan.contract, plan.corpus, students, ray.put(survey), stamp, gpus, meter))
+    dataset = build_dataset(DatasetPlan(cfg, settings, plan.contract, plan.corpus, ray.put(survey), RunStamp(store.run_id, plan.started),
+                                        already_scored(settings, store, mode), meter))  # fmt: skip
     partition_by = list(cfg.output.partition_by)
     tally = Tally(partition_by)
     checkpoints = Checkpoints(cfg, plan.contract, store, known_rejects, tally)
+    students = [student.name for student in settings.students]
     reporter = Progress(progress, survey.trajectories * len(students), survey.text_bytes * len(students), meter)
     for bundle in dataset.iter_internal_ref_bundles():
         refs = list(bundle.block_refs)
@@ -259,16 +216,16 @@ def score_and_commit(
         reporter.update()
     reporter.stop()
     checkpoints.commit()
-    check_accounted(tally, survey.trajectories, [student.config.name for student in students])
+    check_accounted(tally, survey.trajectories, students)
     return tally, checkpoints.committed, ray.get(meter.read.remote())
 
 
 def finish(
     cfg: JobConfig,
+    settings: RunSettings,
     plan: RunPlan,
     store: OutputStore,
     mode: str,
-    students: list[StudentPlan],
     survey: CorpusSurvey,
     tally: Tally,
     padding: dict[str, float],
@@ -279,7 +236,7 @@ def finish(
     manifest = {
         "mode": mode,
         "started_at": plan.started.isoformat(),
-        "students": [student.manifest() | {"padding_efficiency": padding.get(student.config.name)} for student in students],
+        "students": [student.manifest() | {"padding_efficiency": padding.get(student.name)} for student in settings.students],
         "counts": tally.counts_table().to_pylist(),
         "input_files": len(plan.corpus.files),
         "sample": {"eligible_groups": survey.sample.eligible, "chosen_groups": len(survey.sample.chosen)}
@@ -304,16 +261,13 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
             logger.warning("%s", store.taken_over)
         mode = resolve_mode(cfg.output.mode, store.has_runs)
         ensure_ray(cfg, quiet)
-        gpus = cfg.compute.gpus_per_actor
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        students = plan_students(cfg, plan, store, mode, gpus)
+        settings = resolve_settings(cfg, plan.contract, plan.students, ray.cluster_resources().get("GPU", 0))
         survey = survey_corpus(cfg, plan.contract, plan.corpus)
         if survey.sample:
             print(survey.sample.describe(cfg.input.sample), flush=True)
-        tally, committed, scoring = score_and_commit(cfg, plan, store, mode, students, survey, gpus, progress)
+        tally, committed, scoring = score_and_commit(cfg, settings, plan, store, mode, survey, progress)
         padding = padding_efficiency(scoring)
-        committed += finish(cfg, plan, store, mode, students, survey, tally, padding)
+        committed += finish(cfg, settings, plan, store, mode, survey, tally, padding)
     wall_s = time.perf_counter() - started
     return RunResult(
         run_id=store.run_id,

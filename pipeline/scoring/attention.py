@@ -14,7 +14,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-NAME = "cpu_row_eager"
+from pipeline.scoring.device import CPU_ATTENTION as NAME
+
 MAX_SCORES = 4 * 2**20  # heads x queries x keys per step: 16 MB of float32 probabilities
 
 

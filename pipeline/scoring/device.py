@@ -1,5 +1,6 @@
-"""The device policy: every device-specific choice of scoring, made in one place from the settings and
-the detected device. No Ray here.
+"""The device policy: every device-specific choice of scoring, made in one place (`DevicePolicy.choose`,
+where each `auto` is resolved) from the settings and the device. No Ray here, and no torch until the
+policy meets a device: the driver resolves the policies of a run without loading torch.
 
 CPU (measured on this project's 2-core CI class, README "Defaults and the numbers behind them"):
 explicit attention a few rows at a time (`pipeline.scoring.attention`), float32, 2,048 padded tokens per pass,
@@ -17,9 +18,8 @@ import ctypes
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
+CPU_ATTENTION = "cpu_row_eager"  # `pipeline.scoring.attention`, registered with transformers when a student loads
 CPU_TOKEN_BUDGET = 2048
 CPU_LOGITS_CHUNK_TOKENS = 256
 CPU_STATISTICS_ROWS = 16  # measured here: 2.4x faster statistics than 64 rows at once
@@ -33,7 +33,7 @@ GPU_STATISTICS_BYTES = 512 * 2**20
 @dataclass(frozen=True)
 class DevicePolicy:
     device: str  # "cpu" or "cuda", "cuda:1"
-    dtype: torch.dtype
+    dtype: str  # one of DTYPES
     attention: str  # the transformers attention implementation
     token_budget: int  # padded tokens per forward pass
     logits_chunk_tokens: int  # response positions projected to the vocabulary at a time
@@ -44,6 +44,12 @@ class DevicePolicy:
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
 
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
     @classmethod
     def choose(
         cls,
@@ -53,17 +59,19 @@ class DevicePolicy:
         logits_chunk_tokens: int | None = None,
     ) -> DevicePolicy:
         """The policy for `device` (default: CUDA when visible, else CPU) before the student is loaded;
-        settings given explicitly win. `sized_for` then fills in what depends on the loaded student."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        settings given explicitly win, `auto` or None takes the device's default. `sized_for` then fills
+        in the GPU sizes left open (0), which depend on the loaded student and the memory left free."""
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         cuda = device.startswith("cuda")
         if dtype not in (None, "auto") and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {dtype!r}")
-        from pipeline.scoring import attention  # registers the CPU attention with transformers
-
         return cls(
             device=device,
-            dtype=DTYPES[dtype] if dtype not in (None, "auto") else (torch.bfloat16 if cuda else torch.float32),
-            attention="sdpa" if cuda else attention.NAME,
+            dtype=dtype if dtype not in (None, "auto") else ("bfloat16" if cuda else "float32"),
+            attention="sdpa" if cuda else CPU_ATTENTION,
             token_budget=token_budget or (0 if cuda else CPU_TOKEN_BUDGET),
             logits_chunk_tokens=logits_chunk_tokens or (0 if cuda else CPU_LOGITS_CHUNK_TOKENS),
             statistics_rows=None if cuda else CPU_STATISTICS_ROWS,
@@ -74,6 +82,8 @@ class DevicePolicy:
         """Fill in the sizes left open (0) from the loaded student and the memory left free on its GPU."""
         if not self.is_cuda:
             return self
+        import torch
+
         config = model.config.get_text_config(decoder=True)
         free_bytes, _ = torch.cuda.mem_get_info(torch.device(self.device))
         itemsize = model.dtype.itemsize
@@ -92,9 +102,8 @@ class DevicePolicy:
             reuse_freed_cpu_memory()
 
     def describe(self) -> str:
-        dtype = str(self.dtype).removeprefix("torch.")
         return (
-            f"device {self.device}, {dtype}, attention {self.attention}, {self.token_budget} tokens per pass, "
+            f"device {self.device}, {self.dtype}, attention {self.attention}, {self.token_budget} tokens per pass, "
             f"logits {self.logits_chunk_tokens} positions at a time, statistics {self.statistics_rows or 'all'} rows per step"
         )
 
@@ -102,6 +111,8 @@ class DevicePolicy:
         """The device's free memory, for messages."""
         if not self.is_cuda:
             return "n/a on CPU"
+        import torch
+
         torch.cuda.empty_cache()
         free_bytes, total = torch.cuda.mem_get_info(torch.device(self.device))
         return f"{free_bytes / 2**30:.1f} of {total / 2**30:.1f} GiB free"

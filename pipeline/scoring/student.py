@@ -15,26 +15,15 @@ from transformers import DynamicCache
 
 from pipeline import errors
 from pipeline.errors import Rejected
+from pipeline.scoring import attention  # noqa: F401  registers the CPU attention with transformers
 from pipeline.scoring.device import DevicePolicy
 from pipeline.scoring.metrics import COMPANIONS
 from pipeline.scoring.models import StudentSource
+from pipeline.scoring.options import ScoringOptions
 from pipeline.scoring.rsr import VocabHead, project_and_score, trajectory_stats
 from pipeline.tokens.spans import EncodedConversation
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ScoringOptions:
-    rank_clip: int = 100
-    token_budget: int | None = None  # padded tokens (rows x longest row) per forward pass; None: the device policy's
-    logits_chunk_tokens: int | None = None  # response positions projected to the vocabulary at a time; None: the policy's
-    metrics: tuple[str, ...] = ("rsr",)  # pipeline.scoring.metrics.METRICS: companion columns beside RSR's
-    per_token: bool = False  # also return the per-token clipped ranks and surprisals (debugging)
-    share_prompts: bool = True  # run a prompt shared by several trajectories through the body once
-    min_shared_prompt: int = 16  # shorter shared prompts are not worth a separate pass
-    prompt_cache_tokens: int = 16384  # shared-prompt tokens whose keys and values are held at a time
-    logits_dtype: str = "float32"  # float32: vocabulary logits in float32 whatever the model's dtype | model: its dtype
 
 
 def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -103,9 +92,7 @@ class Student:
         device: str | None = None,
         policy: DevicePolicy | None = None,
     ):
-        policy = policy or DevicePolicy.choose(
-            device, token_budget=options.token_budget, logits_chunk_tokens=options.logits_chunk_tokens
-        )
+        policy = policy or DevicePolicy.choose(device)
         policy.prepare_process()
         self.model = model.to(policy.device).eval()
         self.policy = policy.sized_for(self.model)
@@ -123,11 +110,19 @@ class Student:
         return self.policy.device
 
     @classmethod
-    def load(cls, source: StudentSource | str, dtype: str | None = None, device: str | None = None, options=ScoringOptions()):
-        """Load a student's weights and tokenizer (`source`: a StudentSource, or a model folder or hub id)."""
+    def load(
+        cls,
+        source: StudentSource | str,
+        dtype: str | None = None,
+        device: str | None = None,
+        options: ScoringOptions = ScoringOptions(),
+        policy: DevicePolicy | None = None,
+    ):
+        """Load a student's weights and tokenizer (`source`: a StudentSource, or a model folder or hub id)
+        under `policy`, or the policy chosen for `device` and `dtype`."""
         source = StudentSource(source) if isinstance(source, str) else source
-        policy = DevicePolicy.choose(device, dtype, options.token_budget, options.logits_chunk_tokens)
-        return cls(source.load_model(policy.dtype, policy.attention), source.load_tokenizer(), options, policy=policy)
+        policy = policy or DevicePolicy.choose(device, dtype)
+        return cls(source.load_model(policy.torch_dtype, policy.attention), source.load_tokenizer(), options, policy=policy)
 
     @torch.inference_mode()
     def score(

@@ -14,27 +14,9 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.corpus.storage import Corpus
-from pipeline.run.config import ConfigError, JobConfig, StudentConfig
-from pipeline.run.schema import RowContract, ScoringSettings
-from pipeline.scoring.models import StudentSource
-
-
-@dataclass(frozen=True)
-class StudentPlan:
-    """One student of a run: where its weights and tokens come from, its settings, their fingerprint, and
-    the keys it already scored with them."""
-
-    config: StudentConfig  # with the dtype resolved
-    source: StudentSource
-    tokens_from: str  # where the tokens come from (`StudentSource.tokens_from`)
-    revision: str
-    fingerprint: str
-    settings: ScoringSettings
-    done_ref: ray.ObjectRef  # set of `scored_key`s, built by a Ray task
-
-    def manifest(self) -> dict:
-        return {"name": self.config.name, "revision": self.revision, "fingerprint": self.fingerprint,
-                "tokens_from": self.tokens_from, "settings": self.settings.as_dict()}  # fmt: skip
+from pipeline.run.config import ConfigError, JobConfig
+from pipeline.run.schema import RowContract
+from pipeline.run.settings import RunSettings
 
 
 @dataclass(frozen=True)
@@ -43,7 +25,6 @@ class RunStamp:
 
     run_id: str
     scored_at: datetime
-    rank_clip: int
 
 
 @dataclass(frozen=True)
@@ -72,16 +53,17 @@ class Stage:
 
 @dataclass(frozen=True)
 class DatasetPlan:
-    """What the scoring stages are built from: the config, its row contract, the corpus, the students,
-    what the survey finds, what every row carries, and where progress is counted."""
+    """What the scoring stages are built from: the config's input and output sections, the run's settings,
+    its row contract, the corpus, what the survey finds, what every row carries, the keys each student
+    already scored, and where progress is counted."""
 
     cfg: JobConfig
+    settings: RunSettings
     contract: RowContract
     corpus: Corpus
-    students: list[StudentPlan]
     survey: object  # the reference of the `CorpusSurvey` (`ray.put`): every stage worker gets it once
     stamp: RunStamp
-    gpus: float
+    done_refs: tuple  # per student, a reference to its set of `scored_key`s (built by a Ray task)
     meter: object = None  # a `results.ScoringMeter`
 
 

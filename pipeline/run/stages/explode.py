@@ -9,12 +9,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.run.schema import Status, per_student
-from pipeline.run.stages.base import DatasetPlan, RunStamp, Stage, StudentPlan
+from pipeline.run.settings import StudentSettings
+from pipeline.run.stages.base import DatasetPlan, RunStamp, Stage
 from pipeline.tokens.spans import DEFAULT_SCOPE
 
 
 def explode_batch(
-    batch: pa.Table, students: list[StudentPlan], carried: list[str], stats: list[str], stamp: RunStamp
+    batch: pa.Table, students: tuple[StudentSettings, ...], carried: list[str], stats: list[str], stamp: RunStamp
 ) -> pa.Table:
     """One row per (trajectory, student): the score columns, a status, and the reject reason if any."""
     parts = []
@@ -31,13 +32,13 @@ def explode_batch(
             ),
         )
         constants = {
-            "student": (student.config.name, pa.string()),
-            "student_revision": (student.revision, pa.string()),
+            "student": (student.name, pa.string()),
+            "student_revision": (student.scoring.student_revision, pa.string()),
             "scoring_fingerprint": (student.fingerprint, pa.string()),
-            "reasoning_mode": (student.settings.reasoning, pa.string()),
-            "scope": (student.settings.scope or DEFAULT_SCOPE, pa.string()),
-            "dtype": (student.settings.dtype, pa.string()),
-            "rank_clip": (stamp.rank_clip, pa.int32()),
+            "reasoning_mode": (student.scoring.reasoning, pa.string()),
+            "scope": (student.scoring.scope or DEFAULT_SCOPE, pa.string()),
+            "dtype": (student.scoring.dtype, pa.string()),
+            "rank_clip": (student.scoring.rank_clip, pa.int32()),
         }
         per_row = {column: batch[name(column)] for column in (*stats, "truncated", "content_dropped")}
         columns = {column: pa.array([value] * n, kind) for column, (value, kind) in constants.items()} | per_row
@@ -65,9 +66,9 @@ def explode_batch(
 
 def explode_stage(plan: DatasetPlan) -> Stage:
     contract = plan.contract
-    per_student_reads = [per_student(c, i) for i in range(len(plan.students))
+    per_student_reads = [per_student(c, i) for i in range(len(plan.settings.students))
                          for c in (*contract.stats, "truncated", "content_dropped", "skipped", "reject_reason", "reject_detail")]  # fmt: skip
     reads = ("sample_id", *contract.row, "assistant_turns", "degenerate", "content_hash", "sampled_out", "source_file",
              "row_number", "reject_reason", "reject_detail", *per_student_reads)  # fmt: skip
     return Stage("explode", explode_batch, reads, (*contract.scores, "status", "reject_reason", "reject_detail"), replaces=True,
-                 kwargs={"students": plan.students, "carried": list(contract.row), "stats": list(contract.stats), "stamp": plan.stamp})  # fmt: skip
+                 kwargs={"students": plan.settings.students, "carried": list(contract.row), "stats": list(contract.stats), "stamp": plan.stamp})  # fmt: skip

@@ -7,36 +7,16 @@ import dataclasses
 import functools
 import os
 import time
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import ray
 
 from pipeline.errors import Rejected
-from pipeline.run.config import JobConfig, StudentConfig, logits_chunk_tokens, token_budget
-from pipeline.run.schema import STAT_TYPES, RowContract, per_student
+from pipeline.run.schema import STAT_TYPES, per_student
+from pipeline.run.settings import RunSettings
 from pipeline.run.stages.base import DatasetPlan, Stage, text_bytes
 from pipeline.scoring.metrics import stat_columns
-from pipeline.scoring.models import StudentSource
 from pipeline.tokens.spans import EncodedConversation
-
-if TYPE_CHECKING:
-    from pipeline.scoring.student import ScoringOptions
-
-
-def scoring_options(cfg: JobConfig, contract: RowContract) -> ScoringOptions:
-    """The scoring core's options from the config and the run's metrics (the one place that maps one to the other)."""
-    from pipeline.scoring.student import ScoringOptions
-
-    s = cfg.scoring
-    return ScoringOptions(
-        rank_clip=s.rank_clip,
-        token_budget=token_budget(s),
-        logits_chunk_tokens=logits_chunk_tokens(s),
-        prompt_cache_tokens=s.prompt_cache_tokens,
-        metrics=contract.metrics,
-        logits_dtype=s.logits_dtype,
-    )
 
 
 def default_torch_threads(cpus_per_actor: float, scoring_actors: int) -> int:
@@ -49,29 +29,19 @@ def default_torch_threads(cpus_per_actor: float, scoring_actors: int) -> int:
 
 
 class ScoreActor:
-    """Holds one student for its lifetime; scores the rows its tokenize stage encoded."""
+    """Holds student `index` of the run's settings for its lifetime; scores the rows its tokenize stage encoded."""
 
-    def __init__(
-        self,
-        index: int,
-        student: StudentConfig,
-        options: ScoringOptions,
-        threads: int | None,
-        cpus_per_actor: float,
-        scoring_actors: int,
-        source: StudentSource | None = None,  # None: the student config's path, tokenizer and chat template
-        meter=None,  # a `results.ScoringMeter`: what this actor scores, batch by batch
-    ):
+    def __init__(self, index: int, settings: RunSettings, meter=None):  # meter: a `results.ScoringMeter`
         import torch
 
         from pipeline.scoring.student import Student
 
-        torch.set_num_threads(threads or default_torch_threads(cpus_per_actor, scoring_actors))
+        student = settings.students[index]
+        torch.set_num_threads(settings.torch_threads or default_torch_threads(settings.cpus_per_actor, settings.scoring_actors))
         self.index, self.name, self.meter = index, student.name, meter
         self.started = False  # told the meter when scoring began
-        source = source or StudentSource(student.path, student.tokenizer, student.chat_template)
-        self.student = Student.load(source, dtype=student.dtype, options=options)
-        self.columns = stat_columns(options.metrics)
+        self.student = Student.load(student.source, options=settings.core, policy=student.policy)
+        self.columns = stat_columns(settings.core.metrics)
         print(f"student {student.name}: {self.student.policy.describe()}", flush=True)  # once per actor, on the driver's console
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -110,19 +80,17 @@ class ScoreActor:
 
 
 def score_stage(plan: DatasetPlan, index: int) -> Stage:
-    cfg, student = plan.cfg, plan.students[index]
+    settings = plan.settings
     name = functools.partial(per_student, index=index)
     return Stage(
-        f"score {student.config.name}", ScoreActor,
+        f"score {settings.students[index].name}", ScoreActor,
         ("messages_json", *(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail"))), tuple(name(c) for c in plan.contract.stats),
         drops=(name("ids"), name("positions")),
-        kwargs={"index": index, "student": student.config, "source": student.source, "options": scoring_options(cfg, plan.contract),
-                "threads": cfg.compute.torch_threads, "cpus_per_actor": cfg.compute.cpus_per_actor,
-                "scoring_actors": cfg.compute.actors_per_student * len(cfg.students), "meter": plan.meter},
+        kwargs={"index": index, "settings": settings, "meter": plan.meter},
         # One call at a time either way; "true multi-threading" runs it on the actor's own thread, where
         # the student was loaded, not on a second thread of Ray Data's: there the same scoring ran 35-45%
         # slower (600 GSM8K rows, bf16: 91-98 s of scoring calls against 72 s).
-        settings={"compute": ray.data.ActorPoolStrategy(size=cfg.compute.actors_per_student, enable_true_multi_threading=True),
-                  "num_cpus": cfg.compute.cpus_per_actor, "num_gpus": plan.gpus,
+        settings={"compute": ray.data.ActorPoolStrategy(size=settings.actors_per_student, enable_true_multi_threading=True),
+                  "num_cpus": settings.cpus_per_actor, "num_gpus": settings.gpus_per_actor,
                   "batch_size": None},  # a block at a time: blocks are sized by tokens
     )  # fmt: skip

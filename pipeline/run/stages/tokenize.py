@@ -59,11 +59,12 @@ def tokenize_batch(
 
 
 def tokenize_stage(plan: DatasetPlan, index: int) -> Stage:
-    student, scoring = plan.students[index], plan.cfg.scoring
+    settings = plan.settings
+    student = settings.students[index]
     return Stage(
-        f"tokenize {student.config.name}", tokenize_batch,
+        f"tokenize {student.name}", tokenize_batch,
         ("sample_id", "content_hash", "reject_reason", "messages_json", "sampled_out"), tuple(per_student(c, index) for c in TOKENIZED),
-        kwargs={"index": index, "source": student.source, "max_model_len": student.settings.max_model_len,
-                "truncate": scoring.on_too_long == "truncate", "reasoning": scoring.reasoning, "scope": scoring.scope,
-                "done_ref": [student.done_ref]},
+        kwargs={"index": index, "source": student.source, "max_model_len": student.scoring.max_model_len,
+                "truncate": settings.truncate, "reasoning": settings.reasoning, "scope": settings.scope,
+                "done_ref": [plan.done_refs[index]]},
     )  # fmt: skip
