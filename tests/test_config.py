@@ -181,7 +181,7 @@ parsed = parse_row(json.dumps(row), "x.jsonl", 1, cfg.input)
 rejected = pd.DataFrame({"source_file": ["x.jsonl"], "row_number": [1], "content_hash": [parsed[1]["content_hash"]]})
 print(json.dumps({"errors": errors, "plain_shape": shapes.shape_of(plain.input).name, "source_shape": shapes.shape_of(source).name,
                   "row_columns": list(RowContract.of(cfg).row),
-                  "parsed": [(p["sample_id"], p["preference"], json.loads(p["messages_json"])[-1]["content"]) for p in parsed],
+                  "parsed": [(p["sample_id"], p["preference"], p["messages"][-1]["content"]) for p in parsed],
                   "selected": original_rows(rejected, cfg.input)[0]["messages"][-1]["content"]}))
 """
 

@@ -107,7 +107,7 @@ def test_the_scoring_actor_turns_a_row_too_long_for_the_device_into_a_reject(tmp
     inject_out_of_memory(actor.student, max_tokens=encoded[longest].response_positions[-1] - 1)
     n = len(encoded)
     batch = pa.table({
-        "messages_json": pa.array(["[]"] * n, pa.large_string()),  # its bytes measure progress only
+        "text_bytes": pa.array([0] * n, pa.int64()),  # measures progress only
         "ids_0": pa.array([c.input_ids for c in encoded], pa.list_(pa.int32())),
         "positions_0": pa.array([c.response_positions for c in encoded], pa.list_(pa.int32())),
         "reject_reason_0": pa.array([None] * n, pa.string()), "reject_detail_0": pa.array([None] * n, pa.string()),

@@ -11,6 +11,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import errors
+from pipeline.corpus.messages import canonical_messages, messages_from_arrow
+from pipeline.corpus.records import canonical_json, content_hash
 from pipeline.corpus.storage import Corpus, locate
 from pipeline.run.config import ConfigError, InputConfig, SampleConfig, load_config
 from pipeline.run.dataset import scoring_stages
@@ -99,6 +101,25 @@ def test_parse(cfg):
     assert_declared(before, after, stage(cfg, "parse"))
     assert after["reject_reason"].to_pylist() == [None, errors.MISSING_MESSAGES, errors.BLANK_LINE, None]
     assert after["sample_id"].to_pylist()[:2] == ["a", "b"] and after["source"].to_pylist()[:2] == ["t1", "t2"]
+
+
+def test_messages_travel_as_arrow_data_and_come_back_key_for_key(cfg):
+    """What the tokenize stage reads back is the canonical messages the parse stage hashed: the same keys
+    (a null content kept, absent keys absent), tool keys of any JSON type, and the same content_hash."""
+    agentic = [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "reasoning_content": "I should call it.",
+         "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}}]},
+        {"role": "tool", "content": "18C", "tool_call_id": 7, "name": "weather"},
+        {"role": "assistant", "content": "It is 18C."},
+    ]  # fmt: skip
+    table = parse_batch(raw([(json.dumps({"id": "x", "messages": agentic}), None)]), corpus_of(cfg), [], {})
+    (conversation,) = table["messages"].to_pylist()
+    assert messages_from_arrow(conversation) == canonical_messages(agentic) == agentic
+    assert [list(m) for m in messages_from_arrow(conversation)] == [list(m) for m in canonical_messages(agentic)]  # key order too
+    assert table["content_hash"].to_pylist() == [content_hash(agentic)]
+    assert table["text_bytes"].to_pylist() == [len(canonical_json(agentic))]
 
 
 def test_survey_and_dedupe(cfg):

@@ -5,7 +5,10 @@ into its reasoning and its answer.
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import pyarrow as pa
 
 from pipeline import errors
 from pipeline.errors import RowError
@@ -14,6 +17,11 @@ KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "fu
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # Message keys that reach the template besides role and content (agentic rows).
 TOOL_KEYS = ("tool_calls", "name", "tool_call_id")
+# Canonical messages as Arrow data, from the parse stage to the tokenize stages. The tool keys hold any
+# JSON value (a call's arguments, a numeric id), so they travel as one JSON object, present when any is.
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.large_string()), ("reasoning_content", pa.large_string()),
+                     ("tool_keys", pa.large_string())])  # fmt: skip
+MESSAGES = pa.list_(MESSAGE)
 
 
 def _text_content(content: Any, i: int) -> Any:
@@ -54,6 +62,31 @@ def canonical_messages(messages: Any) -> Any:
                 entry[key] = message[key]
         canonical.append(entry)
     return canonical
+
+
+def messages_to_arrow(conversations: list[list[dict] | None]) -> pa.Array:
+    """Canonical messages (None for a row without) as a MESSAGES array."""
+
+    def entry(message: dict) -> dict:
+        tools = {key: message[key] for key in TOOL_KEYS if key in message}
+        return {"role": message["role"], "content": message["content"], "reasoning_content": message.get("reasoning_content"),
+                "tool_keys": json.dumps(tools, ensure_ascii=False) if tools else None}  # fmt: skip
+
+    return pa.array([None if c is None else [entry(m) for m in c] for c in conversations], MESSAGES)
+
+
+def messages_from_arrow(conversation: list[dict]) -> list[dict]:
+    """One row of a MESSAGES array (as `to_pylist` gives it) back to the canonical messages it was made of,
+    key for key: role and content always, the others only when present."""
+    messages = []
+    for entry in conversation:
+        message = {"role": entry["role"], "content": entry["content"]}
+        if entry["reasoning_content"] is not None:
+            message["reasoning_content"] = entry["reasoning_content"]
+        if entry["tool_keys"] is not None:
+            message.update(json.loads(entry["tool_keys"]))
+        messages.append(message)
+    return messages
 
 
 def _check_tool_calls(calls: Any, i: int) -> None:

@@ -123,10 +123,15 @@ def read_records(f: BinaryIO, fmt: str) -> Iterator[RawRecord]:
         yield RawRecord(0, None, errors.EMPTY_FILE, "file holds no rows")
 
 
-def content_hash(messages: list[dict]) -> str:
+def canonical_json(messages: list[dict]) -> bytes:
+    """A row's canonical messages as one JSON text: what its content hash is of, and its size in bytes the
+    measure of its work for the time left (tokens are not known before the tokenize stage)."""
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def content_hash(messages: list[dict], canonical: bytes | None = None) -> str:
     """The hash of a row's canonical messages: the same trajectory in two corpus shapes hashes the same."""
-    canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    return hashlib.sha256(canonical or canonical_json(messages)).hexdigest()[:32]
 
 
 def _arguments_are_empty(call: Any) -> bool:
@@ -168,8 +173,8 @@ def fallback_sample_id(source_file: str, row_number: int) -> str:
 
 def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig, path_values: dict | None = None) -> list[dict]:
     """A row's trajectories as output fields: sample_id and the row columns it has (`config.row_columns`;
-    the parse stage fills the others with nulls) always; content_hash and messages_json when valid, else
-    reject_reason and reject_detail. A row that is unusable as a whole is one reject.
+    the parse stage fills the others with nulls) always; the canonical messages, their content_hash and
+    text_bytes when valid, else reject_reason and reject_detail. A row that is unusable as a whole is one reject.
 
     `sample_id` is the row's own string or integer id, else a stable `file:row` id; a row of several
     trajectories adds each one's suffix from its shape (`#<candidate index>`, `#<teacher>`).
@@ -196,7 +201,8 @@ def parse_row(text: str, source_file: str, row_number: int, cfg: InputConfig, pa
             out.update(reject_reason=t.error.reason, reject_detail=t.error.detail)
         else:
             turns, degenerate = trajectory_flags(t.messages)
-            out.update(content_hash=content_hash(t.messages), messages_json=json.dumps(t.messages, ensure_ascii=False),
+            canonical = canonical_json(t.messages)
+            out.update(content_hash=content_hash(t.messages, canonical), text_bytes=len(canonical), messages=t.messages,
                        assistant_turns=turns, degenerate=degenerate)  # fmt: skip
         parsed.append(out)
     return parsed

@@ -17,6 +17,7 @@ from enum import StrEnum
 
 import pyarrow as pa
 
+from pipeline.corpus.messages import MESSAGES
 from pipeline.run.config import JobConfig, metric_names, row_columns, shape_columns
 from pipeline.scoring.metrics import stat_columns
 
@@ -47,7 +48,8 @@ PARSED_SCHEMA = pa.schema(
         ("row_number", pa.int64()),
         ("sample_id", pa.string()),
         ("content_hash", pa.string()),
-        ("messages_json", pa.large_string()),
+        ("messages", MESSAGES),  # canonical, as Arrow data (`corpus.messages`): no JSON text between stages
+        ("text_bytes", pa.int64()),  # the canonical messages' JSON size: the work, for the time left
         ("reject_reason", pa.string()),
         ("reject_detail", pa.string()),
         ("assistant_turns", pa.int32()),  # `records.trajectory_flags`

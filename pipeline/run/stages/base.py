@@ -93,4 +93,4 @@ def row_order(file_number: int, row_number: int) -> int:
 def text_bytes(batch: pa.Table) -> pa.Array:
     """Each row's messages in bytes (0 for a reject): the survey's and the actors' measure of the work,
     for the time left (tokens are not known before the tokenize stage; rows vary a hundredfold)."""
-    return pc.fill_null(pc.binary_length(batch["messages_json"]), 0).combine_chunks().cast(pa.int64())
+    return pc.fill_null(batch["text_bytes"], 0).combine_chunks()

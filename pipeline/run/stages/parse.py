@@ -1,4 +1,4 @@
-"""The parse stage: raw records to trajectories (sample_id, content_hash, messages_json, the row columns:
+"""The parse stage: raw records to trajectories (sample_id, content_hash, the canonical messages, the row columns:
 passthrough, candidate and teacher columns, path fields), several per corpus row for candidates and teachers."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
+from pipeline.corpus.messages import messages_to_arrow
 from pipeline.corpus.records import fallback_sample_id, parse_row
 from pipeline.corpus.storage import Corpus
 from pipeline.run.config import JobConfig
@@ -39,7 +40,9 @@ def parse_batch(batch: pa.Table, corpus: Corpus, columns: list[str], column_type
                 }
             ]
         rows += [{"source_file": raw["source_file"], "row_number": raw["row_number"], **row} for row in parsed]
-    table = pa.Table.from_pylist(rows, schema=PARSED_SCHEMA)
+    messages = messages_to_arrow([row.pop("messages", None) for row in rows])
+    table = pa.Table.from_pylist(rows, schema=PARSED_SCHEMA.remove(PARSED_SCHEMA.get_field_index("messages")))
+    table = table.add_column(PARSED_SCHEMA.get_field_index("messages"), "messages", messages)
     for name in columns:
         kind = column_types.get(name)
         kind = pa.type_for_alias(kind) if isinstance(kind, str) else kind

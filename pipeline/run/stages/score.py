@@ -84,7 +84,7 @@ def score_stage(plan: DatasetPlan, index: int) -> Stage:
     name = functools.partial(per_student, index=index)
     return Stage(
         f"score {settings.students[index].name}", ScoreActor,
-        ("messages_json", *(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail"))), tuple(name(c) for c in plan.contract.stats),
+        ("text_bytes", *(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail"))), tuple(name(c) for c in plan.contract.stats),
         drops=(name("ids"), name("positions")),
         kwargs={"index": index, "settings": settings, "meter": plan.meter},
         # One call at a time either way; "true multi-threading" runs it on the actor's own thread, where

@@ -4,10 +4,9 @@ fingerprint skipped. A CPU stage, before the scoring actors."""
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 
+from pipeline.corpus.messages import messages_from_arrow
 from pipeline.errors import RowError
 from pipeline.run.schema import TOKENIZED, per_student, scored_key
 from pipeline.run.stages.base import DatasetPlan, Stage, cached_get
@@ -36,12 +35,12 @@ def tokenize_batch(
     keys = [scored_key(s, h) for s, h in zip(batch["sample_id"].to_pylist(), batch["content_hash"].to_pylist())]
     skipped = [key in done for key in keys]
     ids, positions, truncated, dropped, reasons, details = [], [], [], [], [], []
-    rows = zip(batch["reject_reason"].to_pylist(), batch["messages_json"].to_pylist(), skipped, batch["sampled_out"].to_pylist())
-    for reject, messages_json, skip, sampled_out in rows:
+    rows = zip(batch["reject_reason"].to_pylist(), batch["messages"], skipped, batch["sampled_out"].to_pylist())
+    for reject, conversation, skip, sampled_out in rows:
         encoded = reason = detail = None
         if reject is None and not skip and not sampled_out:
             try:
-                messages = json.loads(messages_json)  # canonical and checked at parse time
+                messages = messages_from_arrow(conversation.as_py())  # canonical and checked at parse time
                 encoded = encode_conversation(tokenizer, messages, max_model_len, truncate, reasoning, scope, canonical=True)
             except RowError as exc:
                 reason, detail = exc.reason, exc.detail
@@ -63,7 +62,7 @@ def tokenize_stage(plan: DatasetPlan, index: int) -> Stage:
     student = settings.students[index]
     return Stage(
         f"tokenize {student.name}", tokenize_batch,
-        ("sample_id", "content_hash", "reject_reason", "messages_json", "sampled_out"), tuple(per_student(c, index) for c in TOKENIZED),
+        ("sample_id", "content_hash", "reject_reason", "messages", "sampled_out"), tuple(per_student(c, index) for c in TOKENIZED),
         kwargs={"index": index, "source": student.source, "max_model_len": student.scoring.max_model_len,
                 "truncate": settings.truncate, "reasoning": settings.reasoning, "scope": settings.scope,
                 "done_ref": [plan.done_refs[index]]},
