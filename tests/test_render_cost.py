@@ -1,13 +1,16 @@
 """Finding the turns of a long agentic row renders it a fixed number of times, not once or more per turn:
-the cost grows with the row's length, not with its square (issue #28). Counted at `spans._render`."""
+the cost grows with the row's length, not with its square (issue #28). Counted at `markers.render`, in every
+module that calls it."""
 
 import json
 
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.tokens import spans
-from pipeline.tokens.spans import encode_conversation, turn_markers
+from pipeline.tokens import keep, markers, spans
+from pipeline.tokens import turns as turn_finding
+from pipeline.tokens.markers import turn_markers
+from pipeline.tokens.spans import encode_conversation
 from tests.test_template_families import GPT_OSS, QWEN3, family_tokenizer
 
 needs_shared = pytest.mark.skipif(not (QWEN3.exists() and GPT_OSS.exists()), reason="needs ../shared")
@@ -29,15 +32,18 @@ def render_cost(monkeypatch, tokenizer, messages: list[dict], reasoning: str) ->
     """(renders, messages rendered in all) of encoding `messages`, the template's probes not counted."""
     turn_markers(tokenizer)
     renders = []
-    render = spans._render
+    render = markers.render
 
     def counted(tokenizer, messages, add_generation_prompt):
         renders.append(len(messages))
         return render(tokenizer, messages, add_generation_prompt)
 
-    monkeypatch.setattr(spans, "_render", counted)
+    callers = (markers, turn_finding, keep, spans)
+    for module in callers:
+        monkeypatch.setattr(module, "render", counted)
     encode_conversation(tokenizer, messages, reasoning=reasoning)
-    monkeypatch.setattr(spans, "_render", render)
+    for module in callers:
+        monkeypatch.setattr(module, "render", render)
     return len(renders), sum(renders)
 
 

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 from pipeline import errors
 from pipeline.corpus.messages import THINK_OPEN, split_reasoning
 from pipeline.errors import RowError
-from pipeline.tokens.spans import encode_conversation, turn_markers
+from pipeline.tokens.markers import turn_markers
+from pipeline.tokens.spans import encode_conversation
 from pipeline.tokens.tokenizer import load_tokenizer
 from tests.conftest import SHARED
 from tests.test_templates import GSM8K, QWEN3, tokenizer_for

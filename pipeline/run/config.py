@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.corpus.shapes import SHAPES, InputShape, selecting_shapes, shape_of
 from pipeline.scoring.metrics import METRICS
-from pipeline.tokens.spans import REASONING_MODES, SCOPES
+from pipeline.tokens.scopes import REASONING_MODES, SCOPES
 from pipeline.tokens.tokenizer import BUILTIN_TEMPLATES
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "arrow")

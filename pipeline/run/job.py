@@ -38,7 +38,7 @@ from pipeline.run.settings import RunSettings, StudentCheck, resolve_settings
 from pipeline.run.stages.base import DatasetPlan, RunStamp
 from pipeline.run.survey import CorpusSurvey, GroupSample, survey_corpus
 from pipeline.scoring.models import StudentSource
-from pipeline.tokens.spans import turn_markers
+from pipeline.tokens.markers import turn_markers
 from pipeline.tokens.tokenizer import BUILTIN_TEMPLATES
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pipeline.run.schema import RowContract, ScoringSettings
 from pipeline.scoring.device import DevicePolicy
 from pipeline.scoring.models import StudentSource
 from pipeline.scoring.options import ScoringOptions
-from pipeline.tokens.spans import DEFAULT_SCOPE
+from pipeline.tokens.scopes import DEFAULT_SCOPE
 
 # `scoring.batch_tokens` auto: about a minute of scoring per call (a 135M student on 2 cores, a 7B on one
 # GPU), so that results, checkpoints and progress keep coming whatever the row lengths, and batches fill.

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 from pipeline.run.schema import Status, per_student
 from pipeline.run.settings import StudentSettings
 from pipeline.run.stages.base import DatasetPlan, RunStamp, Stage
-from pipeline.tokens.spans import DEFAULT_SCOPE
+from pipeline.tokens.scopes import DEFAULT_SCOPE
 
 
 def explode_batch(

@@ -11,7 +11,8 @@ from pipeline.errors import RowError
 from pipeline.run.schema import TOKENIZED, per_student, scored_key
 from pipeline.run.stages.base import DatasetPlan, Stage, cached_get
 from pipeline.scoring.models import StudentSource
-from pipeline.tokens.spans import DEFAULT_SCOPE, encode_conversation
+from pipeline.tokens.scopes import DEFAULT_SCOPE
+from pipeline.tokens.spans import encode_conversation
 
 
 def tokenize_batch(
