@@ -7,7 +7,7 @@ import pytest
 
 from jobs.score import main
 from pipeline.corpus.storage import expand_inputs
-from pipeline.run.config import ConfigError, load_config
+from pipeline.run.config import ConfigError, actor_bounds, load_config
 from tests.conftest import REPO
 
 DEMO = "jobs/configs/demo.yaml"
@@ -62,11 +62,21 @@ def test_overrides_in_braces_or_brackets_replace_a_section_list_or_mapping_whole
         ("input.prompt_field=question", "input.prompt_field and input.response_field go together"),
         ("input.candidate_passthrough=[correct]", "input.candidate_passthrough needs input.candidates_field"),
         ("scoring.rows_per_batch=64", "is no longer used: a scoring call is sized by tokens, scoring.batch_tokens"),
+        ("compute.actors_per_student=some", "compute.actors_per_student must be a number, a range min..max or auto"),
+        ("compute.actors_per_student=0", "compute.actors_per_student '0': at least 1 actor, and min <= max"),
+        ("compute.actors_per_student=4..2", "compute.actors_per_student '4..2': at least 1 actor, and min <= max"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
         load_config(DEMO, [override])
+
+
+@pytest.mark.parametrize(("setting", "bounds"), [("2", (2, 2)), ("1..4", (1, 4)), ("auto", (1, None))])
+def test_actors_per_student_is_a_number_a_range_or_auto(setting, bounds):
+    """A number, as YAML writes it, still loads (the key's old type): a fixed pool."""
+    cfg = load_config(DEMO, [f"compute.actors_per_student={setting}"])
+    assert actor_bounds(cfg.compute.actors_per_student) == bounds
 
 
 @pytest.mark.parametrize(

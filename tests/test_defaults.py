@@ -23,19 +23,22 @@ def test_resolved_defaults_on_a_cpu_only_runtime(ray_runtime, tmp_path, student_
     assert cfg.compute.torch_threads is None and cfg.scoring.token_budget == "auto"
     assert ray.cluster_resources().get("GPU", 0) == 0
 
-    # Threads: resolved where an actor runs, from its node's CPUs and the scoring actors that fit there.
-    scoring_actors = cfg.compute.actors_per_student * len(cfg.students)
-    resolve = ray.remote(num_cpus=cfg.compute.cpus_per_actor)(default_torch_threads)
-    threads = ray.get(resolve.remote(cfg.compute.cpus_per_actor, scoring_actors))
-    assert threads == len(os.sched_getaffinity(0))  # one actor gets every CPU of the node, not 1
-    assert ray.get(resolve.remote(cfg.compute.cpus_per_actor, 2)) == max(1, threads // 2)
-
     # Sizes and dtype: auto resolves to the measured CPU bests, once, in the run's settings.
     check = StudentCheck(StudentSource("p"), "template", "its tokenizer", 8192, 8192, "rev")
     settings = resolve_settings(cfg, RowContract.of(cfg), [check], ray.cluster_resources().get("GPU", 0))
     (student,) = settings.students
     assert (student.policy.token_budget, student.policy.dtype, settings.gpus_per_actor) == (CPU_TOKEN_BUDGET, "float32", 0)
     assert (CPU_TOKEN_BUDGET, settings.batch_tokens) == (2048, CPU_BATCH_TOKENS) and student.scoring.dtype == "float32"
+
+    # Threads: resolved where an actor runs, from its node's CPUs and the scoring actors that fit there.
+    assert (settings.actors, settings.scoring_actors) == ((1, 1), 1)
+    resolve = ray.remote(num_cpus=settings.cpus_per_actor)(default_torch_threads)
+    threads = ray.get(resolve.remote(settings.cpus_per_actor, settings.scoring_actors))
+    assert threads == len(os.sched_getaffinity(0))  # one actor gets every CPU of the node, not 1
+    assert ray.get(resolve.remote(settings.cpus_per_actor, 2)) == max(1, threads // 2)
+    # An elastic pool that may grow to what fits: each actor its share of the CPUs that fit as many.
+    fitting = int(ray.cluster_resources()["CPU"] // settings.cpus_per_actor)
+    assert ray.get(resolve.remote(settings.cpus_per_actor, None)) == max(1, threads // fitting)
 
 
 def test_the_demo_is_quiet_on_a_non_tty(tmp_path, student_dirs, corpus_path):

@@ -135,11 +135,24 @@ def metric_names(scoring: ScoringConfig) -> tuple[str, ...]:
 
 @dataclass
 class ComputeConfig:
-    actors_per_student: int = 1
+    # Scoring actors per student: a number; a range min..max, the pool growing with its queue onto capacity
+    # that joins and shrinking when the queue runs dry; or auto: 1 up to what the cluster's resources allow.
+    actors_per_student: str = "1"
     gpus_per_actor: Optional[float] = None  # default: 1 when CUDA is visible, else 0
     cpus_per_actor: float = 1.0
     torch_threads: Optional[int] = None  # CPU threads per actor; null: the node's CPUs / scoring actors on the node
     ray_address: Optional[str] = None  # null: RAY_ADDRESS if set (ray job submit), else a local runtime
+
+
+ACTORS = re.compile(r"^(?:auto|[0-9]+(?:\.\.[0-9]+)?)$")
+
+
+def actor_bounds(setting: str) -> tuple[int, int | None]:
+    """`compute.actors_per_student` as (min, max); max None (auto): as many as the cluster's resources allow."""
+    if setting == "auto":
+        return 1, None
+    low, _, high = setting.partition("..")
+    return int(low), int(high or low)
 
 
 @dataclass
@@ -289,7 +302,11 @@ def validate(job: JobConfig) -> None:
     for k, part in enumerate(input_sources(job.input)):
         validate_shape(part, "input." if k == 0 and job.input.paths else f"input.sources.{k - bool(job.input.paths)}.", require)
     c = job.compute
-    require(c.actors_per_student >= 1, f"compute.actors_per_student must be >= 1, got {c.actors_per_student}")
+    actors = c.actors_per_student
+    require(ACTORS.match(actors), f"compute.actors_per_student must be a number, a range min..max or auto, got {actors!r}")
+    if ACTORS.match(actors):
+        low, high = actor_bounds(actors)
+        require(1 <= low <= (high or low), f"compute.actors_per_student {actors!r}: at least 1 actor, and min <= max")
     require(c.gpus_per_actor is None or c.gpus_per_actor >= 0, "compute.gpus_per_actor must be >= 0")
     require(c.cpus_per_actor > 0, f"compute.cpus_per_actor must be > 0, got {c.cpus_per_actor}")
     o = job.output

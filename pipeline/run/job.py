@@ -21,7 +21,7 @@ from ray._private import ray_constants
 from pipeline.corpus.storage import Corpus, Location, check_output, locate, plan_corpus
 from pipeline.errors import RowError
 from pipeline.run.committed import committed_reject_keys, scored_keys
-from pipeline.run.config import ConfigError, JobConfig
+from pipeline.run.config import ConfigError, JobConfig, actor_bounds
 from pipeline.run.dataset import build_dataset
 from pipeline.run.output import OutputStore, new_run_id
 from pipeline.run.results import (
@@ -139,7 +139,9 @@ def ensure_ray(cfg: JobConfig, quiet: bool) -> None:
         os.environ.setdefault(metrics_port, "0")
     # Scoring actors hold their CPUs for the whole run: without logical CPUs beyond theirs, the
     # read and tokenize tasks never get a slot and the job hangs (2 actors on a 2-core machine).
-    actor_cpus = cfg.compute.cpus_per_actor * cfg.compute.actors_per_student * len(cfg.students)
+    # auto: as many actors as this machine has cores for.
+    most = actor_bounds(cfg.compute.actors_per_student)[1] or max(1, int(os.cpu_count() // cfg.compute.cpus_per_actor))
+    actor_cpus = cfg.compute.cpus_per_actor * most * len(cfg.students)
     start_local_ray(num_cpus=int(os.cpu_count() + actor_cpus + 0.999), include_dashboard=False, **log_level)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.run.config import JobConfig
+from pipeline.run.config import JobConfig, actor_bounds
 from pipeline.run.schema import RowContract, ScoringSettings
 from pipeline.scoring.device import DevicePolicy
 from pipeline.scoring.models import StudentSource
@@ -67,12 +67,13 @@ class RunSettings:
     batch_tokens: int  # tokens handed to a scoring actor at a time
     gpus_per_actor: float
     cpus_per_actor: float
-    actors_per_student: int
+    actors: tuple[int, int | None]  # per student, the pool's (min, max); max None: what the cluster allows
     torch_threads: int | None  # None: from the node an actor runs on
 
     @property
-    def scoring_actors(self) -> int:
-        return self.actors_per_student * len(self.students)
+    def scoring_actors(self) -> int | None:
+        """The most scoring actors of all students at once; None: as many as fit."""
+        return None if self.actors[1] is None else self.actors[1] * len(self.students)
 
 
 def resolve_settings(cfg: JobConfig, contract: RowContract, checks: list[StudentCheck], cluster_gpus: float) -> RunSettings:
@@ -99,7 +100,7 @@ def resolve_settings(cfg: JobConfig, contract: RowContract, checks: list[Student
     )
     return RunSettings(
         tuple(students), core, s.on_too_long == "truncate",
-        s.reasoning, s.scope, batch_tokens, gpus, compute.cpus_per_actor, compute.actors_per_student, compute.torch_threads,
+        s.reasoning, s.scope, batch_tokens, gpus, compute.cpus_per_actor, actor_bounds(compute.actors_per_student), compute.torch_threads,
     )  # fmt: skip
 
 

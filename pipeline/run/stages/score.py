@@ -19,13 +19,15 @@ from pipeline.scoring.metrics import stat_columns
 from pipeline.tokens.spans import EncodedConversation
 
 
-def default_torch_threads(cpus_per_actor: float, scoring_actors: int) -> int:
+def default_torch_threads(cpus_per_actor: float, scoring_actors: int | None) -> int:
     """CPU threads for a scoring actor without `compute.torch_threads`: the CPUs of the node it runs on,
-    shared among the scoring actors that fit on that node (all of them on a local runtime)."""
+    shared among the scoring actors that fit on that node (all of them on a local runtime; as many as
+    fit when the pool may grow to what the cluster allows, `scoring_actors` None)."""
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     fitting = int(node["Resources"].get("CPU", 1) // cpus_per_actor)
-    return max(1, len(os.sched_getaffinity(0)) // max(1, min(scoring_actors, fitting)))
+    sharing = fitting if scoring_actors is None else min(scoring_actors, fitting)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, sharing))
 
 
 class ScoreActor:
@@ -90,7 +92,10 @@ def score_stage(plan: DatasetPlan, index: int) -> Stage:
         # One call at a time either way; "true multi-threading" runs it on the actor's own thread, where
         # the student was loaded, not on a second thread of Ray Data's: there the same scoring ran 35-45%
         # slower (600 GSM8K rows, bf16: 91-98 s of scoring calls against 72 s).
-        settings={"compute": ray.data.ActorPoolStrategy(size=settings.actors_per_student, enable_true_multi_threading=True),
+        # min..max: Ray Data's autoscaling pool adds actors while blocks queue and resources allow (nodes
+        # that join included) and removes idle ones.
+        settings={"compute": ray.data.ActorPoolStrategy(min_size=settings.actors[0], max_size=settings.actors[1],
+                                                        enable_true_multi_threading=True),
                   "num_cpus": settings.cpus_per_actor, "num_gpus": settings.gpus_per_actor,
                   "batch_size": None},  # a block at a time: blocks are sized by tokens
     )  # fmt: skip
