@@ -31,7 +31,7 @@ class RunStamp:
 class Stage:
     """A map stage of the scoring dataset, in one object: its function (a callable class runs in an actor
     pool), the columns it reads, adds and drops (or, when it `replaces` the rows, the only columns it
-    writes: `adds`), its arguments and its map settings (actor pool, resources, batch size)."""
+    writes: `adds`), its arguments and its map options (actor pool, resources, batch size)."""
 
     name: str
     fn: Callable
@@ -40,7 +40,7 @@ class Stage:
     drops: tuple[str, ...] = ()
     replaces: bool = False
     kwargs: dict = field(default_factory=dict)  # the function's (or the class constructor's) keyword arguments
-    settings: dict = field(default_factory=dict)  # map_batches settings beyond the batch format
+    map_options: dict = field(default_factory=dict)  # map_batches options beyond the batch format
 
     def output(self, columns: set[str]) -> set[str]:
         """The columns after this stage, given those before it."""
@@ -48,7 +48,7 @@ class Stage:
 
     def apply(self, ds):
         arguments = {"fn_constructor_kwargs" if isinstance(self.fn, type) else "fn_kwargs": self.kwargs}
-        return ds.map_batches(self.fn, batch_format="pyarrow", **arguments, **self.settings)
+        return ds.map_batches(self.fn, batch_format="pyarrow", **arguments, **self.map_options)
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def score_stage(plan: DatasetPlan, index: int) -> Stage:
         # slower (600 GSM8K rows, bf16: 91-98 s of scoring calls against 72 s).
         # min..max: Ray Data's autoscaling pool adds actors while blocks queue and resources allow (nodes
         # that join included) and removes idle ones.
-        settings={"compute": ray.data.ActorPoolStrategy(min_size=settings.actors[0], max_size=settings.actors[1],
+        map_options={"compute": ray.data.ActorPoolStrategy(min_size=settings.actors[0], max_size=settings.actors[1],
                                                         enable_true_multi_threading=True),
                   "num_cpus": settings.cpus_per_actor, "num_gpus": settings.gpus_per_actor,
                   "batch_size": None},  # a block at a time: blocks are sized by tokens
