@@ -149,12 +149,32 @@ def test_time_left_comes_from_the_text_scored_not_the_rows_passed_through():
     meter, lines = ScoringMeter.remote(), []
     progress = Progress(lines.append, 600, 1_000_000, meter)
     progress.stop()  # no ticker: lines only from update()
-    ray.get(meter.add_unscored.remote(74, 74_000))
+    ray.get(meter.add.remote("tiny", "f:1", unscored=74, unscored_bytes=74_000))
     progress.update()
     assert lines == []  # nothing scored yet: no rate to speak of
     ray.get(meter.start.remote(time.time() - 60))
-    ray.get(meter.add.remote(26, 1000, 26_000))
+    ray.get(meter.add.remote("tiny", "f:75", rows=26, tokens=1000, text_bytes=26_000))
     progress.update()
     # 26,000 bytes scored in about 60 s; 900,000 of 1,000,000 to go at that rate: about 35 minutes (not 0
     # as the rows passed through would say, nor 19 as the rows scored would)
     assert lines[0].startswith("progress: 100 of 600 rows and 1,000 tokens done, 17 tokens/s, 10% of the text, about 35 min left")
+
+
+def test_a_block_scored_again_after_a_lost_actor_counts_once():
+    """A restarted actor scores a lost actor's block again: progress and padding count its rows once."""
+    import ray
+
+    from pipeline.run.results import ScoringMeter, padding_efficiency
+
+    start_ray()
+    meter = ScoringMeter.remote()
+    for attempt in range(2):  # the first actor died after its first batch; the second scores the whole block
+        ray.get(meter.begin.remote("tiny", "f.jsonl:1"))
+        ray.get(meter.add.remote("tiny", "f.jsonl:1", rows=10, tokens=400, text_bytes=1_000))
+        if attempt:
+            ray.get(meter.add.remote("tiny", "f.jsonl:1", rows=10, tokens=500, text_bytes=1_200, real=900, padded=1_000))
+    ray.get(meter.begin.remote("tiny", "f.jsonl:21"))
+    ray.get(meter.add.remote("tiny", "f.jsonl:21", unscored=5, unscored_bytes=300, real=90, padded=100))
+    done = ray.get(meter.read.remote())
+    assert (done["rows"], done["tokens"], done["text_bytes"], done["unscored"]) == (20, 900, 2_200, 5)
+    assert padding_efficiency(done) == {"tiny": 990 / 1_100}

@@ -156,44 +156,39 @@ class Checkpoints:
 class ScoringMeter:
     """What the scoring actors have done, as each batch finishes: rows, response tokens and the rows'
     message bytes (progress between commits) and, per student, the real and padded tokens of its
-    batches (padding efficiency)."""
+    batches (padding efficiency). Counted per block: a block that a restarted actor scores again (its
+    first actor or node was lost) starts over, so that its rows count once."""
+
+    COUNTED = ("rows", "tokens", "text_bytes", "unscored", "unscored_bytes", "real", "padded")
 
     def __init__(self):
-        self.rows = self.tokens = self.text_bytes = self.unscored = self.unscored_bytes = 0
+        self.blocks: dict[tuple[str, str], dict[str, int]] = {}  # (student, block) -> its counts so far
         self.first_at: float | None = None
-        self.padding: dict[str, list[int]] = {}
 
     def start(self, at: float) -> None:
         """An actor begins scoring: the rate and the time left are measured from the first start."""
         self.first_at = min(self.first_at or at, at)
 
-    def add(self, rows: int, tokens: int, text_bytes: int) -> None:
-        """A scored batch."""
-        self.rows += rows
-        self.tokens += tokens
-        self.text_bytes += text_bytes
+    def begin(self, student: str, block: str) -> None:
+        """An actor takes a block: whatever an earlier try of it counted is dropped."""
+        self.blocks[(student, block)] = dict.fromkeys(self.COUNTED, 0)
 
-    def add_unscored(self, rows: int, text_bytes: int) -> None:
-        """Rows done without scoring (rejected, skipped, sampled out, already scored): they count as done
-        but say nothing of the rate (a resumed run's first blocks are all of them)."""
-        self.unscored += rows
-        self.unscored_bytes += text_bytes
-
-    def add_padding(self, student: str, real: int, padded: int) -> None:
-        totals = self.padding.setdefault(student, [0, 0])
-        totals[0] += real
-        totals[1] += padded
+    def add(self, student: str, block: str, **counts: int) -> None:
+        """A scored batch (rows, tokens, text_bytes); rows done without scoring (rejected, skipped, sampled
+        out: unscored, unscored_bytes; they count as done but say nothing of the rate: a resumed run's first
+        blocks are all of them); a block's padding (real, padded)."""
+        block_counts = self.blocks.setdefault((student, block), dict.fromkeys(self.COUNTED, 0))
+        for name, value in counts.items():
+            block_counts[name] += value
 
     def read(self) -> dict:
-        return {
-            "rows": self.rows,
-            "unscored": self.unscored,
-            "tokens": self.tokens,
-            "text_bytes": self.text_bytes,
-            "unscored_bytes": self.unscored_bytes,
-            "first_at": self.first_at,
-            "padding": self.padding,
-        }
+        totals = {name: sum(c[name] for c in self.blocks.values()) for name in self.COUNTED}
+        padding: dict[str, list[int]] = {}
+        for (student, _), c in self.blocks.items():
+            student_padding = padding.setdefault(student, [0, 0])
+            student_padding[0] += c["real"]
+            student_padding[1] += c["padded"]
+        return {**totals, "first_at": self.first_at, "padding": padding}
 
 
 def padding_efficiency(meter: dict) -> dict[str, float]:

@@ -52,19 +52,25 @@ class ScoreActor:
         todo = [row for row, row_ids in enumerate(ids) if row_ids is not None]
         sizes = text_bytes(batch).to_pylist()
         before = dataclasses.replace(self.student.padding)
-        if self.meter and todo and not self.started:
-            self.meter.start.remote(time.time())
-            self.started = True
+        # A block's first row names it, the same when a restarted actor scores it again.
+        block = f"{batch['source_file'][0].as_py()}:{batch['row_number'][0].as_py()}" if self.meter and batch.num_rows else ""
+        if self.meter:
+            self.meter.begin.remote(self.name, block)
+            if todo and not self.started:
+                self.meter.start.remote(time.time())
+                self.started = True
 
         def report(done: list[int], tokens: int) -> None:
             if self.meter:
-                self.meter.add.remote(len(done), tokens, sum(sizes[todo[i]] for i in done))
+                self.meter.add.remote(
+                    self.name, block, rows=len(done), tokens=tokens, text_bytes=sum(sizes[todo[i]] for i in done)
+                )
 
         stats = self.student.score([EncodedConversation(ids[row], positions[row], False) for row in todo], on_batch=report)
         if self.meter:  # rows that needed no scoring (rejected, skipped, sampled out) are done too
-            self.meter.add_unscored.remote(len(ids) - len(todo), sum(sizes) - sum(sizes[row] for row in todo))
             padding = self.student.padding
-            self.meter.add_padding.remote(self.name, padding.real - before.real, padding.padded - before.padded)
+            self.meter.add.remote(self.name, block, unscored=len(ids) - len(todo), unscored_bytes=sum(sizes) - sum(sizes[row] for row in todo),
+                                  real=padding.real - before.real, padded=padding.padded - before.padded)  # fmt: skip
         columns = {column: [None] * len(ids) for column in self.columns}
         reasons, details = batch[name("reject_reason")].to_pylist(), batch[name("reject_detail")].to_pylist()
         for row, row_stats in zip(todo, stats):
@@ -86,7 +92,8 @@ def score_stage(plan: DatasetPlan, index: int) -> Stage:
     name = functools.partial(per_student, index=index)
     return Stage(
         f"score {settings.students[index].name}", ScoreActor,
-        ("text_bytes", *(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail"))), tuple(name(c) for c in plan.contract.stats),
+        ("source_file", "row_number", "text_bytes", *(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail"))),
+        tuple(name(c) for c in plan.contract.stats),
         drops=(name("ids"), name("positions")),
         kwargs={"index": index, "settings": settings, "meter": plan.meter},
         # One call at a time either way; "true multi-threading" runs it on the actor's own thread, where
