@@ -76,7 +76,8 @@ def score_actors(dashboard: str) -> list:
 
 
 def test_job_submitted_to_a_two_node_cluster(local_cluster, tmp_path, corpus_path, student_dirs):
-    dashboard = local_cluster(3, 3).dashboard
+    nodes = local_cluster(3, 3)
+    dashboard = nodes.dashboard
     config = tmp_path / "job.yaml"
     out = tmp_path / "out"
     config.write_text(yaml.safe_dump({
@@ -88,7 +89,10 @@ def test_job_submitted_to_a_two_node_cluster(local_cluster, tmp_path, corpus_pat
         "output": {"path": str(out), "partition_by": ["source"]},
     }))  # fmt: skip
     assert submit(dashboard, str(config), [], working_dir=str(REPO)) == 0
-    assert len({a.node_id for a in score_actors(dashboard)}) == 2
+    actors = list_actors(address=dashboard, detail=True, limit=1000)
+    assert len({a.node_id for a in actors if "ScoreActor" in a.class_name}) == 2
+    # The progress meter lives with the driver (the head, under the Jobs API): losing a worker never takes it.
+    assert {a.node_id for a in actors if a.class_name == "ScoringMeter"} == {nodes.cluster.head_node.node_id}
 
     n_rows = len(corpus_path.read_text().splitlines())
     scores = duckdb.sql(f"SELECT * FROM read_parquet('{out}/student=*/**/*.parquet', hive_partitioning=true)")

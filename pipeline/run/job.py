@@ -17,6 +17,7 @@ import ray
 import ray._private.node
 from omegaconf import OmegaConf
 from ray._private import ray_constants
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.corpus.storage import Corpus, Location, check_output, locate, plan_corpus
 from pipeline.errors import RowError
@@ -202,7 +203,10 @@ def score_and_commit(
     files and what the scoring actors did (`ScoringMeter.read`)."""
     reject_paths = store.reject_paths() if mode == "incremental" else []
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
-    meter = ScoringMeter.remote()
+    # On the driver's node: a worker node's loss must not take the run's progress and padding with it.
+    meter = ScoringMeter.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ).remote()
     dataset = build_dataset(DatasetPlan(cfg, settings, plan.contract, plan.corpus, ray.put(survey), RunStamp(store.run_id, plan.started),
                                         already_scored(settings, store, mode), meter))  # fmt: skip
     partition_by = list(cfg.output.partition_by)
