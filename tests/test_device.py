@@ -116,3 +116,28 @@ def test_the_scoring_actor_turns_a_row_too_long_for_the_device_into_a_reject(tmp
     assert [r["reject_reason_0"] for r in out].count(errors.TOO_LONG_FOR_DEVICE) == 1
     assert out[longest]["reject_reason_0"] == errors.TOO_LONG_FOR_DEVICE and out[longest]["rank_surprisal_ratio_0"] is None
     assert all(r["rank_surprisal_ratio_0"] is not None for k, r in enumerate(out) if k != longest)
+
+
+def test_the_meter_tells_apart_blocks_that_start_in_the_same_corpus_row(tmp_path, student_dirs, encoded):
+    """A corpus row of several candidates may start two blocks: each block counts its own rows."""
+    import ray
+
+    from pipeline.run.results import ScoringMeter
+    from tests.conftest import start_ray
+
+    start_ray()
+    cfg = job_config(tmp_path, ["unused"], str(tmp_path / "out"), {"tiny": student_dirs["chatml"]})
+    meter = ScoringMeter.remote()
+    actor = ScoreActor(0, resolve_settings(cfg, RowContract.of(cfg), check_students(cfg), cluster_gpus=0), meter=meter)
+    candidates = encoded[:6]  # one corpus row's six candidates, cut into two blocks
+    for block in (range(0, 3), range(3, 6)):
+        actor(pa.table({
+            "source_file": ["/c/a.jsonl"] * 3, "row_number": [1] * 3, "sample_id": [f"row#{k}" for k in block],
+            "text_bytes": pa.array([100] * 3, pa.int64()),
+            "ids_0": pa.array([candidates[k].input_ids for k in block], pa.list_(pa.int32())),
+            "positions_0": pa.array([candidates[k].response_positions for k in block], pa.list_(pa.int32())),
+            "reject_reason_0": pa.array([None] * 3, pa.string()), "reject_detail_0": pa.array([None] * 3, pa.string()),
+        }))  # fmt: skip
+    done = ray.get(meter.read.remote())
+    assert (done["rows"], done["text_bytes"]) == (6, 600)
+    assert done["tokens"] == sum(len(c.response_positions) for c in candidates)

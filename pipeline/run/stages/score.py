@@ -52,8 +52,10 @@ class ScoreActor:
         todo = [row for row, row_ids in enumerate(ids) if row_ids is not None]
         sizes = text_bytes(batch).to_pylist()
         before = dataclasses.replace(self.student.padding)
-        # A block's first row names it, the same when a restarted actor scores it again.
-        block = f"{batch['source_file'][0].as_py()}:{batch['row_number'][0].as_py()}" if self.meter and batch.num_rows else ""
+        # A block's first trajectory names it, the same when a restarted actor scores it again (a corpus row
+        # of several candidates or teachers may start two blocks: its file and row number alone would not).
+        first = batch.slice(0, 1).select(["source_file", "row_number", "sample_id"]).to_pylist() if self.meter else []
+        block = ":".join(map(str, first[0].values())) if first else ""
         if self.meter:
             self.meter.begin.remote(self.name, block)
             if todo and not self.started:
@@ -92,7 +94,7 @@ def score_stage(plan: DatasetPlan, index: int) -> Stage:
     name = functools.partial(per_student, index=index)
     return Stage(
         f"score {settings.students[index].name}", ScoreActor,
-        ("source_file", "row_number", "text_bytes", *(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail"))),
+        ("source_file", "row_number", "sample_id", "text_bytes", *(name(c) for c in ("ids", "positions", "reject_reason", "reject_detail"))),
         tuple(name(c) for c in plan.contract.stats),
         drops=(name("ids"), name("positions")),
         kwargs={"index": index, "settings": settings, "meter": plan.meter},
