@@ -303,10 +303,11 @@ def validate(job: JobConfig) -> None:
         validate_shape(part, "input." if k == 0 and job.input.paths else f"input.sources.{k - bool(job.input.paths)}.", require)
     c = job.compute
     actors = c.actors_per_student
-    require(ACTORS.match(actors), f"compute.actors_per_student must be a number, a range min..max or auto, got {actors!r}")
     if ACTORS.match(actors):
         low, high = actor_bounds(actors)
         require(1 <= low <= (high or low), f"compute.actors_per_student {actors!r}: at least 1 actor, and min <= max")
+    else:
+        require(False, f"compute.actors_per_student must be a number, a range min..max or auto, got {actors!r}")
     require(c.gpus_per_actor is None or c.gpus_per_actor >= 0, "compute.gpus_per_actor must be >= 0")
     require(c.cpus_per_actor > 0, f"compute.cpus_per_actor must be > 0, got {c.cpus_per_actor}")
     o = job.output
