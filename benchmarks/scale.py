@@ -33,22 +33,36 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 """
 
 
-def write_corpus(path: Path, n_rows: int) -> None:
-    """`n_rows` copies of the synthetic corpus's good rows with unique ids, as files of 10,000 rows."""
-    rows_per_file = 10_000
-    path.mkdir(parents=True)
-    base = []
+def synthetic_rows() -> list[dict]:
+    """The synthetic corpus's good rows (the ones with a messages list)."""
+    rows = []
     for line in SYNTHETIC_CORPUS.read_text().splitlines():
         try:
             row = json.loads(line)
         except ValueError:
             continue
         if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            base.append(row)
-    for start in range(0, n_rows, rows_per_file):
-        with open(path / f"part-{start // rows_per_file:05d}.jsonl", "w") as f:
-            for i in range(start, min(start + rows_per_file, n_rows)):
-                f.write(json.dumps({**base[i % len(base)], "id": f"row-{i:07d}"}) + "\n")
+            rows.append(row)
+    return rows
+
+
+def write_rows(path: Path, start: int, stop: int) -> None:
+    """Rows `start` to `stop` of the endless synthetic corpus (its good rows over and over, each with an
+    id of its own) as one JSONL file."""
+    base = synthetic_rows()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(start, stop):
+            f.write(json.dumps({**base[i % len(base)], "id": f"row-{i:07d}"}) + "\n")
+
+
+ROWS_PER_FILE = 10_000
+
+
+def write_corpus(path: Path, n_rows: int) -> None:
+    """The first `n_rows` rows of the synthetic corpus as files of 10,000 rows."""
+    for start in range(0, n_rows, ROWS_PER_FILE):
+        write_rows(path / f"part-{start // ROWS_PER_FILE:05d}.jsonl", start, min(start + ROWS_PER_FILE, n_rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,10 +40,10 @@ def print_result(result) -> None:
         f"\n{result.tokens_scored} response tokens scored in {result.wall_s:.1f} s "
         f"({tokens_per_s:.0f} tokens/s end to end, model loading included)"
     )
+    if not sum(row["scored"] + row["rejected"] for row in result.counts.to_pylist()):
+        print("nothing new to score")
     if result.committed_files:
         print(f"committed {len(result.committed_files)} files under {result.output}")
-    else:
-        print("nothing new to score: no files written")
     for path in result.skipped_files:
         print(f"skipped (not .jsonl/.json/.parquet): {path}")
 

@@ -94,7 +94,7 @@ def test_every_bad_row_is_scored_or_quarantined(ray_runtime, tmp_path, bad_corpu
     [counts] = result.counts.to_pylist()
     n_scored = sum(v == "scored" for v in expected.values())
     assert counts == {"student": "tiny", "read": len(expected), "scored": n_scored,
-                      "rejected": len(expected) - n_scored, "skipped": 0, "sampled_out": 0, "content_dropped": 0}  # fmt: skip
+                      "rejected": len(expected) - n_scored, "skipped": 0, "sampled_out": 0, "content_dropped": 0, "unread": 0}  # fmt: skip
     truncated = duckdb.sql(f"SELECT sample_id FROM read_parquet('{out}/student=*/**/*.parquet') WHERE truncated").fetchall()
     assert truncated == [("very-long",)]
 

@@ -101,7 +101,7 @@ def test_a_killed_driver_loses_at_most_one_checkpoint(where, ray_runtime, tmp_pa
     ).fetchall()[0][0]
     assert 0 < scored_before < N_ROWS  # killed mid-run with at least one piece committed
     assert counts == {"student": "tiny", "read": N_ROWS, "scored": N_ROWS - scored_before, "rejected": 0,
-                      "skipped": scored_before, "sampled_out": 0, "content_dropped": 0}  # fmt: skip
+                      "skipped": scored_before, "sampled_out": 0, "content_dropped": 0, "unread": 0}  # fmt: skip
     n, distinct = duckdb.sql(f"SELECT count(*), count(DISTINCT (sample_id, student)) FROM read_parquet('{glob}')").fetchall()[0]
     assert n == distinct == N_ROWS  # every row once, in a plain glob read
     assert resumed.pieces >= 2

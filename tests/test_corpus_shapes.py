@@ -136,7 +136,7 @@ def test_one_job_scores_every_shape_as_the_same_rows_given_as_messages(tmp_path,
     [counts] = result.counts.to_pylist()
     n_thinking = sum(any("reasoning_content" in m or "thinking" in m for m in r["messages"]) for r in rows.values())
     assert counts == {"student": "tiny", "read": len(rows) + len(bad), "scored": len(rows), "rejected": len(bad),
-                      "skipped": 0, "sampled_out": 0, "content_dropped": n_thinking}  # the ChatML template ignores reasoning  # fmt: skip
+                      "skipped": 0, "sampled_out": 0, "content_dropped": n_thinking, "unread": 0}  # the ChatML template ignores reasoning  # fmt: skip
 
     scores = duckdb.sql(f"SELECT * FROM read_parquet('{out}/student=*/**/*.parquet', hive_partitioning=true)").df()
     assert sorted(scores["sample_id"]) == sorted(rows)

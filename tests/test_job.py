@@ -76,7 +76,7 @@ def test_mixed_corpus_two_students(ray_runtime, tmp_path, mixed_corpus, student_
     n_bad = len(BAD_JSONL_LINES) + 1
     for row in result.counts.to_pylist():
         assert row == {"student": row["student"], "read": len(good) + n_bad, "scored": len(good),
-                       "rejected": n_bad, "skipped": 0, "sampled_out": 0, "content_dropped": 0}  # fmt: skip
+                       "rejected": n_bad, "skipped": 0, "sampled_out": 0, "content_dropped": 0, "unread": 0}  # fmt: skip
 
     scores = read_scores(out)
     expected_columns = {"sample_id", "problem_id", "source", "student", "student_revision", "rank_clip",
@@ -125,6 +125,7 @@ def test_scores_and_writes_through_s3(ray_runtime, tmp_path, corpus_path, studen
             "skipped": 0,
             "sampled_out": 0,
             "content_dropped": 0,
+            "unread": 0,
         }
     ]
     assert fs.exists(f"corpora/out/_runs/{result.run_id}.json")

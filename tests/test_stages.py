@@ -202,7 +202,9 @@ def test_results_of_a_block(cfg):
     })  # fmt: skip
     tally = Tally(["source"])
     tally.add(measure_block(block, ["source"]))
-    assert tally.counts == {"tiny": {"read": 3, "scored": 1, "rejected": 1, "skipped": 1, "sampled_out": 0, "content_dropped": 1}}
+    assert tally.counts == {
+        "tiny": {"read": 3, "scored": 1, "rejected": 1, "skipped": 1, "sampled_out": 0, "content_dropped": 1, "unread": 0}
+    }
     assert tally.tokens == 5 and tally.summary(("student",))["rsr"].to_pylist() == [2.0]
 
 

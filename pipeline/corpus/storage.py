@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import fsspec.utils
@@ -30,6 +31,10 @@ class Location:
     def url(self, path: str | None = None) -> str:
         path = self.path if path is None else path
         return f"s3://{path}" if self.scheme == "s3" else path
+
+    def path_of(self, url: str) -> str:
+        """The path on `fs` of one of this location's URLs."""
+        return url.removeprefix("s3://")
 
     def join(self, *parts: str) -> Location:
         return Location(self.fs, "/".join([self.path.rstrip("/"), *parts]), self.scheme)
@@ -88,8 +93,16 @@ def open_corpus_file(fs: fsspec.AbstractFileSystem, path: str):
     return fs.open(path, "rb", compression=fsspec.utils.infer_compression(path))
 
 
-def expand_inputs(urls: list[str], storage: StorageConfig, configured_format: str) -> tuple[Location, list[str], list[str]]:
-    """Files named by `urls` (files, directories, globs), as (location, files, skipped files).
+def file_version(info: dict) -> str:
+    """What tells a file's content apart from its earlier content without reading it: its size with its
+    ETag on S3, or with its modification time locally."""
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+    return f"{info['size']}:{stamp}"
+
+
+def expand_inputs(urls: list[str], storage: StorageConfig, configured_format: str) -> tuple[Location, dict[str, str], list[str]]:
+    """Files named by `urls` (files, directories, globs), as (location, {file: `file_version`}, skipped
+    files), from the listings (one request per folder on S3, not one per file).
 
     All inputs share one filesystem (all local or all on one S3 endpoint). A path that does not exist
     or matches nothing is an error; files in directories whose extension is not a corpus format are
@@ -98,31 +111,35 @@ def expand_inputs(urls: list[str], storage: StorageConfig, configured_format: st
     locations = [locate(url, storage) for url in urls]
     if len({loc.scheme for loc in locations}) > 1:
         raise ConfigError("input.paths mixes local and s3:// paths; run them as separate jobs")
-    files, skipped = [], []
+    files, skipped = {}, []
     for url, loc in zip(urls, locations):
         try:
             if any(ch in loc.path for ch in "*?["):
-                matches = [p for p in loc.fs.glob(loc.path) if loc.fs.isfile(p)]
+                matches = {p: info for p, info in loc.fs.glob(loc.path, detail=True).items() if info["type"] == "file"}
             elif loc.fs.isdir(loc.path):
-                matches = sorted(p for p in loc.fs.find(loc.path) if not os.path.basename(p).startswith((".", "_")))
+                found = loc.fs.find(loc.path, detail=True)
+                matches = {p: info for p, info in sorted(found.items()) if not os.path.basename(p).startswith((".", "_"))}
             elif loc.fs.isfile(loc.path):
                 format_of(loc.path, configured_format)  # an explicitly named file must have a known format
-                matches = [loc.path]
+                matches = {loc.path: loc.fs.info(loc.path)}
             else:
-                matches = []
+                matches = {}
         except (PermissionError, OSError) as exc:
             raise ConfigError(f"cannot read input path {url}: {exc}") from exc
         if not matches:
             raise ConfigError(f"input path not found or empty: {url}")
         hf_dataset = any(p.endswith(".arrow") for p in matches)
-        for path in matches:
+        for path, info in matches.items():
             known = configured_format != "auto" or _known_format(path) is not None
             if hf_dataset and os.path.basename(path) in HF_DATASET_METADATA:
                 known = False
-            (files if known else skipped).append(path)
+            if known:
+                files[path] = file_version(info)
+            else:
+                skipped.append(path)
     if not files:
         raise ConfigError(f"no corpus files (.jsonl, .json, .parquet, JSON compressed as {COMPRESSIONS}) under {urls}")
-    return locations[0], sorted(set(files)), skipped
+    return locations[0], dict(sorted(files.items())), skipped
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
@@ -168,18 +185,38 @@ def path_field_values(urls: list[str], storage: StorageConfig, files: list[str],
 @dataclass(frozen=True)
 class Corpus:
     """A run's corpus files, on one filesystem, each with the corpus part (`config.input_sources`) that
-    names it and the values of that part's path fields."""
+    names it and the values of that part's path fields; those a run reads (`files`) and those it leaves
+    unread, unchanged since a run accounted for them (`unread`, `Corpus.leaving_unread`)."""
 
     location: Location
-    files: list[str]  # paths on location.fs
+    files: list[str]  # paths on location.fs, read by the run
     skipped: list[str]  # files in the input folders that are not corpus files
     parts: list[InputConfig]
     part_of: dict[str, int]  # file URL -> index into parts
     path_values: dict[str, dict]  # file URL -> {path field: value}
+    versions: dict[str, str] = field(default_factory=dict)  # file URL -> `file_version`, every corpus file
+    unread: tuple[str, ...] = ()  # URLs of the corpus files the run leaves unread
 
     @property
     def urls(self) -> list[str]:
+        """The URLs of the files the run reads."""
         return [self.location.url(path) for path in self.files]
+
+    @property
+    def file_order(self) -> list[str]:
+        """Every corpus file in the order whose first row of an id wins (`stages.dedupe`): the files left
+        unread first (their rows were committed first), then the files read, each in path order."""
+        return [*self.unread, *self.urls]
+
+    def leaving_unread(self, urls: set[str]) -> Corpus:
+        """This corpus with the files `urls` left unread (those unread so far stay unread)."""
+        unread = sorted({*self.unread, *urls})
+        return dataclasses.replace(self, files=[p for p in self.files if self.location.url(p) not in urls], unread=tuple(unread))
+
+    def reading(self, urls: set[str]) -> Corpus:
+        """This corpus with the unread files `urls` read after all."""
+        files = sorted([*self.files, *(self.location.path_of(url) for url in urls)])
+        return dataclasses.replace(self, files=files, unread=tuple(u for u in self.unread if u not in urls))
 
     def format_setting(self, path: str) -> str:
         """The configured format of the part that names `path` (auto: by extension)."""
@@ -189,7 +226,7 @@ class Corpus:
 def plan_corpus(input_cfg: InputConfig, storage: StorageConfig) -> Corpus:
     """Expand every corpus part's paths to files (`expand_inputs`); a file named by two parts is an error."""
     parts = input_sources(input_cfg)
-    location, files, skipped, part_of, path_values = None, [], [], {}, {}
+    location, files, skipped, part_of, path_values, versions = None, [], [], {}, {}, {}
     for k, part in enumerate(parts):
         part_location, part_files, part_skipped = expand_inputs(part.paths, storage, part.format)
         if location is not None and part_location.scheme != location.scheme:
@@ -200,7 +237,8 @@ def plan_corpus(input_cfg: InputConfig, storage: StorageConfig) -> Corpus:
             if url in part_of:
                 raise ConfigError(f"{url} is named by two input parts ({part_of[url]} and {k}): each file belongs to one")
             part_of[url] = k
-        files += part_files
+            versions[url] = part_files[path]
+        files += list(part_files)
         skipped += part_skipped
         path_values.update(path_field_values(part.paths, storage, part_files, part.path_fields))
-    return Corpus(location, sorted(files), skipped, parts, part_of, path_values)
+    return Corpus(location, sorted(files), skipped, parts, part_of, path_values, versions)

@@ -3,6 +3,7 @@ the corpus, score and stream the results into committed pieces, finish (summarie
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -21,6 +22,16 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.corpus.storage import Corpus, Location, check_output, locate, plan_corpus
 from pipeline.errors import RowError
+from pipeline.run.accounted import (
+    FileRecord,
+    earlier_records,
+    files_missing_groups,
+    group_columns,
+    run_fingerprint,
+    run_records,
+    unchanged_files,
+    unread_rows,
+)
 from pipeline.run.committed import committed_reject_keys, scored_keys
 from pipeline.run.config import ConfigError, JobConfig, actor_bounds
 from pipeline.run.dataset import build_dataset
@@ -62,6 +73,7 @@ class RunResult:
     lock_taken_over: str | None  # why an earlier run's lock was taken over
     sample: GroupSample | None  # with `input.sample`: the groups the run chose
     fixed_s: float  # from the start until the first scoring call began (the whole run when none did)
+    unread_files: int  # corpus files left unread: unchanged since a completed run accounted for them
 
 
 @dataclass(frozen=True)
@@ -194,13 +206,42 @@ def already_scored(settings: RunSettings, store: OutputStore, mode: str) -> tupl
     )
 
 
+def survey_new_files(
+    cfg: JobConfig, plan: RunPlan, store: OutputStore, earlier: dict[str, FileRecord]
+) -> tuple[Corpus, CorpusSurvey]:
+    """The corpus with the files unchanged since the run that recorded them (`earlier`) left unread, and
+    its survey: the files read, with the ids and groups of those left unread from their index. A file
+    left unread whose rows in the sample's chosen groups were sampled out then is read after all (the
+    survey is taken again: the same groups are chosen, its rows were surveyed from the index)."""
+    groups = group_columns(cfg)
+    index_to, _ = store.inputs_index
+
+    def survey(corpus: Corpus) -> CorpusSurvey:
+        records = [earlier[url] for url in corpus.unread]
+        unread = [unread_rows.remote(store.root, records, corpus.file_order, groups)] if records else []
+        return survey_corpus(cfg, plan.contract, corpus, unread, index_to)
+
+    corpus = plan.corpus.leaving_unread(unchanged_files(plan.corpus, earlier))
+    found = survey(corpus)
+    if found.sample and corpus.unread:
+        records = [earlier[url] for url in corpus.unread]
+        missing = ray.get(files_missing_groups.remote(store.root, records, groups, found.sample.chosen))
+        if missing:
+            corpus = corpus.reading(missing)
+            found = survey(corpus)
+    return corpus, found
+
+
 def score_and_commit(
     cfg: JobConfig, settings: RunSettings, plan: RunPlan, store: OutputStore, mode: str, survey: CorpusSurvey,
     progress: Callable[[str], None] | None,
 ) -> tuple[Tally, list[str], dict]:  # fmt: skip
     """Stream the results: each block counted where it lives, then added to a piece that is committed
     every checkpoint; then check that they account for every row. Returns the run's tally, its committed
-    files and what the scoring actors did (`ScoringMeter.read`)."""
+    files and what the scoring actors did (`ScoringMeter.read`). Nothing to read: nothing to do."""
+    partition_by = list(cfg.output.partition_by)
+    if not plan.corpus.files:
+        return Tally(partition_by), [], ScoringMeter.NOTHING
     reject_paths = store.reject_paths() if mode == "incremental" else []
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
     # On the driver's node: a worker node's loss must not take the run's progress and padding with it.
@@ -209,7 +250,6 @@ def score_and_commit(
     ).remote()
     dataset = build_dataset(DatasetPlan(cfg, settings, plan.contract, plan.corpus, ray.put(survey), RunStamp(store.run_id, plan.started),
                                         already_scored(settings, store, mode), meter))  # fmt: skip
-    partition_by = list(cfg.output.partition_by)
     tally = Tally(partition_by)
     checkpoints = Checkpoints(cfg, plan.contract, store, known_rejects, tally)
     students = [student.name for student in settings.students]
@@ -235,16 +275,20 @@ def finish(
     survey: CorpusSurvey,
     tally: Tally,
     padding: dict[str, float],
+    inputs: dict,
 ) -> list[str]:
-    """After the last piece: the run's summaries and manifest (when it committed anything, or overwrites)."""
-    if not (store.pieces_committed or mode == "overwrite"):
+    """After the last piece: the run's summaries, the index of the files it read and its manifest with
+    their `inputs` records (when it committed anything, read any file, or overwrites)."""
+    if not (store.pieces_committed or plan.corpus.files or mode == "overwrite"):
         return []
     manifest = {
         "mode": mode,
         "started_at": plan.started.isoformat(),
         "students": [student.manifest() | {"padding_efficiency": padding.get(student.name)} for student in settings.students],
         "counts": tally.counts_table().to_pylist(),
-        "input_files": len(plan.corpus.files),
+        "input_files": len(plan.corpus.file_order),
+        "unread_files": len(plan.corpus.unread),
+        "inputs": inputs,
         "sample": {"eligible_groups": survey.sample.eligible, "chosen_groups": len(survey.sample.chosen)}
         if survey.sample
         else None,
@@ -268,12 +312,19 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         mode = resolve_mode(cfg.output.mode, store.has_runs)
         ensure_ray(cfg, quiet)
         settings = resolve_settings(cfg, plan.contract, plan.students, ray.cluster_resources().get("GPU", 0))
-        survey = survey_corpus(cfg, plan.contract, plan.corpus)
+        fingerprint = run_fingerprint(cfg, settings)
+        earlier = earlier_records(store.manifests, fingerprint) if mode == "incremental" else {}
+        corpus, survey = survey_new_files(cfg, plan, store, earlier)
+        plan = dataclasses.replace(plan, corpus=corpus)
+        if corpus.unread:
+            print(describe_unread(corpus, earlier), flush=True)
         if survey.sample:
             print(survey.sample.describe(cfg.input.sample), flush=True)
         tally, committed, scoring = score_and_commit(cfg, settings, plan, store, mode, survey, progress)
+        tally.add_unread(sum(earlier[url].rows for url in corpus.unread), [student.name for student in settings.students])
         padding = padding_efficiency(scoring)
-        committed += finish(cfg, settings, plan, store, mode, survey, tally, padding)
+        inputs = {"fingerprint": fingerprint, "files": run_records(corpus, earlier, survey.rows_per_file, store.inputs_index[1])}
+        committed += finish(cfg, settings, plan, store, mode, survey, tally, padding, inputs)
     wall_s = time.perf_counter() - started
     return RunResult(
         run_id=store.run_id,
@@ -291,4 +342,11 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         lock_taken_over=store.taken_over,
         sample=survey.sample,
         fixed_s=wall_s if scoring["first_at"] is None else scoring["first_at"] - started_at,
+        unread_files=len(plan.corpus.unread),
     )
+
+
+def describe_unread(corpus: Corpus, earlier: dict[str, FileRecord]) -> str:
+    rows = sum(earlier[url].rows for url in corpus.unread)
+    return (f"unread: {len(corpus.unread):,} of {len(corpus.file_order):,} files ({rows:,} rows), unchanged since a "
+            f"completed run accounted for them with the same settings; reading {len(corpus.files):,}")  # fmt: skip

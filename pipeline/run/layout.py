@@ -20,10 +20,11 @@ from pipeline.run.lock import AtomicObject
 #   student=<name>/<partition col>=<value>/<run_id>_*.parquet   scores (hive-partitioned by pyarrow)
 #   _rejects/run_id=<run_id>/*.parquet                          quarantined rows
 #   _summary/run_id=<run_id>/by_student.parquet, ...             dataset-level values
+#   _inputs/run_id=<run_id>/*.parquet                           the ids and groups of the files a run read
 #   _runs/<run_id>-pNNNN.json, _runs/<run_id>.json               commit manifests
 #   _staging/<piece or run id>/                                  a piece before its commit
 #   _lock.json                                                   the running job's lock
-RUNS_DIR, STAGING_DIR, REJECTS_DIR, SUMMARY_DIR = "_runs", "_staging", "_rejects", "_summary"
+RUNS_DIR, STAGING_DIR, REJECTS_DIR, SUMMARY_DIR, INPUTS_DIR = "_runs", "_staging", "_rejects", "_summary", "_inputs"
 SCORES_PARTITION = "student"  # the first hive partition of the score files
 
 
@@ -40,6 +41,11 @@ def rejects_dir(base: Location, run_id: str) -> Location:
 def summary_dir(base: Location, run_id: str) -> Location:
     """A run's summary folder under `base` (the root, or a staging folder in the final layout)."""
     return base.join(SUMMARY_DIR, f"run_id={run_id}")
+
+
+def inputs_dir(base: Location, run_id: str) -> Location:
+    """A run's index of the input files it read (`pipeline.run.accounted`) under `base`."""
+    return base.join(INPUTS_DIR, f"run_id={run_id}")
 
 
 def read_manifests(root: Location) -> list[dict]:

@@ -21,6 +21,7 @@ from pipeline.run.layout import (
     RUNS_DIR,
     SCORES_PARTITION,
     STAGING_DIR,
+    inputs_dir,
     read_manifests,
     rejects_dir,
     scores_prefix,
@@ -149,9 +150,23 @@ class OutputStore:
         self.pieces_committed += 1
         return self._commit(staging, {"counts": counts, "run_id": self.run_id, "piece": self.pieces_committed}, name)
 
+    @property
+    def run_staging(self) -> Location:
+        """Where the run's own files wait for its commit (`commit_run`)."""
+        return self.root.join(STAGING_DIR, self.run_id)
+
+    @property
+    def inputs_index(self) -> tuple[Location, str]:
+        """Where the run writes the index of the files it reads (`pipeline.run.accounted`), and where
+        its commit puts it (relative to the root)."""
+        return inputs_dir(self.run_staging, self.run_id), posixpath.relpath(
+            inputs_dir(self.root, self.run_id).path, self.root.path
+        )
+
     def commit_run(self, manifest: dict, summaries: dict[str, pa.Table]) -> list[str]:
-        """The run's summaries and its own manifest (totals, `completed`), after its last piece."""
-        staging = self.root.join(STAGING_DIR, self.run_id)
+        """The run's summaries, its index of the files it read and its own manifest (totals, `completed`),
+        after its last piece."""
+        staging = self.run_staging
         directory = summary_dir(staging, self.run_id)
         staging.fs.makedirs(directory.path, exist_ok=True)
         for name, table in summaries.items():

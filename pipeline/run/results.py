@@ -76,6 +76,11 @@ class Tally:
         for by, sums in part.sums.items():
             self.sums[by] = combine_sums([self.sums[by], sums], by) if by in self.sums else sums
 
+    def add_unread(self, rows: int, students: list[str]) -> None:
+        """The `rows` of the files the run left unread, for every student."""
+        for student in students:
+            self.counts.setdefault(student, dict.fromkeys(COUNT_COLUMNS, 0))["unread"] = rows
+
     def counts_table(self) -> pa.Table:
         return pa.Table.from_pylist([{"student": s, **self.counts[s]} for s in sorted(self.counts)])
 
@@ -160,6 +165,7 @@ class ScoringMeter:
     first actor or node was lost) starts over, so that its rows count once."""
 
     COUNTED = ("rows", "tokens", "text_bytes", "unscored", "unscored_bytes", "real", "padded")
+    NOTHING = {**dict.fromkeys(COUNTED, 0), "first_at": None, "padding": {}}  # `read` of a run that scored nothing
 
     def __init__(self):
         self.blocks: dict[tuple[str, str], dict[str, int]] = {}  # (student, block) -> its counts so far

@@ -69,7 +69,8 @@ TOKENIZED = {
 }
 STAT_TYPES = {"resp_token_length": pa.int64()}  # the other statistics are float64
 
-COUNT_COLUMNS = ["read", *Status, "content_dropped"]  # read = scored + rejected + skipped + sampled_out
+COUNT_COLUMNS = ["read", *Status, "content_dropped", "unread"]  # read = scored + rejected + skipped + sampled_out;
+# unread: the rows of files left unread, unchanged since a run accounted for them (`pipeline.run.accounted`)
 
 
 class IncompleteRun(RuntimeError):

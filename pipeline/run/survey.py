@@ -4,7 +4,7 @@ bytes (for the time left), its row columns' types and, with `input.sample`, the 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,7 +12,8 @@ import ray
 from ray.data.aggregate import Min, Sum
 from ray.data.context import ShuffleStrategy
 
-from pipeline.corpus.storage import Corpus
+from pipeline.corpus.storage import Corpus, Location
+from pipeline.run.accounted import group_columns, index_batch
 from pipeline.run.config import JobConfig, SampleConfig
 from pipeline.run.schema import RowContract
 from pipeline.run.stages.base import row_order, text_bytes
@@ -33,9 +34,10 @@ def row_column_types(schemas: list[pa.Schema], columns: tuple[str, ...]) -> dict
 
 
 @ray.remote(num_cpus=0)
-def block_summary(block: pa.Table) -> tuple[pa.Schema, int, int]:
-    """A surveyed block's schema (for the row columns' types), its rows and the bytes of their messages."""
-    return block.schema, block.num_rows, pc.sum(block["text_bytes"]).as_py() or 0
+def block_summary(block: pa.Table) -> tuple[pa.Schema, dict[str, int], int]:
+    """A surveyed block's schema (for the row columns' types), its rows per file and the bytes of their messages."""
+    files = pc.value_counts(block["source_file"]).to_pylist()
+    return block.schema, {f["values"]: f["counts"] for f in files}, pc.sum(block["text_bytes"]).as_py() or 0
 
 
 NOT_VALID = 1 << 62  # the order of an invalid row: never an id's first valid row
@@ -43,8 +45,8 @@ NOT_VALID = 1 << 62  # the order of an invalid row: never an id's first valid ro
 
 def order_batch(batch: pa.Table, file_numbers: dict[str, int], group_columns: list[str], row_columns: list[str]) -> pa.Table:
     """Every parsed row as (sample_id, its `row_order` or NOT_VALID, whether it is valid, the bytes of
-    its messages), with the sample's group columns as text (`input.sample`) and the row columns as
-    parsed (for their types)."""
+    its messages, its file and row number), with the sample's group columns as text (`input.sample`) and
+    the row columns as parsed (for their types)."""
     valid = pc.is_valid(batch["content_hash"]).to_pylist()
     places = zip(batch["source_file"].to_pylist(), batch["row_number"].to_pylist(), valid)
     order = [row_order(file_numbers[f], r) if ok else NOT_VALID for f, r, ok in places]
@@ -54,6 +56,8 @@ def order_batch(batch: pa.Table, file_numbers: dict[str, int], group_columns: li
             "order": pa.array(order, pa.int64()),
             "valid": pa.array([int(ok) for ok in valid], pa.int64()),
             "text_bytes": text_bytes(batch),
+            "source_file": batch["source_file"],
+            "row_number": batch["row_number"],
             **{f"group:{column}": pc.cast(batch[column], pa.string()) for column in group_columns},
             **{column: batch[column] for column in row_columns},
         }
@@ -83,6 +87,7 @@ class CorpusSurvey:
     text_bytes: int  # their messages in bytes: the work each student will do, for the time left
     row_types: dict[str, pa.DataType]  # each row column's one type (`row_column_types`)
     sample: GroupSample | None = None
+    rows_per_file: dict[str, int] = field(default_factory=dict)  # the parsed rows of each file read
 
 
 @dataclass(frozen=True)
@@ -117,35 +122,76 @@ def choose_groups(pairs: pa.Table, sample: SampleConfig) -> GroupSample:
     return GroupSample(len(eligible), frozenset(chosen), frozenset(every - {None}))
 
 
-def survey_corpus(cfg: JobConfig, contract: RowContract, corpus: Corpus) -> CorpusSurvey:
-    """Read and parse the corpus once to find repeated ids (a distributed group-by in Ray Data: no
-    process holds every id, only the repeated ones) and count its rows and their bytes (for the time-left
-    estimate)."""
-    file_numbers = {url: number for number, url in enumerate(corpus.urls)}
+ID_COLUMNS = ["sample_id", "order", "valid"]
+
+
+def survey_corpus(
+    cfg: JobConfig, contract: RowContract, corpus: Corpus, unread: list = (), index_to: Location | None = None
+) -> CorpusSurvey:
+    """Read and parse the files the run reads once to find repeated ids (a distributed group-by in Ray
+    Data: no process holds every id, only the repeated ones), with the `unread` rows (references to
+    `accounted.unread_rows` tables) of the files it leaves unread, and count its rows and their bytes
+    (for the time-left estimate). The index of the files read (`accounted.index_batch`) goes to `index_to`."""
+    file_numbers = {url: number for number, url in enumerate(corpus.file_order)}
     sample = cfg.input.sample
-    group_columns = [c for c in (sample.by, sample.shared_by) if c] if sample else []
-    ds = parse_stage(cfg, contract, corpus).apply(ray.data.read_datasource(CorpusDatasource(corpus)))
-    ds = ds.map_batches(
-        order_batch,
-        fn_kwargs={"file_numbers": file_numbers, "group_columns": group_columns, "row_columns": list(contract.row)},
-        batch_format="pyarrow",
-    )
-    # The default hash shuffle starts aggregator actors for 200 partitions: ~30 s of fixed time on a
-    # small runtime; the task-based sort shuffle costs well under a second once workers are warm.
-    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    ds = ds.materialize()  # one read serves the group-bys, the totals and the row columns' types
-    blocks = ray.get([block_summary.remote(ref) for ref in ds.to_arrow_refs()])
+    groups = group_columns(cfg)
+    parts, blocks = [], []
+    if corpus.files:
+        read = parse_stage(cfg, contract, corpus).apply(ray.data.read_datasource(CorpusDatasource(corpus)))
+        read = read.map_batches(
+            order_batch,
+            fn_kwargs={"file_numbers": file_numbers, "group_columns": groups, "row_columns": list(contract.row)},
+            batch_format="pyarrow",
+        ).materialize()  # one read serves the group-bys, the totals, the row columns' types and the index
+        blocks = ray.get([block_summary.remote(ref) for ref in read.to_arrow_refs()])
+        parts.append(read)
+    if unread:
+        parts.append(ray.data.from_arrow_refs(unread))
     chosen = None
     if sample:  # the distinct (group, shared value) pairs of valid rows: problems x teachers, small
-        valid = ds.map_batches(valid_groups, fn_kwargs={"group_columns": group_columns}, batch_format="pyarrow")
-        pairs = valid.groupby(group_columns).count().to_arrow_refs()
+        valid = [part.map_batches(valid_groups, fn_kwargs={"group_columns": groups}, batch_format="pyarrow") for part in parts]
+        pairs = _shuffled(valid).groupby(groups).count().to_arrow_refs() if valid else []
         tables = [table for table in ray.get(pairs) if table.num_rows]
         chosen = choose_groups(
-            pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in group_columns}), sample
+            pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in groups}), sample
         )
-    groups = ds.groupby("sample_id").aggregate(Sum("valid"), Min("order"))
-    repeated = ray.get(groups.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs())
-    # A group-by over no valid row yields blocks without columns.
-    duplicates = pa.concat_tables([REPEATED_IDS.empty_table(), *(table for table in repeated if table.num_rows)])
-    schemas, rows, sizes = zip(*blocks) if blocks else ((), (), ())
-    return CorpusSurvey(duplicates, sum(rows), sum(sizes), row_column_types(schemas, contract.row), chosen)
+    duplicates = REPEATED_IDS.empty_table()
+    if parts:
+        ids = (
+            _shuffled([part.select_columns(ID_COLUMNS) for part in parts])
+            .groupby("sample_id")
+            .aggregate(Sum("valid"), Min("order"))
+        )
+        repeated = ray.get(ids.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs())
+        # A group-by over no valid row yields blocks without columns.
+        duplicates = pa.concat_tables([duplicates, *(table for table in repeated if table.num_rows)])
+    if corpus.files and index_to is not None:
+        _write_index(parts[0], duplicates, chosen, groups, index_to)
+    schemas, files, sizes = zip(*blocks) if blocks else ((), (), ())
+    rows_per_file = {url: sum(counts.get(url, 0) for counts in files) for url in corpus.urls}
+    return CorpusSurvey(
+        duplicates, sum(rows_per_file.values()), sum(sizes), row_column_types(schemas, contract.row), chosen, rows_per_file
+    )
+
+
+def _shuffled(parts: list):
+    """The union of `parts`, grouped by the task-based sort shuffle: the default hash shuffle starts
+    aggregator actors for 200 partitions (~30 s of fixed time on a small runtime); the sort shuffle
+    costs well under a second once workers are warm."""
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return ds
+
+
+INDEX_ROWS_PER_FILE = 1_000_000  # a few files, not one per block: the index is read whole by one task
+
+
+def _write_index(surveyed, duplicates: pa.Table, chosen: GroupSample | None, groups: list[str], index_to: Location) -> None:
+    """The index of the files read (their valid rows that first carry their ids), written where the
+    run's commit picks it up; a survey taken again (a grown sample) replaces it."""
+    if index_to.fs.exists(index_to.path):
+        index_to.fs.rm(index_to.path, recursive=True)
+    first_rows = dict(zip(duplicates["sample_id"].to_pylist(), duplicates["min(order)"].to_pylist()))
+    kwargs = {"first_rows": first_rows, "chosen": chosen.chosen if chosen else None, "groups": groups}
+    index = surveyed.map_batches(index_batch, fn_kwargs=kwargs, batch_format="pyarrow")
+    index.write_parquet(index_to.path, filesystem=index_to.arrow_fs(), min_rows_per_file=INDEX_ROWS_PER_FILE)

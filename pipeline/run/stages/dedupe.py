@@ -43,4 +43,4 @@ def reject_duplicates(batch: pa.Table, first_rows: dict[str, int], file_urls: li
 
 def dedupe_stage(plan: DatasetPlan) -> Stage:
     return Stage("dedupe", mark_duplicates, ("sample_id", "source_file", "row_number", "content_hash", "reject_reason", "reject_detail"), (),
-                 kwargs={"survey": [plan.survey], "file_urls": plan.corpus.urls})  # fmt: skip
+                 kwargs={"survey": [plan.survey], "file_urls": plan.corpus.file_order})  # fmt: skip
