@@ -53,7 +53,8 @@ def output_rows(out: Path) -> tuple[int, int]:
     root = locate(str(out), None)
     files = [root.join(f).path for f in layout.committed_files(root) if f.startswith(("student=", "_rejects/"))]
     query = f"SELECT count(*), count(DISTINCT sample_id) FROM read_parquet({json.dumps(files)}, union_by_name = true)"
-    return duckdb.sql(query).fetchone()
+    [(rows, ids)] = duckdb.sql(query).fetchall()
+    return rows, ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         night = run_job(job, env)
         fresh = run_job(write_config(tmp / "fresh.yaml", new_file, tmp / "fresh-out", args.student), env)
 
-        rows, ids = output_rows(out)
-        total = args.rows + args.new_rows
         print(f"\n{'run':<44}{'wall s':>8}")
         print(f"{f'first: {args.rows:,} rows':<44}{first:>8.1f}")
         print(f"{f'night: {args.new_rows:,} new rows beside them':<44}{night:>8.1f}")
         print(f"{f'fresh: the {args.new_rows:,} new rows alone':<44}{fresh:>8.1f}")
         print(f"the night costs {night / fresh:.2f}x a fresh run over its new rows")
+        rows, ids = output_rows(out)
+        total = args.rows + args.new_rows
         print(f"output: {rows:,} rows scored or rejected, {ids:,} distinct ids, of {total:,} in the corpus")
         return 0 if rows == ids == total else 1
 

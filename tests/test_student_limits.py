@@ -168,13 +168,19 @@ def test_a_block_scored_again_after_a_lost_actor_counts_once():
 
     start_ray()
     meter = ScoringMeter.remote()
-    for attempt in range(2):  # the first actor died after its first batch; the second scores the whole block
-        ray.get(meter.begin.remote("tiny", "f.jsonl:1"))
+    for node in ("lost", "left"):  # the first actor's node died after its first batch; the second scores the whole block
+        ray.get(meter.begin.remote("tiny", "f.jsonl:1", node, 20))
         ray.get(meter.add.remote("tiny", "f.jsonl:1", rows=10, tokens=400, text_bytes=1_000))
-        if attempt:
+        if node == "lost":
+            assert ray.get(meter.in_flight.remote("lost")) == 20  # what a loss now would have scored again
+        else:
             ray.get(meter.add.remote("tiny", "f.jsonl:1", rows=10, tokens=500, text_bytes=1_200, real=900, padded=1_000))
-    ray.get(meter.begin.remote("tiny", "f.jsonl:21"))
+            ray.get(meter.end.remote("tiny", "f.jsonl:1"))
+    ray.get(meter.begin.remote("tiny", "f.jsonl:21", "left", 5))
     ray.get(meter.add.remote("tiny", "f.jsonl:21", unscored=5, unscored_bytes=300, real=90, padded=100))
+    assert ray.get(meter.in_flight.remote("left")) == 5 and ray.get(meter.in_flight.remote("lost")) == 0
+    ray.get(meter.end.remote("tiny", "f.jsonl:21"))
     done = ray.get(meter.read.remote())
     assert (done["rows"], done["tokens"], done["text_bytes"], done["unscored"]) == (20, 900, 2_200, 5)
     assert padding_efficiency(done) == {"tiny": 990 / 1_100}
+    assert done["redone"] == 20  # the block begun again

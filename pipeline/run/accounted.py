@@ -112,15 +112,49 @@ def _read_index(root: Location, records: list[FileRecord], groups: list[str], co
     return pa.concat_tables(tables)
 
 
+@dataclass(frozen=True)
+class UnreadFiles:
+    """The files a run leaves unread (their `records`), as their index tells them to the survey: the ids
+    that files read carry too (each a duplicate of the unread file's committed row) and the groups."""
+
+    root: Location
+    records: list[FileRecord]
+    groups: list[str]  # the columns of `input.sample`
+
+    def rows_with_ids(self, id_blocks: list, file_order: list[str]) -> ray.ObjectRef:
+        """The reference of their indexed rows whose ids the `id_blocks` (references to tables with a
+        sample_id column: the files read) carry, as the survey's id rows: sample_id, its `row_order` in
+        `file_order`, valid (1). Only those can make a row read a duplicate."""
+        return _rows_with_ids.remote(self.root, self.records, self.groups, id_blocks, file_order)
+
+    def group_pairs(self) -> ray.ObjectRef:
+        """The reference of the distinct values of their rows' group columns (`input.sample`)."""
+        return _group_pairs.remote(self.root, self.records, self.groups)
+
+
 @ray.remote
-def unread_rows(root: Location, records: list[FileRecord], file_order: list[str], groups: list[str]) -> pa.Table:
-    """The indexed rows of files left unread as the survey's rows (`survey.order_batch`): sample_id, its
-    `row_order` in `file_order`, valid, and the sample's group columns."""
-    table = _read_index(root, records, groups, ["source_file", "row_number", "sample_id", *(f"group:{c}" for c in groups)])
+def _rows_with_ids(
+    root: Location, records: list[FileRecord], groups: list[str], id_blocks: list, file_order: list[str]
+) -> pa.Table:
+    ids = pa.concat_arrays([block["sample_id"].combine_chunks() for block in ray.get(id_blocks)] or [pa.array([], pa.string())])
+    table = _read_index(root, records, groups, ["source_file", "row_number", "sample_id"], pads.field("sample_id").isin(ids))
     numbers = {url: number for number, url in enumerate(file_order)}
     order = [row_order(numbers[f], r) for f, r in zip(table["source_file"].to_pylist(), table["row_number"].to_pylist())]
-    return pa.table({"sample_id": table["sample_id"], "order": pa.array(order, pa.int64()),
-                     "valid": pa.array([1] * table.num_rows, pa.int64()), **{f"group:{c}": table[f"group:{c}"] for c in groups}})  # fmt: skip
+    return pa.table(
+        {
+            "sample_id": table["sample_id"],
+            "order": pa.array(order, pa.int64()),
+            "valid": pa.array([1] * table.num_rows, pa.int64()),
+        }
+    )
+
+
+@ray.remote
+def _group_pairs(root: Location, records: list[FileRecord], groups: list[str]) -> pa.Table:
+    table = (
+        _read_index(root, records, groups, [f"group:{c}" for c in groups]).group_by([f"group:{c}" for c in groups]).aggregate([])
+    )
+    return table.rename_columns(groups)
 
 
 @ray.remote

@@ -142,6 +142,9 @@ class ComputeConfig:
     cpus_per_actor: float = 1.0
     torch_threads: Optional[int] = None  # CPU threads per actor; null: the node's CPUs / scoring actors on the node
     ray_address: Optional[str] = None  # null: RAY_ADDRESS if set (ray job submit), else a local runtime
+    # A run that makes no progress this long fails, saying why (typically: the nodes lost left none that
+    # can host a student), instead of waiting for capacity forever; a rerun resumes after its checkpoints.
+    lost_capacity_timeout_minutes: float = 10.0
 
 
 ACTORS = re.compile(r"^(?:auto|[0-9]+(?:\.\.[0-9]+)?)$")
@@ -310,6 +313,10 @@ def validate(job: JobConfig) -> None:
         require(False, f"compute.actors_per_student must be a number, a range min..max or auto, got {actors!r}")
     require(c.gpus_per_actor is None or c.gpus_per_actor >= 0, "compute.gpus_per_actor must be >= 0")
     require(c.cpus_per_actor > 0, f"compute.cpus_per_actor must be > 0, got {c.cpus_per_actor}")
+    require(
+        c.lost_capacity_timeout_minutes > 0,
+        f"compute.lost_capacity_timeout_minutes must be > 0, got {c.lost_capacity_timeout_minutes}",
+    )
     o = job.output
     require(o.checkpoint_rows >= 1, f"output.checkpoint_rows must be >= 1, got {o.checkpoint_rows}")
     require(o.checkpoint_minutes > 0, f"output.checkpoint_minutes must be > 0, got {o.checkpoint_minutes}")

@@ -4,6 +4,7 @@ the corpus, score and stream the results into committed pieces, finish (summarie
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -18,23 +19,25 @@ import ray
 import ray._private.node
 from omegaconf import OmegaConf
 from ray._private import ray_constants
+from ray.data.exceptions import ExecutionTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.corpus.storage import Corpus, Location, check_output, locate, plan_corpus
 from pipeline.errors import RowError
 from pipeline.run.accounted import (
     FileRecord,
+    UnreadFiles,
     earlier_records,
     files_missing_groups,
     group_columns,
     run_fingerprint,
     run_records,
     unchanged_files,
-    unread_rows,
 )
 from pipeline.run.committed import committed_reject_keys, scored_keys
 from pipeline.run.config import ConfigError, JobConfig, actor_bounds
 from pipeline.run.dataset import build_dataset
+from pipeline.run.nodes import NodeWatch
 from pipeline.run.output import OutputStore, new_run_id
 from pipeline.run.results import (
     Checkpoints,
@@ -45,7 +48,7 @@ from pipeline.run.results import (
     measure_block_task,
     padding_efficiency,
 )
-from pipeline.run.schema import RowContract
+from pipeline.run.schema import IncompleteRun, RowContract
 from pipeline.run.settings import RunSettings, StudentCheck, resolve_settings
 from pipeline.run.stages.base import DatasetPlan, RunStamp
 from pipeline.run.survey import CorpusSurvey, GroupSample, survey_corpus
@@ -217,9 +220,9 @@ def survey_new_files(
     index_to, _ = store.inputs_index
 
     def survey(corpus: Corpus) -> CorpusSurvey:
-        records = [earlier[url] for url in corpus.unread]
-        unread = [unread_rows.remote(store.root, records, corpus.file_order, groups)] if records else []
-        return survey_corpus(cfg, plan.contract, corpus, unread, index_to)
+        return survey_corpus(
+            cfg, plan.contract, corpus, UnreadFiles(store.root, [earlier[url] for url in corpus.unread], groups), index_to
+        )
 
     corpus = plan.corpus.leaving_unread(unchanged_files(plan.corpus, earlier))
     found = survey(corpus)
@@ -234,11 +237,12 @@ def survey_new_files(
 
 def score_and_commit(
     cfg: JobConfig, settings: RunSettings, plan: RunPlan, store: OutputStore, mode: str, survey: CorpusSurvey,
-    progress: Callable[[str], None] | None,
+    progress: Callable[[str], None] | None, watch: NodeWatch,
 ) -> tuple[Tally, list[str], dict]:  # fmt: skip
     """Stream the results: each block counted where it lives, then added to a piece that is committed
     every checkpoint; then check that they account for every row. Returns the run's tally, its committed
-    files and what the scoring actors did (`ScoringMeter.read`). Nothing to read: nothing to do."""
+    files and what the scoring actors did (`ScoringMeter.read`). Nothing to read: nothing to do. A run
+    that makes no progress for `compute.lost_capacity_timeout_minutes` fails, saying why (`watch`)."""
     partition_by = list(cfg.output.partition_by)
     if not plan.corpus.files:
         return Tally(partition_by), [], ScoringMeter.NOTHING
@@ -248,19 +252,24 @@ def score_and_commit(
     meter = ScoringMeter.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ).remote()
+    watch.meter = meter
     dataset = build_dataset(DatasetPlan(cfg, settings, plan.contract, plan.corpus, ray.put(survey), RunStamp(store.run_id, plan.started),
                                         already_scored(settings, store, mode), meter))  # fmt: skip
     tally = Tally(partition_by)
     checkpoints = Checkpoints(cfg, plan.contract, store, known_rejects, tally)
     students = [student.name for student in settings.students]
     reporter = Progress(progress, survey.trajectories * len(students), survey.text_bytes * len(students), meter)
-    for bundle in dataset.iter_internal_ref_bundles():
-        refs = list(bundle.block_refs)
-        for ref, part in zip(refs, ray.get([measure_block_task.remote(ref, partition_by) for ref in refs])):
-            tally.add(part)
-            checkpoints.add(ref)
-        reporter.update()
-    reporter.stop()
+    try:
+        for bundle in dataset.iter_internal_ref_bundles():
+            refs = list(bundle.block_refs)
+            for ref, part in zip(refs, ray.get([measure_block_task.remote(ref, partition_by) for ref in refs])):
+                tally.add(part)
+                checkpoints.add(ref)
+            reporter.update()
+    except ExecutionTimeoutError as exc:
+        raise IncompleteRun(watch.no_progress(cfg.compute.lost_capacity_timeout_minutes, store.pieces_committed)) from exc
+    finally:
+        reporter.stop()
     checkpoints.commit()
     check_accounted(tally, survey.trajectories, students)
     return tally, checkpoints.committed, ray.get(meter.read.remote())
@@ -314,17 +323,25 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         settings = resolve_settings(cfg, plan.contract, plan.students, ray.cluster_resources().get("GPU", 0))
         fingerprint = run_fingerprint(cfg, settings)
         earlier = earlier_records(store.manifests, fingerprint) if mode == "incremental" else {}
-        corpus, survey = survey_new_files(cfg, plan, store, earlier)
-        plan = dataclasses.replace(plan, corpus=corpus)
-        if corpus.unread:
-            print(describe_unread(corpus, earlier), flush=True)
-        if survey.sample:
-            print(survey.sample.describe(cfg.input.sample), flush=True)
-        tally, committed, scoring = score_and_commit(cfg, settings, plan, store, mode, survey, progress)
-        tally.add_unread(sum(earlier[url].rows for url in corpus.unread), [student.name for student in settings.students])
-        padding = padding_efficiency(scoring)
-        inputs = {"fingerprint": fingerprint, "files": run_records(corpus, earlier, survey.rows_per_file, store.inputs_index[1])}
-        committed += finish(cfg, settings, plan, store, mode, survey, tally, padding, inputs)
+        needs = {student.name: {"CPU": settings.cpus_per_actor, "GPU": settings.gpus_per_actor} for student in settings.students}
+        with NodeWatch(functools.partial(print, flush=True), needs) as watch:
+            watch.phase = "surveying the corpus"
+            corpus, survey = survey_new_files(cfg, plan, store, earlier)
+            plan = dataclasses.replace(plan, corpus=corpus)
+            if corpus.unread:
+                print(describe_unread(corpus, earlier), flush=True)
+            if survey.sample:
+                print(survey.sample.describe(cfg.input.sample), flush=True)
+            watch.phase = "scoring and committing checkpoints"
+            tally, committed, scoring = score_and_commit(cfg, settings, plan, store, mode, survey, progress, watch)
+            tally.add_unread(sum(earlier[url].rows for url in corpus.unread), [student.name for student in settings.students])
+            padding = padding_efficiency(scoring)
+            inputs = {
+                "fingerprint": fingerprint,
+                "files": run_records(corpus, earlier, survey.rows_per_file, store.inputs_index[1]),
+            }
+            watch.phase = "committing the run"
+            committed += finish(cfg, settings, plan, store, mode, survey, tally, padding, inputs)
     wall_s = time.perf_counter() - started
     return RunResult(
         run_id=store.run_id,

@@ -162,22 +162,28 @@ class ScoringMeter:
     """What the scoring actors have done, as each batch finishes: rows, response tokens and the rows'
     message bytes (progress between commits) and, per student, the real and padded tokens of its
     batches (padding efficiency). Counted per block: a block that a restarted actor scores again (its
-    first actor or node was lost) starts over, so that its rows count once."""
+    first actor or node was lost) starts over, so that its rows count once, and its rows count as redone.
+    The blocks being scored, with the node that scores them, tell what a lost node held."""
 
     COUNTED = ("rows", "tokens", "text_bytes", "unscored", "unscored_bytes", "real", "padded")
-    NOTHING = {**dict.fromkeys(COUNTED, 0), "first_at": None, "padding": {}}  # `read` of a run that scored nothing
+    NOTHING = {**dict.fromkeys(COUNTED, 0), "first_at": None, "padding": {}, "redone": 0}  # `read` of a run that scored nothing
 
     def __init__(self):
         self.blocks: dict[tuple[str, str], dict[str, int]] = {}  # (student, block) -> its counts so far
+        self.scoring: dict[tuple[str, str], tuple[str, int]] = {}  # blocks being scored: (node, rows)
+        self.redone = 0  # rows of blocks scored again
         self.first_at: float | None = None
 
     def start(self, at: float) -> None:
         """An actor begins scoring: the rate and the time left are measured from the first start."""
         self.first_at = min(self.first_at or at, at)
 
-    def begin(self, student: str, block: str) -> None:
-        """An actor takes a block: whatever an earlier try of it counted is dropped."""
+    def begin(self, student: str, block: str, node: str = "", rows: int = 0) -> None:
+        """An actor on `node` takes a block of `rows`: whatever an earlier try of it counted is dropped."""
+        if (student, block) in self.blocks:
+            self.redone += rows
         self.blocks[(student, block)] = dict.fromkeys(self.COUNTED, 0)
+        self.scoring[(student, block)] = (node, rows)
 
     def add(self, student: str, block: str, **counts: int) -> None:
         """A scored batch (rows, tokens, text_bytes); rows done without scoring (rejected, skipped, sampled
@@ -187,6 +193,14 @@ class ScoringMeter:
         for name, value in counts.items():
             block_counts[name] += value
 
+    def end(self, student: str, block: str) -> None:
+        """A block is scored."""
+        self.scoring.pop((student, block), None)
+
+    def in_flight(self, node: str) -> int:
+        """The rows of the blocks being scored on `node`."""
+        return sum(rows for where, rows in self.scoring.values() if where == node)
+
     def read(self) -> dict:
         totals = {name: sum(c[name] for c in self.blocks.values()) for name in self.COUNTED}
         padding: dict[str, list[int]] = {}
@@ -194,7 +208,7 @@ class ScoringMeter:
             student_padding = padding.setdefault(student, [0, 0])
             student_padding[0] += c["real"]
             student_padding[1] += c["padded"]
-        return {**totals, "first_at": self.first_at, "padding": padding}
+        return {**totals, "first_at": self.first_at, "padding": padding, "redone": self.redone}
 
 
 def padding_efficiency(meter: dict) -> dict[str, float]:
@@ -238,6 +252,8 @@ class Progress:
                 share = min((done["text_bytes"] + done["unscored_bytes"]) / self.expected_bytes, 1)
                 left = elapsed * (1 - share) * self.expected_bytes / done["text_bytes"]  # at the rate bytes are scored
                 line += f", {share:.0%} of the text, about {left / 60:.0f} min left"
+            if done["redone"]:
+                line += f"; {done['redone']:,} rows scored again after a lost actor or node"
             self.log(line)
             self.last_line = now
 

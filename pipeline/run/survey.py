@@ -13,7 +13,7 @@ from ray.data.aggregate import Min, Sum
 from ray.data.context import ShuffleStrategy
 
 from pipeline.corpus.storage import Corpus, Location
-from pipeline.run.accounted import group_columns, index_batch
+from pipeline.run.accounted import UnreadFiles, group_columns, index_batch
 from pipeline.run.config import JobConfig, SampleConfig
 from pipeline.run.schema import RowContract
 from pipeline.run.stages.base import row_order, text_bytes
@@ -126,17 +126,19 @@ ID_COLUMNS = ["sample_id", "order", "valid"]
 
 
 def survey_corpus(
-    cfg: JobConfig, contract: RowContract, corpus: Corpus, unread: list = (), index_to: Location | None = None
+    cfg: JobConfig, contract: RowContract, corpus: Corpus, unread: UnreadFiles | None = None, index_to: Location | None = None
 ) -> CorpusSurvey:
     """Read and parse the files the run reads once to find repeated ids (a distributed group-by in Ray
-    Data: no process holds every id, only the repeated ones), with the `unread` rows (references to
-    `accounted.unread_rows` tables) of the files it leaves unread, and count its rows and their bytes
-    (for the time-left estimate). The index of the files read (`accounted.index_batch`) goes to `index_to`."""
-    file_numbers = {url: number for number, url in enumerate(corpus.file_order)}
+    Data: no process holds every id, only the repeated ones), with the ids of the `unread` files that
+    they carry too, and count its rows and their bytes (for the time-left estimate). With `input.sample`,
+    the groups are chosen from the groups of every file, read or not. The index of the files read
+    (`accounted.index_batch`) goes to `index_to`."""
     sample = cfg.input.sample
     groups = group_columns(cfg)
-    parts, blocks = [], []
+    unread = unread if unread and unread.records else None
+    read, blocks, ids = None, [], []
     if corpus.files:
+        file_numbers = {url: number for number, url in enumerate(corpus.file_order)}
         read = parse_stage(cfg, contract, corpus).apply(ray.data.read_datasource(CorpusDatasource(corpus)))
         read = read.map_batches(
             order_batch,
@@ -144,29 +146,30 @@ def survey_corpus(
             batch_format="pyarrow",
         ).materialize()  # one read serves the group-bys, the totals, the row columns' types and the index
         blocks = ray.get([block_summary.remote(ref) for ref in read.to_arrow_refs()])
-        parts.append(read)
-    if unread:
-        parts.append(ray.data.from_arrow_refs(unread))
+        ids = [read.select_columns(ID_COLUMNS)]
+        if unread:
+            committed = unread.rows_with_ids(read.select_columns(["sample_id"]).to_arrow_refs(), corpus.file_order)
+            ids.append(ray.data.from_arrow_refs([committed]))
     chosen = None
     if sample:  # the distinct (group, shared value) pairs of valid rows: problems x teachers, small
-        valid = [part.map_batches(valid_groups, fn_kwargs={"group_columns": groups}, batch_format="pyarrow") for part in parts]
-        pairs = _shuffled(valid).groupby(groups).count().to_arrow_refs() if valid else []
-        tables = [table for table in ray.get(pairs) if table.num_rows]
+        pairs = [read.map_batches(valid_groups, fn_kwargs={"group_columns": groups}, batch_format="pyarrow")] if read else []
+        pairs += [ray.data.from_arrow_refs([unread.group_pairs()])] if unread else []
+        tables = (
+            [table for table in ray.get(_shuffled(pairs).groupby(groups).count().to_arrow_refs()) if table.num_rows]
+            if pairs
+            else []
+        )
         chosen = choose_groups(
             pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in groups}), sample
         )
     duplicates = REPEATED_IDS.empty_table()
-    if parts:
-        ids = (
-            _shuffled([part.select_columns(ID_COLUMNS) for part in parts])
-            .groupby("sample_id")
-            .aggregate(Sum("valid"), Min("order"))
-        )
-        repeated = ray.get(ids.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs())
+    if ids:
+        repeated = _shuffled(ids).groupby("sample_id").aggregate(Sum("valid"), Min("order"))
         # A group-by over no valid row yields blocks without columns.
-        duplicates = pa.concat_tables([duplicates, *(table for table in repeated if table.num_rows)])
-    if corpus.files and index_to is not None:
-        _write_index(parts[0], duplicates, chosen, groups, index_to)
+        found = ray.get(repeated.map_batches(repeated_ids, batch_format="pyarrow").to_arrow_refs())
+        duplicates = pa.concat_tables([duplicates, *(table for table in found if table.num_rows)])
+    if read and index_to is not None:
+        _write_index(read, duplicates, chosen, groups, index_to)
     schemas, files, sizes = zip(*blocks) if blocks else ((), (), ())
     rows_per_file = {url: sum(counts.get(url, 0) for counts in files) for url in corpus.urls}
     return CorpusSurvey(

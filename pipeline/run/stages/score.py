@@ -57,7 +57,7 @@ class ScoreActor:
         first = batch.slice(0, 1).select(["source_file", "row_number", "sample_id"]).to_pylist() if self.meter else []
         block = ":".join(map(str, first[0].values())) if first else ""
         if self.meter:
-            self.meter.begin.remote(self.name, block)
+            self.meter.begin.remote(self.name, block, ray.get_runtime_context().get_node_id(), len(ids))
             if todo and not self.started:
                 self.meter.start.remote(time.time())
                 self.started = True
@@ -73,6 +73,7 @@ class ScoreActor:
             padding = self.student.padding
             self.meter.add.remote(self.name, block, unscored=len(ids) - len(todo), unscored_bytes=sum(sizes) - sum(sizes[row] for row in todo),
                                   real=padding.real - before.real, padded=padding.padded - before.padded)  # fmt: skip
+            self.meter.end.remote(self.name, block)
         columns = {column: [None] * len(ids) for column in self.columns}
         reasons, details = batch[name("reject_reason")].to_pylist(), batch[name("reject_detail")].to_pylist()
         for row, row_stats in zip(todo, stats):
