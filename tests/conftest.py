@@ -2,9 +2,12 @@ import json
 import os
 import random
 import secrets
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,59 @@ def s3_endpoint():
     yield endpoint
     server.terminate()
     server.wait(timeout=10)
+
+
+@dataclass
+class LocalCluster:
+    cluster: object  # ray.cluster_utils.Cluster
+    dashboard: str  # the Jobs and state API's address
+    temp: Path
+
+    def add_node(self, name: str, num_cpus: int):
+        return self.cluster.add_node(num_cpus=num_cpus, temp_dir=str(self.temp / name), dashboard_agent_listen_port=free_port())
+
+
+@pytest.fixture
+def local_cluster(monkeypatch):
+    """Starts a head with `head_cpus` and a worker node per entry of `worker_cpus`, on 127.0.0.1."""
+    # The nodes start from this process, whose Ray state is one cluster's (starting the head points
+    # ray.experimental.internal_kv at its GCS): the local runtime goes; the next test that needs it restarts it.
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    port = free_port()
+    temp = Path(tempfile.mkdtemp(prefix="rsr-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
+    # Ray's default temp dir becomes the head's: Cluster writes the cluster's address there (not into
+    # /tmp/ray, where any plain ray.init() on the machine would join it), and the Jobs API reads it there
+    # for the job's driver; without it, the driver gets the first GCS of any runtime on the machine.
+    monkeypatch.setenv("RAY_TMPDIR", str(temp))
+    started = []
+
+    def start(head_cpus: int, *worker_cpus: int) -> LocalCluster:
+        # Each node has its own temp dir: a shared one lets one node's runtime-env cleanup delete the
+        # working directory under the other's running driver.
+        # Own agent ports too: the default one is taken when another local runtime is up.
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": head_cpus, "include_dashboard": True, "dashboard_port": port,
+                            "temp_dir": str(temp / "ray"), "dashboard_agent_listen_port": free_port()},
+        )  # fmt: skip
+        started.append(LocalCluster(cluster, f"http://127.0.0.1:{port}", temp))
+        for k, cpus in enumerate(worker_cpus):
+            started[-1].add_node(f"worker-{k}", cpus)
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        ray.shutdown()  # a driver this process connected
+        for each in started:
+            each.cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def score_actors(dashboard: str) -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(address=dashboard, detail=True, limit=1000) if "ScoreActor" in a.class_name]

@@ -65,7 +65,7 @@ class NodeWatch:
             held = f"; its scoring actors held {rows:,} rows, which are scored again"
         self.log(
             f"lost node {describe(node)} while {self.phase}{held}. Ray restarts its actors and redoes its tasks "
-            f"and the blocks it held; the run goes on with {left} nodes"
+            f"and the blocks it held; the run goes on with {left} node{'s' if left != 1 else ''}"
         )
 
     def homeless(self) -> list[str]:

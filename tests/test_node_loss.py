@@ -1,0 +1,62 @@
+"""Worker nodes lost mid-run on a real local multi-node cluster: with no node left that can host the
+student, the run fails within `compute.lost_capacity_timeout_minutes` saying what was lost, commits
+nothing half-done, and a rerun on a restored cluster resumes after its checkpoints. Only the processes
+these tests start are stopped."""
+
+import os
+import signal
+import threading
+import time
+
+import yaml
+
+from jobs.submit import submit
+from pipeline.corpus.storage import locate
+from pipeline.run import layout
+from tests.conftest import REPO, write_jsonl
+from tests.test_actor_fault import score_actor_pids
+from tests.test_job import read_scores
+
+
+def test_a_run_with_no_node_left_for_its_student_fails_in_time_and_a_rerun_resumes(
+    local_cluster, tmp_path, corpus, student_dirs, capsys
+):
+    nodes = local_cluster(1)  # a head with 1 CPU: room for reads and the survey, never for the scoring actor of 2
+    worker = nodes.add_node("worker", num_cpus=2)
+    for k in range(20):  # far more work than the first checkpoint holds
+        write_jsonl(tmp_path / "corpus" / f"part-{k}.jsonl", [{**row, "id": f"{row['id']}-{k}"} for row in corpus])
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"paths": [str(tmp_path / "corpus")]},
+        "students": [{"name": "tiny", "path": str(student_dirs["chatml"])}],
+        "compute": {"actors_per_student": "1", "cpus_per_actor": 2, "torch_threads": 1, "lost_capacity_timeout_minutes": 0.5},
+        "scoring": {"batch_tokens": "1000"},
+        "output": {"path": str(out), "checkpoint_rows": 40},
+    }))  # fmt: skip
+    outcome = {}
+    job = threading.Thread(target=lambda: outcome.update(rc=submit(nodes.dashboard, str(config), [], working_dir=str(REPO))))
+    job.start()
+    root = locate(str(out), None)
+    while not any(m.get("piece") for m in layout.read_manifests(root)):  # a checkpoint committed
+        assert job.is_alive(), "the job ended before it committed a checkpoint"
+        time.sleep(0.05)
+    [scoring] = score_actor_pids()
+    os.kill(scoring, signal.SIGSTOP)  # the run cannot end before the loss
+    nodes.cluster.remove_node(worker, allow_graceful=False)
+    job.join(timeout=600)  # a safety net: the run must end by itself
+    assert not job.is_alive() and outcome["rc"] == 1
+    log = capsys.readouterr().out
+    assert "lost node" in log and "no node left can host student tiny" in log
+    manifests = layout.read_manifests(root)
+    assert manifests and not any(m.get("completed") for m in manifests)  # its pieces stay, the run is not committed
+    committed = sum(c["scored"] for m in manifests for c in m["counts"])
+
+    nodes.add_node("restored", num_cpus=2)
+    assert submit(nodes.dashboard, str(config), [], working_dir=str(REPO)) == 0
+    log = capsys.readouterr().out
+    scores = read_scores(out)
+    assert scores.num_rows == len(set(scores["sample_id"].to_pylist())) == 20 * len(corpus)
+    [run] = [m for m in layout.read_manifests(root) if m.get("completed")]
+    [counts] = run["counts"]
+    assert counts["skipped"] == committed and counts["scored"] == 20 * len(corpus) - committed
