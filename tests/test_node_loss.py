@@ -17,33 +17,59 @@ from tests.conftest import REPO, write_jsonl
 from tests.test_actor_fault import score_actor_pids
 from tests.test_job import read_scores
 
+ROWS = 20  # copies of the test corpus, in as many files: far more work than a checkpoint holds
 
-def test_a_run_with_no_node_left_for_its_student_fails_in_time_and_a_rerun_resumes(
-    local_cluster, tmp_path, corpus, student_dirs, capsys
-):
-    nodes = local_cluster(1)  # a head with 1 CPU: room for reads and the survey, never for the scoring actor of 2
+
+def lose_the_worker_mid_run(local_cluster, tmp_path, corpus, student_dirs):
+    """A head with 1 CPU (room for reads and the survey, never for the scoring actor of 2) and a worker of
+    2, the job submitted through the Jobs API; once a checkpoint committed, the scoring actor is paused
+    (the run cannot end first however fast the machine is) and its node removed without warning.
+    Returns the cluster, the job's thread, its outcome, the output's root and the config."""
+    nodes = local_cluster(1)
     worker = nodes.add_node("worker", num_cpus=2)
-    for k in range(20):  # far more work than the first checkpoint holds
+    for k in range(ROWS):
         write_jsonl(tmp_path / "corpus" / f"part-{k}.jsonl", [{**row, "id": f"{row['id']}-{k}"} for row in corpus])
-    out = tmp_path / "out"
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({
         "input": {"paths": [str(tmp_path / "corpus")]},
         "students": [{"name": "tiny", "path": str(student_dirs["chatml"])}],
         "compute": {"actors_per_student": "1", "cpus_per_actor": 2, "torch_threads": 1, "lost_capacity_timeout_minutes": 0.5},
         "scoring": {"batch_tokens": "1000"},
-        "output": {"path": str(out), "checkpoint_rows": 40},
+        "output": {"path": str(tmp_path / "out"), "checkpoint_rows": 40},
     }))  # fmt: skip
     outcome = {}
     job = threading.Thread(target=lambda: outcome.update(rc=submit(nodes.dashboard, str(config), [], working_dir=str(REPO))))
     job.start()
-    root = locate(str(out), None)
+    root = locate(str(tmp_path / "out"), None)
     while not any(m.get("piece") for m in layout.read_manifests(root)):  # a checkpoint committed
         assert job.is_alive(), "the job ended before it committed a checkpoint"
         time.sleep(0.05)
     [scoring] = score_actor_pids()
-    os.kill(scoring, signal.SIGSTOP)  # the run cannot end before the loss
+    os.kill(scoring, signal.SIGSTOP)
     nodes.cluster.remove_node(worker, allow_graceful=False)
+    return nodes, job, outcome, root, config
+
+
+def test_a_run_goes_on_on_a_node_that_joins_after_a_loss(local_cluster, tmp_path, corpus, student_dirs, capsys):
+    nodes, job, outcome, root, _ = lose_the_worker_mid_run(local_cluster, tmp_path, corpus, student_dirs)
+    nodes.add_node("fresh", num_cpus=2)
+    job.join(timeout=600)  # a safety net: the run must end by itself
+    assert not job.is_alive() and outcome["rc"] == 0
+    log = capsys.readouterr().out
+    assert "lost node 127.0.0.1" in log and "which are scored again" in log and "the run goes on" in log
+    assert "node joined" in log
+    assert f"progress: {ROWS * len(corpus):,} of {ROWS * len(corpus):,} rows" in log  # the last progress line
+    scores = read_scores(root.path)
+    assert scores.num_rows == len(set(scores["sample_id"].to_pylist())) == ROWS * len(corpus)
+    [run] = [m for m in layout.read_manifests(root) if m.get("completed")]
+    assert sum(c["scored"] for m in layout.read_manifests(root) if m.get("piece") for c in m["counts"]) == ROWS * len(corpus)
+    assert run["counts"][0]["scored"] == ROWS * len(corpus)
+
+
+def test_a_run_with_no_node_left_for_its_student_fails_in_time_and_a_rerun_resumes(
+    local_cluster, tmp_path, corpus, student_dirs, capsys
+):
+    nodes, job, outcome, root, config = lose_the_worker_mid_run(local_cluster, tmp_path, corpus, student_dirs)
     job.join(timeout=600)  # a safety net: the run must end by itself
     assert not job.is_alive() and outcome["rc"] == 1
     log = capsys.readouterr().out
@@ -54,9 +80,8 @@ def test_a_run_with_no_node_left_for_its_student_fails_in_time_and_a_rerun_resum
 
     nodes.add_node("restored", num_cpus=2)
     assert submit(nodes.dashboard, str(config), [], working_dir=str(REPO)) == 0
-    log = capsys.readouterr().out
-    scores = read_scores(out)
-    assert scores.num_rows == len(set(scores["sample_id"].to_pylist())) == 20 * len(corpus)
+    scores = read_scores(root.path)
+    assert scores.num_rows == len(set(scores["sample_id"].to_pylist())) == ROWS * len(corpus)
     [run] = [m for m in layout.read_manifests(root) if m.get("completed")]
     [counts] = run["counts"]
-    assert counts["skipped"] == committed and counts["scored"] == 20 * len(corpus) - committed
+    assert counts["skipped"] == committed and counts["scored"] == ROWS * len(corpus) - committed

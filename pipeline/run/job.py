@@ -266,6 +266,7 @@ def score_and_commit(
                 tally.add(part)
                 checkpoints.add(ref)
             reporter.update()
+        reporter.update(last=True)
     except ExecutionTimeoutError as exc:
         raise IncompleteRun(watch.no_progress(cfg.compute.lost_capacity_timeout_minutes, store.pieces_committed)) from exc
     finally:

@@ -237,10 +237,11 @@ class Progress:
         while not self.stopped.wait(max(PROGRESS_EVERY_S, 1.0)):
             self.update()
 
-    def update(self) -> None:
+    def update(self, last: bool = False) -> None:
+        """A line when PROGRESS_EVERY_S passed since the last one, or when it is the `last`."""
         with self.lock:
             now = time.monotonic()
-            if not self.log or now - self.last_line < PROGRESS_EVERY_S:
+            if not self.log or (now - self.last_line < PROGRESS_EVERY_S and not last):
                 return
             done = ray.get(self.meter.read.remote())
             if not done["rows"]:
