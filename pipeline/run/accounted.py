@@ -131,6 +131,11 @@ class UnreadFiles:
         """The reference of the distinct values of their rows' group columns (`input.sample`)."""
         return _group_pairs.remote(self.root, self.records, self.groups)
 
+    def missing_groups(self, chosen: frozenset[str]) -> set[str]:
+        """The files with a row in the `chosen` groups that their run did not account for (sampled out
+        then): a sample that grew must read them."""
+        return ray.get(_files_missing_groups.remote(self.root, self.records, self.groups, chosen)) if self.records else set()
+
 
 @ray.remote
 def _rows_with_ids(
@@ -158,11 +163,7 @@ def _group_pairs(root: Location, records: list[FileRecord], groups: list[str]) -
 
 
 @ray.remote
-def files_missing_groups(root: Location, records: list[FileRecord], groups: list[str], chosen: frozenset[str]) -> set[str]:
-    """The files among `records` with a row in the `chosen` groups that their run did not account for
-    (sampled out then): a sample that grew must read them."""
-    if not records:
-        return set()
+def _files_missing_groups(root: Location, records: list[FileRecord], groups: list[str], chosen: frozenset[str]) -> set[str]:
     missing = pads.field(f"group:{groups[0]}").isin(pa.array(sorted(chosen), pa.string())) & ~pads.field("accounted")
     return set(_read_index(root, records, groups, ["source_file"], missing)["source_file"].to_pylist())
 

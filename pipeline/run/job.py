@@ -28,7 +28,6 @@ from pipeline.run.accounted import (
     FileRecord,
     UnreadFiles,
     earlier_records,
-    files_missing_groups,
     group_columns,
     run_fingerprint,
     run_records,
@@ -219,19 +218,16 @@ def survey_new_files(
     groups = group_columns(cfg)
     index_to, _ = store.inputs_index
 
-    def survey(corpus: Corpus) -> CorpusSurvey:
-        return survey_corpus(
-            cfg, plan.contract, corpus, UnreadFiles(store.root, [earlier[url] for url in corpus.unread], groups), index_to
-        )
+    def unread_files(corpus: Corpus) -> UnreadFiles:
+        return UnreadFiles(store.root, [earlier[url] for url in corpus.unread], groups)
 
     corpus = plan.corpus.leaving_unread(unchanged_files(plan.corpus, earlier))
-    found = survey(corpus)
-    if found.sample and corpus.unread:
-        records = [earlier[url] for url in corpus.unread]
-        missing = ray.get(files_missing_groups.remote(store.root, records, groups, found.sample.chosen))
+    found = survey_corpus(cfg, plan.contract, corpus, unread_files(corpus), index_to)
+    if found.sample:
+        missing = unread_files(corpus).missing_groups(found.sample.chosen)
         if missing:
             corpus = corpus.reading(missing)
-            found = survey(corpus)
+            found = survey_corpus(cfg, plan.contract, corpus, unread_files(corpus), index_to)
     return corpus, found
 
 
@@ -329,13 +325,14 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
             watch.phase = "surveying the corpus"
             corpus, survey = survey_new_files(cfg, plan, store, earlier)
             plan = dataclasses.replace(plan, corpus=corpus)
+            unread_rows = sum(earlier[url].rows for url in corpus.unread)
             if corpus.unread:
-                print(describe_unread(corpus, earlier), flush=True)
+                print(describe_unread(corpus, unread_rows), flush=True)
             if survey.sample:
                 print(survey.sample.describe(cfg.input.sample), flush=True)
             watch.phase = "scoring and committing checkpoints"
             tally, committed, scoring = score_and_commit(cfg, settings, plan, store, mode, survey, progress, watch)
-            tally.add_unread(sum(earlier[url].rows for url in corpus.unread), [student.name for student in settings.students])
+            tally.add_unread(unread_rows, [student.name for student in settings.students])
             padding = padding_efficiency(scoring)
             inputs = {
                 "fingerprint": fingerprint,
@@ -364,7 +361,6 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
     )
 
 
-def describe_unread(corpus: Corpus, earlier: dict[str, FileRecord]) -> str:
-    rows = sum(earlier[url].rows for url in corpus.unread)
+def describe_unread(corpus: Corpus, rows: int) -> str:
     return (f"unread: {len(corpus.unread):,} of {len(corpus.file_order):,} files ({rows:,} rows), unchanged since a "
             f"completed run accounted for them with the same settings; reading {len(corpus.files):,}")  # fmt: skip
