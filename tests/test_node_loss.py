@@ -8,25 +8,30 @@ import signal
 import threading
 import time
 
+import ray
 import yaml
 
 from jobs.submit import submit
 from pipeline.corpus.storage import locate
 from pipeline.run import layout
+from pipeline.run.results import METER_NAME
 from tests.conftest import REPO, write_jsonl
 from tests.test_actor_fault import score_actor_pids
 from tests.test_job import read_scores
 
 ROWS = 20  # copies of the test corpus, in as many files: far more work than a checkpoint holds
+CHECKPOINT_ROWS = 40  # a file's rows
 
 
 def lose_the_worker_mid_run(local_cluster, tmp_path, corpus, student_dirs):
     """A head with 1 CPU (room for reads and the survey, never for the scoring actor of 2) and a worker of
-    2, the job submitted through the Jobs API; once a checkpoint committed, the scoring actor is paused
-    (the run cannot end first however fast the machine is) and its node removed without warning.
+    3 (the actor, and a CPU for the tasks after scoring: with none, Ray Data left the results waiting for
+    the head's one CPU and the first checkpoint came minutes late), the job submitted through the Jobs
+    API. Once the scoring actor has scored two files it is paused (the run cannot end first however fast
+    the machine is), and once a checkpoint committed its node is removed without warning.
     Returns the cluster, the job's thread, its outcome, the output's root and the config."""
     nodes = local_cluster(1)
-    worker = nodes.add_node("worker", num_cpus=2)
+    worker = nodes.add_node("worker", num_cpus=3)
     for k in range(ROWS):
         write_jsonl(tmp_path / "corpus" / f"part-{k}.jsonl", [{**row, "id": f"{row['id']}-{k}"} for row in corpus])
     config = tmp_path / "job.yaml"
@@ -35,19 +40,36 @@ def lose_the_worker_mid_run(local_cluster, tmp_path, corpus, student_dirs):
         "students": [{"name": "tiny", "path": str(student_dirs["chatml"])}],
         "compute": {"actors_per_student": "1", "cpus_per_actor": 2, "torch_threads": 1, "lost_capacity_timeout_minutes": 0.5},
         "scoring": {"batch_tokens": "1000"},
-        "output": {"path": str(tmp_path / "out"), "checkpoint_rows": 40},
+        "output": {"path": str(tmp_path / "out"), "checkpoint_rows": CHECKPOINT_ROWS},
     }))  # fmt: skip
     outcome = {}
     job = threading.Thread(target=lambda: outcome.update(rc=submit(nodes.dashboard, str(config), [], working_dir=str(REPO))))
     job.start()
     root = locate(str(tmp_path / "out"), None)
+    meter = run_meter(nodes, job)
+    # A file is one scoring task: with two files' rows scored, the first task has handed its results
+    # over, enough for a checkpoint whatever the paused actor still holds.
+    while ray.get(meter.read.remote())["finished"] < 2 * CHECKPOINT_ROWS:
+        assert job.is_alive(), "the job ended before its actor scored two files"
+        time.sleep(0.01)
+    [scoring] = score_actor_pids()
+    os.kill(scoring, signal.SIGSTOP)
     while not any(m.get("piece") for m in layout.read_manifests(root)):  # a checkpoint committed
         assert job.is_alive(), "the job ended before it committed a checkpoint"
         time.sleep(0.05)
-    [scoring] = score_actor_pids()
-    os.kill(scoring, signal.SIGSTOP)
     nodes.cluster.remove_node(worker, allow_graceful=False)
     return nodes, job, outcome, root, config
+
+
+def run_meter(nodes, job: threading.Thread):
+    """The running job's progress meter (`results.ScoringMeter`), read from this process as a second driver."""
+    ray.init(address=nodes.cluster.address)
+    while True:
+        named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(METER_NAME)]
+        if named:
+            return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+        assert job.is_alive(), "the job ended before it started scoring"
+        time.sleep(0.05)
 
 
 def test_a_run_goes_on_on_a_node_that_joins_after_a_loss(local_cluster, tmp_path, corpus, student_dirs, capsys):

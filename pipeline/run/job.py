@@ -39,6 +39,7 @@ from pipeline.run.dataset import build_dataset
 from pipeline.run.nodes import NodeWatch
 from pipeline.run.output import OutputStore, new_run_id
 from pipeline.run.results import (
+    METER_NAME,
     Checkpoints,
     Progress,
     ScoringMeter,
@@ -245,8 +246,10 @@ def score_and_commit(
     reject_paths = store.reject_paths() if mode == "incremental" else []
     known_rejects = committed_reject_keys.remote(reject_paths, store.root)
     # On the driver's node: a worker node's loss must not take the run's progress and padding with it.
+    # Named after the run, so that its progress can be read from outside it (`ray.get_actor`).
     meter = ScoringMeter.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        name=f"{METER_NAME}-{store.run_id}",
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
     ).remote()
     watch.meter = meter
     dataset = build_dataset(DatasetPlan(cfg, settings, plan.contract, plan.corpus, ray.put(survey), RunStamp(store.run_id, plan.started),

@@ -157,20 +157,26 @@ class Checkpoints:
         self._start_piece()
 
 
+METER_NAME = "rsr-scoring-meter"  # a run's meter is named METER_NAME-<run id> in the driver's namespace
+
+
 @ray.remote(num_cpus=0)
 class ScoringMeter:
     """What the scoring actors have done, as each batch finishes: rows, response tokens and the rows'
     message bytes (progress between commits) and, per student, the real and padded tokens of its
     batches (padding efficiency). Counted per block: a block that a restarted actor scores again (its
     first actor or node was lost) starts over, so that its rows count once, and its rows count as redone.
-    The blocks being scored, with the node that scores them, tell what a lost node held."""
+    The blocks being scored, with the node that scores them, tell what a lost node held; the rows of the
+    blocks scored to the end (`finished`) are what the driver can commit next."""
 
     COUNTED = ("rows", "tokens", "text_bytes", "unscored", "unscored_bytes", "real", "padded")
-    NOTHING = {**dict.fromkeys(COUNTED, 0), "first_at": None, "padding": {}, "redone": 0}  # `read` of a run that scored nothing
+    # `read` of a run that scored nothing
+    NOTHING = {**dict.fromkeys(COUNTED, 0), "first_at": None, "padding": {}, "redone": 0, "finished": 0}
 
     def __init__(self):
         self.blocks: dict[tuple[str, str], dict[str, int]] = {}  # (student, block) -> its counts so far
         self.scoring: dict[tuple[str, str], tuple[str, int]] = {}  # blocks being scored: (node, rows)
+        self.finished: dict[tuple[str, str], int] = {}  # blocks scored to the end: rows
         self.redone = 0  # rows of blocks scored again
         self.first_at: float | None = None
 
@@ -195,7 +201,8 @@ class ScoringMeter:
 
     def end(self, student: str, block: str) -> None:
         """A block is scored."""
-        self.scoring.pop((student, block), None)
+        _, rows = self.scoring.pop((student, block), ("", 0))
+        self.finished[(student, block)] = rows
 
     def in_flight(self, node: str) -> int:
         """The rows of the blocks being scored on `node`."""
@@ -208,7 +215,8 @@ class ScoringMeter:
             student_padding = padding.setdefault(student, [0, 0])
             student_padding[0] += c["real"]
             student_padding[1] += c["padded"]
-        return {**totals, "first_at": self.first_at, "padding": padding, "redone": self.redone}
+        finished = sum(self.finished.values())
+        return {**totals, "first_at": self.first_at, "padding": padding, "redone": self.redone, "finished": finished}
 
 
 def padding_efficiency(meter: dict) -> dict[str, float]:
