@@ -35,6 +35,8 @@ def print_result(result) -> None:
         print(result.partition_summary.to_pandas().sort_values(["student", "rsr"]).to_string(index=False))
     for student, efficiency in result.padding_efficiency.items():
         print(f"student {student}: padding efficiency {efficiency:.2f} (real / padded tokens of its batches)")
+    if result.rows_redone:
+        print(f"{result.rows_redone:,} rows scored again after their scoring actor or node was lost (each counted once)")
     tokens_per_s = result.tokens_scored / result.wall_s if result.wall_s else 0.0
     print(
         f"\n{result.tokens_scored} response tokens scored in {result.wall_s:.1f} s "

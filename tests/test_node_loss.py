@@ -3,13 +3,16 @@ student, the run fails within `compute.lost_capacity_timeout_minutes` saying wha
 nothing half-done, and a rerun on a restored cluster resumes after its checkpoints. Only the processes
 these tests start are stopped."""
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import ray
 import yaml
+from ray._private import ray_constants
 
 from jobs.submit import submit
 from pipeline.corpus.storage import locate
@@ -58,6 +61,7 @@ def lose_the_worker_mid_run(local_cluster, tmp_path, corpus, student_dirs):
         assert job.is_alive(), "the job ended before it committed a checkpoint"
         time.sleep(0.05)
     nodes.cluster.remove_node(worker, allow_graceful=False)
+    os.kill(scoring, signal.SIGKILL)  # went with its node: paused, it would outlive its raylet
     return nodes, job, outcome, root, config
 
 
@@ -72,15 +76,111 @@ def run_meter(nodes, job: threading.Thread):
         time.sleep(0.05)
 
 
-def test_a_run_goes_on_on_a_node_that_joins_after_a_loss(local_cluster, tmp_path, corpus, student_dirs, capsys):
-    nodes, job, outcome, root, _ = lose_the_worker_mid_run(local_cluster, tmp_path, corpus, student_dirs)
-    nodes.add_node("fresh", num_cpus=2)
+def node_processes(node) -> list[int]:
+    """A local node's raylet and every process under it (its Ray workers, actors and agents)."""
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    parents = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def under(pid: int) -> bool:
+        while pid > 1:
+            if pid == raylet:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [pid for pid in parents if under(pid)]
+
+
+def titled(pids: list[int], part: bytes) -> list[int]:
+    """The processes whose title (Ray's: ray::<task or actor>) holds `part`."""
+    found = []
+    for pid in pids:
+        try:
+            if part in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def lose(nodes, node, pids: list[int]) -> None:
+    """Remove `node` without warning; its paused processes would outlive their raylet: they go too."""
+    nodes.cluster.remove_node(node, allow_graceful=False)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def freeze(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+
+
+def test_a_run_goes_on_after_losing_a_node_while_it_surveys_and_another_while_it_commits(
+    local_cluster, tmp_path, corpus, student_dirs, capsys
+):
+    """A head with no CPUs (the driver and the progress meter; every task and actor runs on a worker), the
+    job submitted through the Jobs API with no worker yet: its survey waits. A worker joins whose Ray
+    workers are paused as they start, so the survey cannot finish without it; once the job's log says
+    the node joined, it is removed without warning. A fresh worker takes the survey and the scoring; once
+    its actor has scored two files it is paused, and while a checkpoint's write task runs there, that
+    worker is removed too. A third joins. The run succeeds by itself, every row once."""
+    nodes = local_cluster(0)
+    for k in range(ROWS):
+        write_jsonl(tmp_path / "corpus" / f"part-{k}.jsonl", [{**row, "id": f"{row['id']}-{k}"} for row in corpus])
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"paths": [str(tmp_path / "corpus")]},
+        "students": [{"name": "tiny", "path": str(student_dirs["chatml"])}],
+        "compute": {"actors_per_student": "1", "cpus_per_actor": 2, "torch_threads": 1},
+        "scoring": {"batch_tokens": "1000"},
+        "output": {"path": str(tmp_path / "out"), "checkpoint_rows": CHECKPOINT_ROWS},
+    }))  # fmt: skip
+    outcome = {}
+    job = threading.Thread(target=lambda: outcome.update(rc=submit(nodes.dashboard, str(config), [], working_dir=str(REPO))))
+    job.start()
+    log = ""
+    while "survey: reading" not in log:  # the survey waits for CPUs
+        log += capsys.readouterr().out
+        assert job.is_alive(), "the job ended before its survey"
+        time.sleep(0.05)
+
+    surveying = nodes.add_node("surveying", num_cpus=3)
+    while "node joined" not in log:
+        freeze(node_processes(surveying)[1:])  # every process under the raylet: its workers never take a task
+        log += capsys.readouterr().out
+        assert job.is_alive(), "the job ended before it saw the node join"
+        time.sleep(0.01)
+    lose(nodes, surveying, node_processes(surveying))
+
+    scoring = nodes.add_node("scoring", num_cpus=3)  # the scoring actor of 2, and a CPU for tasks
+    meter = run_meter(nodes, job)
+    while ray.get(meter.read.remote())["finished"] < 2 * CHECKPOINT_ROWS:
+        assert job.is_alive(), "the job ended before its actor scored two files"
+        time.sleep(0.01)
+    freeze(titled(node_processes(scoring), b"ScoreActor"))
+    while not titled(node_processes(scoring), b"Write"):  # the first checkpoint is being written
+        assert job.is_alive(), "the job ended before it wrote a checkpoint"
+        time.sleep(0.01)
+    held = node_processes(scoring)
+    freeze(held)
+    lose(nodes, scoring, held)
+    nodes.add_node("fresh", num_cpus=3)
+
     job.join(timeout=600)  # a safety net: the run must end by itself
-    assert not job.is_alive() and outcome["rc"] == 0
-    log = capsys.readouterr().out
-    assert "lost node 127.0.0.1" in log and "which are scored again" in log and "the run goes on" in log
-    assert "node joined" in log
+    log += capsys.readouterr().out
+    assert not job.is_alive() and outcome["rc"] == 0, log[-3000:]
+    assert "while surveying the corpus" in log
+    assert "while scoring and committing checkpoints;" in log and "the run goes on" in log
+    assert log.count("node joined") == 3
     assert f"progress: {ROWS * len(corpus):,} of {ROWS * len(corpus):,} rows" in log  # the last progress line
+    root = locate(str(tmp_path / "out"), None)
     scores = read_scores(root.path)
     assert scores.num_rows == len(set(scores["sample_id"].to_pylist())) == ROWS * len(corpus)
     [run] = [m for m in layout.read_manifests(root) if m.get("completed")]

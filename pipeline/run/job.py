@@ -77,6 +77,7 @@ class RunResult:
     sample: GroupSample | None  # with `input.sample`: the groups the run chose
     fixed_s: float  # from the start until the first scoring call began (the whole run when none did)
     unread_files: int  # corpus files left unread: unchanged since a completed run accounted for them
+    rows_redone: int  # rows scored again after their actor or node was lost (counted once in the results)
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,9 @@ def survey_new_files(
         return UnreadFiles(store.root, [earlier[url] for url in corpus.unread], groups)
 
     corpus = plan.corpus.leaving_unread(unchanged_files(plan.corpus, earlier))
+    print(
+        f"survey: reading {len(corpus.files):,} of {len(corpus.file_order):,} files for their ids, groups and lengths", flush=True
+    )
     found = survey_corpus(cfg, plan.contract, corpus, unread_files(corpus), index_to)
     if found.sample:
         missing = unread_files(corpus).missing_groups(found.sample.chosen)
@@ -361,6 +365,7 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         sample=survey.sample,
         fixed_s=wall_s if scoring["first_at"] is None else scoring["first_at"] - started_at,
         unread_files=len(plan.corpus.unread),
+        rows_redone=scoring["redone"],
     )
 
 

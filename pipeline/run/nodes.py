@@ -62,7 +62,11 @@ class NodeWatch:
         held = ""
         if self.meter is not None:
             rows = ray.get(self.meter.in_flight.remote(node["NodeID"]))
-            held = f"; its scoring actors held {rows:,} rows, which are scored again"
+            held = (
+                f"; its scoring actors held {rows:,} rows, which are scored again"
+                if rows
+                else "; no rows were being scored there"
+            )
         self.log(
             f"lost node {describe(node)} while {self.phase}{held}. Ray restarts its actors and redoes its tasks "
             f"and the blocks it held; the run goes on with {left} node{'s' if left != 1 else ''}"
