@@ -48,9 +48,6 @@ def build_dataset(plan: DatasetPlan):
     # A scoring call takes one tokenized block: blocks hold about `batch_tokens` tokens, so that results,
     # checkpoints and progress keep coming whatever the row lengths (this dataset's context only).
     ds.context.target_max_block_size = plan.settings.batch_tokens * TOKENIZED_BYTES_PER_TOKEN
-    # Ray Data's guard against a run that waits forever (for capacity that never comes back): no block
-    # moved for this long and the run fails (`pipeline.run.nodes` says why).
-    ds.context.execution_no_progress_timeout_s = plan.cfg.compute.lost_capacity_timeout_minutes * 60
     for stage in stages:
         ds = stage.apply(ds)
     return ds

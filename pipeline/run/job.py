@@ -19,7 +19,6 @@ import ray
 import ray._private.node
 from omegaconf import OmegaConf
 from ray._private import ray_constants
-from ray.data.exceptions import ExecutionTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.corpus.storage import Corpus, Location, check_output, locate, plan_corpus
@@ -48,7 +47,7 @@ from pipeline.run.results import (
     measure_block_task,
     padding_efficiency,
 )
-from pipeline.run.schema import IncompleteRun, RowContract
+from pipeline.run.schema import RowContract
 from pipeline.run.settings import RunSettings, StudentCheck, resolve_settings
 from pipeline.run.stages.base import DatasetPlan, RunStamp
 from pipeline.run.survey import CorpusSurvey, GroupSample, survey_corpus
@@ -242,8 +241,8 @@ def score_and_commit(
 ) -> tuple[Tally, list[str], dict]:  # fmt: skip
     """Stream the results: each block counted where it lives, then added to a piece that is committed
     every checkpoint; then check that they account for every row. Returns the run's tally, its committed
-    files and what the scoring actors did (`ScoringMeter.read`). Nothing to read: nothing to do. A run
-    that makes no progress for `compute.lost_capacity_timeout_minutes` fails, saying why (`watch`)."""
+    files and what the scoring actors did (`ScoringMeter.read`). Nothing to read: nothing to do. `watch`
+    learns of the meter, to tell what a lost node was scoring."""
     partition_by = list(cfg.output.partition_by)
     if not plan.corpus.files:
         return Tally(partition_by), [], ScoringMeter.NOTHING
@@ -270,8 +269,6 @@ def score_and_commit(
                 checkpoints.add(ref)
             reporter.update()
         reporter.update(last=True)
-    except ExecutionTimeoutError as exc:
-        raise IncompleteRun(watch.no_progress(cfg.compute.lost_capacity_timeout_minutes, store.pieces_committed)) from exc
     finally:
         reporter.stop()
     checkpoints.commit()
@@ -328,7 +325,8 @@ def run_job(cfg: JobConfig, quiet: bool = False, progress: Callable[[str], None]
         fingerprint = run_fingerprint(cfg, settings)
         earlier = earlier_records(store.manifests, fingerprint) if mode == "incremental" else {}
         needs = {student.name: {"CPU": settings.cpus_per_actor, "GPU": settings.gpus_per_actor} for student in settings.students}
-        with NodeWatch(functools.partial(print, flush=True), needs) as watch:
+        minutes = cfg.compute.lost_capacity_timeout_minutes
+        with NodeWatch(functools.partial(print, flush=True), needs, minutes, lambda: store.pieces_committed) as watch:
             watch.phase = "surveying the corpus"
             corpus, survey = survey_new_files(cfg, plan, store, earlier)
             plan = dataclasses.replace(plan, corpus=corpus)

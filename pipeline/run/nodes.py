@@ -1,7 +1,7 @@
 """The cluster's nodes as a run sees them, owned by one `NodeWatch`: it says in the job's log, in its own
 words, when a node is lost (which node, in which phase, how many rows its scoring actors held, and that
-the run goes on) or joins, and, when the run stops making progress, whether a node is left that can host
-each student."""
+the run goes on) or joins, and ends a run that stops making progress (in any phase: survey, scoring,
+commits) with why: whether a node is left that can host each student."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import threading
 from collections.abc import Callable
 
 import ray
+from ray.data import DataContext
+from ray.data.exceptions import ExecutionTimeoutError
+
+from pipeline.run.schema import IncompleteRun
 
 WATCH_EVERY_S = 2.0  # how often the node table is read (one call to Ray's control store)
 
@@ -26,10 +30,12 @@ def describe(node: dict) -> str:
 class NodeWatch:
     """Watches the nodes from the driver while a run lives (a thread): `needs` holds, per student, the
     resources of one scoring actor; `phase` names what the run is doing; `meter` (a `results.ScoringMeter`,
-    once scoring starts) tells how many rows a lost node's scoring actors held."""
+    once scoring starts) tells how many rows a lost node's scoring actors held. While it lives, a Ray
+    dataset of the run that moves no block for `minutes` fails, and the run with it, saying why;
+    `pieces` tells how many checkpoints the run has committed."""
 
-    def __init__(self, log: Callable[[str], None], needs: dict[str, dict[str, float]]):
-        self.log, self.needs = log, needs
+    def __init__(self, log: Callable[[str], None], needs: dict[str, dict[str, float]], minutes: float, pieces: Callable[[], int]):
+        self.log, self.needs, self.minutes, self.pieces = log, needs, minutes, pieces
         self.phase = "starting"
         self.meter = None
         self.lost: list[str] = []  # each lost node, described, with the phase it was lost in
@@ -38,12 +44,19 @@ class NodeWatch:
         self.thread = threading.Thread(target=self._watch, daemon=True, name="node-watch")
 
     def __enter__(self) -> NodeWatch:
+        # Ray Data's guard against waiting forever (for capacity that never comes back); each dataset
+        # takes the current context when it is created: the survey's, the scoring's and the commits'.
+        context = DataContext.get_current()
+        self.timeout_before, context.execution_no_progress_timeout_s = context.execution_no_progress_timeout_s, self.minutes * 60
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, trace) -> None:
         self.stopped.set()
         self.thread.join()
+        DataContext.get_current().execution_no_progress_timeout_s = self.timeout_before
+        if isinstance(error, ExecutionTimeoutError):
+            raise IncompleteRun(self.no_progress()) from error
 
     def _watch(self) -> None:
         while not self.stopped.wait(WATCH_EVERY_S):
@@ -78,8 +91,9 @@ class NodeWatch:
         return [student for student, needs in self.needs.items()
                 if not any(all(node.get(k, 0) >= v for k, v in needs.items() if v) for node in nodes)]  # fmt: skip
 
-    def no_progress(self, minutes: float, pieces: int) -> str:
+    def no_progress(self) -> str:
         """Why a run that made no progress for `minutes` stops, and what a rerun does."""
+        minutes, pieces = self.minutes, self.pieces()
         lost = f"lost: {'; '.join(self.lost)}" if self.lost else "no node was lost"
         resumes = (f"its {pieces} committed pieces stay, and a rerun resumes after them" if pieces
                    else "it committed nothing, and a rerun starts over")  # fmt: skip
