@@ -2,6 +2,7 @@
 
   python -m benchmarks.make_tiny_student && python -m benchmarks.soak                 # 20 kills locally, 20 through S3
   python -m benchmarks.soak --kills 5 --where local
+  python -m benchmarks.soak --kills 8 --where cluster                                  # worker nodes and drivers
 
 Each round adds a file of new rows to a growing corpus, starts `python -m jobs.score` with a piece per
 few rows (so that kills land in staging, file moves and manifest writes as well as in reading and
@@ -11,11 +12,18 @@ end: every row is present exactly once in a plain glob read of the scores, the l
 reconcile, and no debris is left (no staging, no lock, no file that no manifest lists). Last, two runs
 started together on one output: one scores, the other refuses with the lock message. The S3 runs go
 through a moto server on 127.0.0.1 (installed with '.[test]').
+
+`--where cluster` runs on a local multi-node cluster (a head with no CPUs: the drivers of the jobs,
+submitted through the Jobs API; two workers of 3 CPUs), and each round strikes one phase in turn: a
+worker lost without warning as the survey starts, while a scoring actor scores, or while a checkpoint's
+write task runs (a fresh worker joins each time), or the job's driver SIGKILLed while it scores. A run
+that loses a worker should go on by itself; the job's own log names the phase it lost the node in.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -29,13 +37,17 @@ from pathlib import Path
 
 import duckdb
 import yaml
+from ray.cluster_utils import Cluster
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from benchmarks.scale import SYNTHETIC_CORPUS
+from jobs.submit import submit
 from pipeline.corpus.shapes import row_messages
 from pipeline.corpus.storage import Location, locate
 from pipeline.run.config import InputConfig, StorageConfig
 from pipeline.run.layout import RUNS_DIR, STAGING_DIR, committed_files, read_manifests, scores_prefix
 from pipeline.run.lock import LOCK_FILE
+from tests.conftest import REPO, LocalCluster, freeze, lose, node_processes, titled
 
 MOMENTS = ("random time", "staging folder appears", "manifest appears")
 
@@ -183,6 +195,102 @@ def soak(where: str, kills: int, rows_per_round: int, student: str, seed: int, e
         }  # fmt: skip
 
 
+STRIKES = ("survey starts", "actor scores", "checkpoint written", "driver killed")
+
+
+def strike(nodes: LocalCluster, workers: list, client: JobSubmissionClient, job_id: str, target: str, name: str) -> bool:
+    """Wait for `target`'s moment in the job, then strike: remove a worker without warning (a fresh one
+    joins, named `name`) or SIGKILL the job's driver. False when the job ended first."""
+    while not client.get_job_status(job_id).is_terminal():
+        logs = client.get_job_logs(job_id)
+        processes = {id(w): node_processes(w) for w in workers}
+        if target == "survey starts" and "survey: reading" in logs:
+            victim = workers[0]
+        elif target == "actor scores" and "progress:" in logs:
+            victim = next((w for w in workers if titled(processes[id(w)], b"ScoreActor")), None)
+        elif target == "checkpoint written" and "progress:" in logs:  # not the survey's index write
+            victim = next((w for w in workers if titled(processes[id(w)], b"Write")), None)
+        elif target == "driver killed" and "progress:" in logs:
+            for pid in titled(node_processes(nodes.cluster.head_node), b"jobs.score"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return True
+        else:
+            victim = None
+        if victim is not None:
+            freeze(processes[id(victim)])
+            lose(nodes, victim, processes[id(victim)])
+            workers.remove(victim)
+            workers.append(nodes.add_node(name, num_cpus=3))
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def cluster_soak(kills: int, rows_per_round: int, student: str) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="rsr-soak-", dir="/tmp"))  # short: Ray's socket paths are limited
+    os.environ["RAY_TMPDIR"] = str(tmp)  # the cluster's address goes there, not to /tmp/ray
+    base = synthetic_rows()
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    output = tmp / "rsr"
+    config = tmp / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"paths": [str(corpus)], "passthrough": ["source"]},
+        "students": [{"name": "demo", "path": student}],
+        "output": {"path": str(output), "partition_by": ["source"]},
+    }))  # fmt: skip
+    port = free_port()
+    head = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": port, "temp_dir": str(tmp / "ray"),
+            "dashboard_agent_listen_port": free_port()}  # fmt: skip
+    nodes = LocalCluster(Cluster(initialize_head=True, head_node_args=head), f"http://127.0.0.1:{port}", tmp)
+    try:
+        workers = [nodes.add_node(f"worker-{k}", num_cpus=3) for k in range(2)]
+        client = JobSubmissionClient(nodes.dashboard)
+        root = locate(str(output), None)
+        rounds = []
+        chaos = ["output.checkpoint_rows=3", "scoring.batch_tokens=1"]
+        for round_number in range(kills):
+            add_file(corpus, round_number, rows_per_round, base)
+            target = STRIKES[round_number % len(STRIKES)]
+            with open(tmp / "submit.log", "a") as quiet, contextlib.redirect_stdout(quiet):
+                submit(nodes.dashboard, str(config), chaos, working_dir=str(REPO), wait=False)
+                [job_id] = [job.submission_id for job in client.list_jobs() if not job.status.is_terminal()]
+                struck = strike(nodes, workers, client, job_id, target, f"joined-{round_number}")
+                while not client.get_job_status(job_id).is_terminal():
+                    time.sleep(0.2)
+                logs = client.get_job_logs(job_id)
+                rerun_ok = submit(nodes.dashboard, str(config), [], working_dir=str(REPO)) == 0
+            words = sorted({line.split(" while ")[1].split(";")[0].split(".")[0]
+                            for line in logs.splitlines() if line.startswith("lost node")})  # fmt: skip
+            rounds.append({"strike": target, "struck": struck, "job_words": words, "rerun_ok": rerun_ok,
+                           "went_on": client.get_job_status(job_id) == JobStatus.SUCCEEDED})  # fmt: skip
+            print(json.dumps(rounds[-1]), flush=True)
+        result = check_output(root, tmp, kills * rows_per_round)
+        counts = read_manifests(root)[-1].get("counts", [{}])[0]
+        reconciled = counts.get("read") == counts.get("scored", 0) + counts.get("rejected", 0) + counts.get("skipped", 0)
+        return {"where": "cluster", "rounds": rounds, "rows": result["rows"], "distinct": result["distinct"],
+                "expected": result["expected"], "counts_reconcile": reconciled, "debris": result["debris"],
+                "debris_files": result["debris_files"], "lock_left": root.fs.exists(root.join(LOCK_FILE).path)}  # fmt: skip
+    finally:
+        nodes.cluster.shutdown()
+
+
+def print_cluster_table(r: dict) -> bool:
+    print(f"\n{'strike':<20}{'struck':>7}{'job went on':>12}{'rerun ok':>9}  the job's words for the lost node's phase")
+    for target in STRIKES:
+        mine = [x for x in r["rounds"] if x["strike"] == target]
+        words = sorted({w for x in mine for w in x["job_words"]})
+        print(f"{target:<20}{sum(x['struck'] for x in mine):>7}{sum(x['went_on'] for x in mine if x['struck']):>12}"
+              f"{sum(x['rerun_ok'] for x in mine):>9}  {'; '.join(words) or '-'}")  # fmt: skip
+    rows_once = r["rows"] == r["distinct"] == r["expected"]
+    debris = r["debris"] + r["lock_left"]
+    print(f"rows once: {rows_once} ({r['rows']} rows, {r['distinct']} distinct, {r['expected']} expected); "
+          f"counts reconcile: {r['counts_reconcile']}; debris: {debris}")  # fmt: skip
+    node_losses_went_on = all(x["went_on"] for x in r["rounds"] if x["struck"] and x["strike"] != "driver killed")
+    return rows_once and r["counts_reconcile"] and not debris and all(x["rerun_ok"] for x in r["rounds"]) and node_losses_went_on
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -193,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20, help="kills (each followed by a rerun) per place")
     parser.add_argument("--rows-per-round", type=int, default=30)
-    parser.add_argument("--where", choices=["local", "s3", "both"], default="both")
+    parser.add_argument("--where", choices=["local", "s3", "both", "cluster"], default="both")
     parser.add_argument("--student", default="out/tiny-student", help="python -m benchmarks.make_tiny_student builds it")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -201,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "soak")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "soak")
     student = str(Path(args.student).resolve())
+    if args.where == "cluster":
+        ok = print_cluster_table(cluster_soak(args.kills, args.rows_per_round, student))
+        print("soak: all checks passed" if ok else "soak: FAILED")
+        return 0 if ok else 1
     results, server = [], None
     try:
         for where in ["local", "s3"] if args.where == "both" else [args.where]:

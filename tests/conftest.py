@@ -1,8 +1,10 @@
+import contextlib
 import json
 import os
 import random
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -187,3 +189,51 @@ def score_actors(dashboard: str) -> list:
     from ray.util.state import list_actors
 
     return [a for a in list_actors(address=dashboard, detail=True, limit=1000) if "ScoreActor" in a.class_name]
+
+
+def node_processes(node) -> list[int]:
+    """A local node's raylet and every process under it (its Ray workers, actors and agents)."""
+    from ray._private import ray_constants
+
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    parents = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def under(pid: int) -> bool:
+        while pid > 1:
+            if pid == raylet:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [pid for pid in parents if under(pid)]
+
+
+def titled(pids: list[int], part: bytes) -> list[int]:
+    """The processes whose title (Ray's: ray::<task or actor>) holds `part`."""
+    found = []
+    for pid in pids:
+        try:
+            if part in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def lose(nodes, node, pids: list[int]) -> None:
+    """Remove `node` without warning; its paused processes would outlive their raylet: they go too."""
+    nodes.cluster.remove_node(node, allow_graceful=False)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def freeze(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)

@@ -3,22 +3,19 @@ student, the run fails within `compute.lost_capacity_timeout_minutes` saying wha
 nothing half-done, and a rerun on a restored cluster resumes after its checkpoints. Only the processes
 these tests start are stopped."""
 
-import contextlib
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import ray
 import yaml
-from ray._private import ray_constants
 
 from jobs.submit import submit
 from pipeline.corpus.storage import locate
 from pipeline.run import layout
 from pipeline.run.results import METER_NAME
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import REPO, freeze, lose, node_processes, titled, write_jsonl
 from tests.test_actor_fault import score_actor_pids
 from tests.test_job import read_scores
 
@@ -74,52 +71,6 @@ def run_meter(nodes, job: threading.Thread):
             return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
         assert job.is_alive(), "the job ended before it started scoring"
         time.sleep(0.05)
-
-
-def node_processes(node) -> list[int]:
-    """A local node's raylet and every process under it (its Ray workers, actors and agents)."""
-    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    parents = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-
-    def under(pid: int) -> bool:
-        while pid > 1:
-            if pid == raylet:
-                return True
-            pid = parents.get(pid, 0)
-        return False
-
-    return [pid for pid in parents if under(pid)]
-
-
-def titled(pids: list[int], part: bytes) -> list[int]:
-    """The processes whose title (Ray's: ray::<task or actor>) holds `part`."""
-    found = []
-    for pid in pids:
-        try:
-            if part in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
-def lose(nodes, node, pids: list[int]) -> None:
-    """Remove `node` without warning; its paused processes would outlive their raylet: they go too."""
-    nodes.cluster.remove_node(node, allow_graceful=False)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def freeze(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGSTOP)
 
 
 def test_a_run_goes_on_after_losing_a_node_while_it_surveys_and_another_while_it_commits(
