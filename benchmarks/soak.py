@@ -37,6 +37,7 @@ from pathlib import Path
 
 import duckdb
 import yaml
+from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -198,9 +199,12 @@ def soak(where: str, kills: int, rows_per_round: int, student: str, seed: int, e
 STRIKES = ("survey starts", "actor scores", "checkpoint written", "driver killed")
 
 
-def strike(nodes: LocalCluster, workers: list, client: JobSubmissionClient, job_id: str, target: str, name: str) -> bool:
+def strike(
+    nodes: LocalCluster, workers: list, client: JobSubmissionClient, job_id: str, target: str, name: str, fresh_cpus: int = 3
+) -> bool:
     """Wait for `target`'s moment in the job, then strike: remove a worker without warning (a fresh one
-    joins, named `name`) or SIGKILL the job's driver. False when the job ended first."""
+    of `fresh_cpus` joins, named `name`) or SIGKILL the job's driver. A checkpoint written on the head
+    strikes a worker that scores. False when the job ended first."""
     while not client.get_job_status(job_id).is_terminal():
         logs = client.get_job_logs(job_id)
         processes = {id(w): node_processes(w) for w in workers}
@@ -209,7 +213,10 @@ def strike(nodes: LocalCluster, workers: list, client: JobSubmissionClient, job_
         elif target == "actor scores" and "progress:" in logs:
             victim = next((w for w in workers if titled(processes[id(w)], b"ScoreActor")), None)
         elif target == "checkpoint written" and "progress:" in logs:  # not the survey's index write
-            victim = next((w for w in workers if titled(processes[id(w)], b"Write")), None)
+            writing = [w for w in workers if titled(processes[id(w)], b"Write")]
+            if not writing and titled(node_processes(nodes.cluster.head_node), b"Write"):  # the head writes it
+                writing = [w for w in workers if titled(processes[id(w)], b"ScoreActor")]
+            victim = next(iter(writing), None)
         elif target == "driver killed" and "progress:" in logs:
             for pid in titled(node_processes(nodes.cluster.head_node), b"jobs.score"):
                 with contextlib.suppress(ProcessLookupError):
@@ -221,13 +228,21 @@ def strike(nodes: LocalCluster, workers: list, client: JobSubmissionClient, job_
             freeze(processes[id(victim)])
             lose(nodes, victim, processes[id(victim)])
             workers.remove(victim)
-            workers.append(nodes.add_node(name, num_cpus=3))
+            workers.append(nodes.add_node(name, num_cpus=fresh_cpus))
             return True
         time.sleep(0.02)
     return False
 
 
+def loopback_only() -> None:
+    """Keep a local cluster's Ray traffic on 127.0.0.1: Ray read its flag when this module imported it,
+    so the constant is set as well as the variable (which the processes it starts read)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def cluster_soak(kills: int, rows_per_round: int, student: str) -> dict:
+    loopback_only()
     tmp = Path(tempfile.mkdtemp(prefix="rsr-soak-", dir="/tmp"))  # short: Ray's socket paths are limited
     os.environ["RAY_TMPDIR"] = str(tmp)  # the cluster's address goes there, not to /tmp/ray
     base = synthetic_rows()
