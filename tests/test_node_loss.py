@@ -1,7 +1,8 @@
-"""Worker nodes lost mid-run on a real local multi-node cluster: with no node left that can host the
-student, the run fails within `compute.lost_capacity_timeout_minutes` saying what was lost, commits
-nothing half-done, and a rerun on a restored cluster resumes after its checkpoints. Only the processes
-these tests start are stopped."""
+"""Worker nodes lost mid-run on a real local multi-node cluster: a node lost while the survey reads and
+another while a checkpoint is written, and the run goes on on the nodes that join; with no node left
+that can host the student, the run fails within `compute.lost_capacity_timeout_minutes` saying what was
+lost, commits nothing half-done, and a rerun on a restored cluster resumes after its checkpoints. Only
+the processes these tests start are stopped."""
 
 import os
 import signal
@@ -57,8 +58,7 @@ def lose_the_worker_mid_run(local_cluster, tmp_path, corpus, student_dirs):
     while not any(m.get("piece") for m in layout.read_manifests(root)):  # a checkpoint committed
         assert job.is_alive(), "the job ended before it committed a checkpoint"
         time.sleep(0.05)
-    nodes.cluster.remove_node(worker, allow_graceful=False)
-    os.kill(scoring, signal.SIGKILL)  # went with its node: paused, it would outlive its raylet
+    lose(nodes, worker, [scoring])
     return nodes, job, outcome, root, config
 
 
