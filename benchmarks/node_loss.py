@@ -18,19 +18,17 @@ from pathlib import Path
 
 import duckdb
 import yaml
-from ray.cluster_utils import Cluster
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from benchmarks.soak import STRIKES, loopback_only, strike
+from benchmarks.soak import STRIKES, start_cluster, strike
 from jobs.submit import submit
-from tests.conftest import REPO, LocalCluster, free_port
+from tests.conftest import REPO
 
 NODE_STRIKES = STRIKES[:3]  # a killed driver is the soak's
 SAID = ("survey: reading", "lost node", "node joined", "rows scored again", "error:")
 
 
 def lose_a_node(target: str, rows: list[str], student: Path) -> bool:
-    loopback_only()
     tmp = Path(tempfile.mkdtemp(prefix="rsr-3n-", dir="/tmp"))  # short: Ray's socket paths are limited
     os.environ["RAY_TMPDIR"] = str(tmp)
     (tmp / "corpus").mkdir()
@@ -45,10 +43,7 @@ def lose_a_node(target: str, rows: list[str], student: Path) -> bool:
         "scoring": {"batch_tokens": "2000"},
         "output": {"path": str(out), "checkpoint_rows": 100},
     }))  # fmt: skip
-    port = free_port()
-    head = {"num_cpus": 1, "include_dashboard": True, "dashboard_port": port, "temp_dir": str(tmp / "ray"),
-            "dashboard_agent_listen_port": free_port()}  # fmt: skip
-    nodes = LocalCluster(Cluster(initialize_head=True, head_node_args=head), f"http://127.0.0.1:{port}", tmp)
+    nodes = start_cluster(tmp, head_cpus=1)
     try:
         workers = [nodes.add_node(f"worker-{k}", num_cpus=2) for k in range(2)]
         client = JobSubmissionClient(nodes.dashboard)

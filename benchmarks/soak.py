@@ -241,8 +241,16 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def cluster_soak(kills: int, rows_per_round: int, student: str) -> dict:
+def start_cluster(tmp: Path, head_cpus: int) -> LocalCluster:
+    """A local cluster's head, on 127.0.0.1, with the Jobs and state APIs on a free port; files under `tmp`."""
     loopback_only()
+    port = free_port()
+    head = {"num_cpus": head_cpus, "include_dashboard": True, "dashboard_port": port, "temp_dir": str(tmp / "ray"),
+            "dashboard_agent_listen_port": free_port()}  # fmt: skip
+    return LocalCluster(Cluster(initialize_head=True, head_node_args=head), f"http://127.0.0.1:{port}", tmp)
+
+
+def cluster_soak(kills: int, rows_per_round: int, student: str) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="rsr-soak-", dir="/tmp"))  # short: Ray's socket paths are limited
     os.environ["RAY_TMPDIR"] = str(tmp)  # the cluster's address goes there, not to /tmp/ray
     base = synthetic_rows()
@@ -255,10 +263,7 @@ def cluster_soak(kills: int, rows_per_round: int, student: str) -> dict:
         "students": [{"name": "demo", "path": student}],
         "output": {"path": str(output), "partition_by": ["source"]},
     }))  # fmt: skip
-    port = free_port()
-    head = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": port, "temp_dir": str(tmp / "ray"),
-            "dashboard_agent_listen_port": free_port()}  # fmt: skip
-    nodes = LocalCluster(Cluster(initialize_head=True, head_node_args=head), f"http://127.0.0.1:{port}", tmp)
+    nodes = start_cluster(tmp, head_cpus=0)
     try:
         workers = [nodes.add_node(f"worker-{k}", num_cpus=3) for k in range(2)]
         client = JobSubmissionClient(nodes.dashboard)
