@@ -48,7 +48,7 @@ from pipeline.corpus.storage import Location, locate
 from pipeline.run.config import InputConfig, StorageConfig
 from pipeline.run.layout import RUNS_DIR, STAGING_DIR, committed_files, read_manifests, scores_prefix
 from pipeline.run.lock import LOCK_FILE
-from tests.conftest import REPO, LocalCluster, freeze, lose, node_processes, titled
+from tests.conftest import REPO, LocalCluster, free_port, freeze, lose, node_processes, titled
 
 MOMENTS = ("random time", "staging folder appears", "manifest appears")
 
@@ -119,6 +119,12 @@ def wait_for_moment(job: subprocess.Popen, root: Location, moment: str, run_seco
     return False
 
 
+def last_run_reconciles(root: Location) -> bool:
+    """The last manifest's counts: read = scored + rejected + skipped."""
+    counts = read_manifests(root)[-1].get("counts", [{}])[0]
+    return counts.get("read") == counts.get("scored", 0) + counts.get("rejected", 0) + counts.get("skipped", 0)
+
+
 def check_output(root: Location, scratch: Path, expected_rows: int) -> dict:
     """Rows once in a plain glob read, and debris (files no manifest lists, staging, lock)."""
     committed = set(committed_files(root))
@@ -174,8 +180,7 @@ def soak(where: str, kills: int, rows_per_round: int, student: str, seed: int, e
             reruns_ok += rerun_with_defaults(config, tmp / f"rerun-{round_number}.log", env)
         last_ok = rerun_with_defaults(config, tmp / "last.log", env)
         result = check_output(root, tmp, kills * rows_per_round)
-        counts = read_manifests(root)[-1].get("counts", [{}])[0]
-        reconciled = counts.get("read") == counts.get("scored", 0) + counts.get("rejected", 0) + counts.get("skipped", 0)
+        reconciled = last_run_reconciles(root)
 
         # Two runs started together on new rows: one scores, the other refuses; neither corrupts.
         add_file(corpus, kills, rows_per_round, base)
@@ -287,8 +292,7 @@ def cluster_soak(kills: int, rows_per_round: int, student: str) -> dict:
                            "went_on": client.get_job_status(job_id) == JobStatus.SUCCEEDED})  # fmt: skip
             print(json.dumps(rounds[-1]), flush=True)
         result = check_output(root, tmp, kills * rows_per_round)
-        counts = read_manifests(root)[-1].get("counts", [{}])[0]
-        reconciled = counts.get("read") == counts.get("scored", 0) + counts.get("rejected", 0) + counts.get("skipped", 0)
+        reconciled = last_run_reconciles(root)
         return {"where": "cluster", "rounds": rounds, "rows": result["rows"], "distinct": result["distinct"],
                 "expected": result["expected"], "counts_reconcile": reconciled, "debris": result["debris"],
                 "debris_files": result["debris_files"], "lock_left": root.fs.exists(root.join(LOCK_FILE).path)}  # fmt: skip
@@ -309,12 +313,6 @@ def print_cluster_table(r: dict) -> bool:
           f"counts reconcile: {r['counts_reconcile']}; debris: {debris}")  # fmt: skip
     node_losses_went_on = all(x["went_on"] for x in r["rounds"] if x["struck"] and x["strike"] != "driver killed")
     return rows_once and r["counts_reconcile"] and not debris and all(x["rerun_ok"] for x in r["rounds"]) and node_losses_went_on
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

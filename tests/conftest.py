@@ -191,11 +191,8 @@ def score_actors(dashboard: str) -> list:
     return [a for a in list_actors(address=dashboard, detail=True, limit=1000) if "ScoreActor" in a.class_name]
 
 
-def node_processes(node) -> list[int]:
-    """A local node's raylet and every process under it (its Ray workers, actors and agents)."""
-    from ray._private import ray_constants
-
-    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+def processes_under(root: int) -> list[int]:
+    """Every process under `root` (not `root` itself), read from /proc."""
     parents = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -205,12 +202,20 @@ def node_processes(node) -> list[int]:
 
     def under(pid: int) -> bool:
         while pid > 1:
-            if pid == raylet:
-                return True
             pid = parents.get(pid, 0)
+            if pid == root:
+                return True
         return False
 
     return [pid for pid in parents if under(pid)]
+
+
+def node_processes(node) -> list[int]:
+    """A local node's raylet, first, and every process under it (its Ray workers, actors and agents)."""
+    from ray._private import ray_constants
+
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    return [raylet, *processes_under(raylet)]
 
 
 def titled(pids: list[int], part: bytes) -> list[int]:

@@ -14,7 +14,7 @@ from pipeline.run import job
 from pipeline.run.job import run_job
 from pipeline.run.layout import read_manifests
 from pipeline.run.schema import IncompleteRun
-from tests.conftest import write_jsonl
+from tests.conftest import processes_under, titled, write_jsonl
 from tests.test_job import job_config, read_scores
 
 
@@ -22,22 +22,7 @@ def score_actor_pids() -> list[int]:
     """This test process's scoring actors (Ray titles them after their class: ray::MapWorker(...ScoreActor)):
     descendants of this process only (the local runtime's raylet is its child), never a scoring job that
     runs beside the tests."""
-    parents, titles = {}, {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            titles[int(proc.name)] = (proc / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-
-    def mine(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == os.getpid():
-                return True
-        return False
-
-    return [pid for pid, title in titles.items() if b"ScoreActor" in title and mine(pid)]
+    return titled(processes_under(os.getpid()), b"ScoreActor")
 
 
 def kill_one_score_actor(job_done: threading.Event, report: dict, first_piece_dir: Path):

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import ray
 import yaml
@@ -33,26 +34,10 @@ def lose_the_worker_mid_run(local_cluster, tmp_path, corpus, student_dirs):
     Returns the cluster, the job's thread, its outcome, the output's root and the config."""
     nodes = local_cluster(1)
     worker = nodes.add_node("worker", num_cpus=3)
-    for k in range(ROWS):
-        write_jsonl(tmp_path / "corpus" / f"part-{k}.jsonl", [{**row, "id": f"{row['id']}-{k}"} for row in corpus])
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({
-        "input": {"paths": [str(tmp_path / "corpus")]},
-        "students": [{"name": "tiny", "path": str(student_dirs["chatml"])}],
-        "compute": {"actors_per_student": "1", "cpus_per_actor": 2, "torch_threads": 1, "lost_capacity_timeout_minutes": 0.5},
-        "scoring": {"batch_tokens": "1000"},
-        "output": {"path": str(tmp_path / "out"), "checkpoint_rows": CHECKPOINT_ROWS},
-    }))  # fmt: skip
-    outcome = {}
-    job = threading.Thread(target=lambda: outcome.update(rc=submit(nodes.dashboard, str(config), [], working_dir=str(REPO))))
-    job.start()
+    config = write_job(tmp_path, corpus, student_dirs, lost_capacity_timeout_minutes=0.5)
+    job, outcome = start_job(nodes, config)
     root = locate(str(tmp_path / "out"), None)
-    meter = run_meter(nodes, job)
-    # A file is one scoring task: with two files' rows scored, the first task has handed its results
-    # over, enough for a checkpoint whatever the paused actor still holds.
-    while ray.get(meter.read.remote())["finished"] < 2 * CHECKPOINT_ROWS:
-        assert job.is_alive(), "the job ended before its actor scored two files"
-        time.sleep(0.01)
+    wait_until_two_files_scored(nodes, job)
     [scoring] = score_actor_pids()
     os.kill(scoring, signal.SIGSTOP)
     while not any(m.get("piece") for m in layout.read_manifests(root)):  # a checkpoint committed
@@ -62,15 +47,41 @@ def lose_the_worker_mid_run(local_cluster, tmp_path, corpus, student_dirs):
     return nodes, job, outcome, root, config
 
 
-def run_meter(nodes, job: threading.Thread):
-    """The running job's progress meter (`results.ScoringMeter`), read from this process as a second driver."""
+def write_job(tmp_path, corpus, student_dirs, **compute) -> Path:
+    """ROWS copies of the test corpus, a file each, and the job's config: one scoring actor of 2 CPUs."""
+    for k in range(ROWS):
+        write_jsonl(tmp_path / "corpus" / f"part-{k}.jsonl", [{**row, "id": f"{row['id']}-{k}"} for row in corpus])
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"paths": [str(tmp_path / "corpus")]},
+        "students": [{"name": "tiny", "path": str(student_dirs["chatml"])}],
+        "compute": {"actors_per_student": "1", "cpus_per_actor": 2, "torch_threads": 1, **compute},
+        "scoring": {"batch_tokens": "1000"},
+        "output": {"path": str(tmp_path / "out"), "checkpoint_rows": CHECKPOINT_ROWS},
+    }))  # fmt: skip
+    return config
+
+
+def start_job(nodes, config: Path) -> tuple[threading.Thread, dict]:
+    """The job submitted through the Jobs API from a thread, and where its exit code lands (`rc`)."""
+    outcome = {}
+    job = threading.Thread(target=lambda: outcome.update(rc=submit(nodes.dashboard, str(config), [], working_dir=str(REPO))))
+    job.start()
+    return job, outcome
+
+
+def wait_until_two_files_scored(nodes, job: threading.Thread) -> None:
+    """Read the running job's progress meter (`results.ScoringMeter`) from this process as a second driver
+    until two files' rows are scored. A file is one scoring task: by then the first task has handed its
+    results over, enough for a checkpoint whatever a paused actor still holds."""
     ray.init(address=nodes.cluster.address)
-    while True:
-        named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(METER_NAME)]
-        if named:
-            return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+    while not (named := [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(METER_NAME)]):
         assert job.is_alive(), "the job ended before it started scoring"
         time.sleep(0.05)
+    meter = ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+    while ray.get(meter.read.remote())["finished"] < 2 * CHECKPOINT_ROWS:
+        assert job.is_alive(), "the job ended before its actor scored two files"
+        time.sleep(0.01)
 
 
 def test_a_run_goes_on_after_losing_a_node_while_it_surveys_and_another_while_it_commits(
@@ -83,19 +94,7 @@ def test_a_run_goes_on_after_losing_a_node_while_it_surveys_and_another_while_it
     its actor has scored two files it is paused, and while a checkpoint's write task runs there, that
     worker is removed too. A third joins. The run succeeds by itself, every row once."""
     nodes = local_cluster(0)
-    for k in range(ROWS):
-        write_jsonl(tmp_path / "corpus" / f"part-{k}.jsonl", [{**row, "id": f"{row['id']}-{k}"} for row in corpus])
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({
-        "input": {"paths": [str(tmp_path / "corpus")]},
-        "students": [{"name": "tiny", "path": str(student_dirs["chatml"])}],
-        "compute": {"actors_per_student": "1", "cpus_per_actor": 2, "torch_threads": 1},
-        "scoring": {"batch_tokens": "1000"},
-        "output": {"path": str(tmp_path / "out"), "checkpoint_rows": CHECKPOINT_ROWS},
-    }))  # fmt: skip
-    outcome = {}
-    job = threading.Thread(target=lambda: outcome.update(rc=submit(nodes.dashboard, str(config), [], working_dir=str(REPO))))
-    job.start()
+    job, outcome = start_job(nodes, write_job(tmp_path, corpus, student_dirs))
     log = ""
     while "survey: reading" not in log:  # the survey waits for CPUs
         log += capsys.readouterr().out
@@ -111,10 +110,7 @@ def test_a_run_goes_on_after_losing_a_node_while_it_surveys_and_another_while_it
     lose(nodes, surveying, node_processes(surveying))
 
     scoring = nodes.add_node("scoring", num_cpus=3)  # the scoring actor of 2, and a CPU for tasks
-    meter = run_meter(nodes, job)
-    while ray.get(meter.read.remote())["finished"] < 2 * CHECKPOINT_ROWS:
-        assert job.is_alive(), "the job ended before its actor scored two files"
-        time.sleep(0.01)
+    wait_until_two_files_scored(nodes, job)
     freeze(titled(node_processes(scoring), b"ScoreActor"))
     while not titled(node_processes(scoring), b"Write"):  # the first checkpoint is being written
         assert job.is_alive(), "the job ended before it wrote a checkpoint"
